@@ -1,0 +1,119 @@
+"""Command line: `thinnest-gateway serve | check-config | keys new | simulate`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.auth import hash_key, new_key
+from gateway.config import Config, config_path, load_config
+from gateway.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thinnest-gateway",
+        description="API gateway in front of the thinnestAI agent chat API.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML file (default: $GATEWAY_CONFIG)")
+
+    check = commands.add_parser("check-config", help="validate a config file and summarise it")
+    check.add_argument("--config", help="YAML file (default: $GATEWAY_CONFIG)")
+
+    keys = commands.add_parser("keys", help="gateway key tools")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    new = key_commands.add_parser("new", help="print a new caller key once, and its YAML entry")
+    new.add_argument("--tenant", required=True, help="tenant the key belongs to")
+    new.add_argument("--name", required=True, help="name of the calling service")
+
+    simulate = commands.add_parser("simulate", help="run a local stand-in for api.thinnest.ai")
+    simulate.add_argument("--host", default="127.0.0.1")
+    simulate.add_argument("--port", type=int, default=9000)
+    simulate.add_argument("--config", help="simulator YAML (default: built-in demo agents)")
+    return parser
+
+
+def _load(given: str | None) -> Config:
+    path = config_path(given)
+    if path is None:
+        raise ConfigError("no configuration: pass --config PATH or set GATEWAY_CONFIG")
+    return load_config(path)
+
+
+def summary(config: Config) -> str:
+    lines = [
+        f"{config.source}: OK",
+        f"  listen {config.listen.host}:{config.listen.port}, "
+        f"admin {config.admin.host}:{config.admin.port}",
+        f"  upstream {config.upstream.base_url} "
+        f"(platform key {'set' if config.upstream.api_key else 'not set'}), "
+        f"{len(config.agents)} agent(s): {', '.join(config.agents) or '-'}",
+        f"  quota backend {config.quota.backend}, on_backend_error {config.quota.on_backend_error}",
+    ]
+    for tenant in config.tenants.values():
+        lines.append(
+            f"  tenant {tenant.name}: {len(tenant.keys)} key(s), "
+            f"agents {', '.join(sorted(tenant.agents))}"
+        )
+    return "\n".join(lines)
+
+
+def _new_key(tenant: str, name: str) -> str:
+    key = new_key()
+    return (
+        f"# New gateway key for tenant {tenant}, service {name}. It is shown only this once:\n"
+        f"# hand it to the service's secret store; the gateway keeps only its hash.\n"
+        f"{key}\n"
+        f"\n"
+        f"# Add this entry under tenants.{tenant}.keys, then reload or restart the gateway:\n"
+        f"- {{name: {name}, sha256: {hash_key(key)}}}\n"
+    )
+
+
+def _simulate(host: str, port: int, config_path: str | None) -> int:
+    from aiohttp import web
+
+    from gateway.simulator import create_simulator_app, load_simulator_config
+
+    try:
+        config = load_simulator_config(config_path)
+    except (OSError, ValueError) as exc:
+        print(f"thinnest-gateway simulate: {exc}", file=sys.stderr)
+        return 1
+    # No access log: at benchmark rates it would cost more than the simulated work.
+    web.run_app(
+        create_simulator_app(config), host=host, port=port, access_log=None, shutdown_timeout=1.0
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "keys":
+            sys.stdout.write(_new_key(args.tenant, args.name))
+        elif args.command == "check-config":
+            print(summary(_load(args.config)))
+        elif args.command == "serve":
+            from gateway.app import serve
+            from gateway.logs import configure_logging
+
+            config = _load(args.config)
+            configure_logging(config.logging)
+            serve(config)
+        elif args.command == "simulate":
+            return _simulate(args.host, args.port, args.config)
+    except ConfigError as exc:
+        print(f"thinnest-gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

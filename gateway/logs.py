@@ -1,0 +1,108 @@
+"""Structured logs: structlog configured once, one access line per request.
+
+Standard-library loggers (aiohttp, redis, asyncio) are routed through the same processors so
+everything the process prints is one format. No line ever carries a key or message text.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from gateway.config import Logging
+from gateway.usage import Usage
+
+access_logger = structlog.get_logger("gateway.access")
+
+
+def configure_logging(config: Logging) -> None:
+    """Process-wide; called once by the CLI, never by create_app (tests own their logging)."""
+    level = logging.getLevelNamesMapping()[config.level.upper()]
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if config.format == "json"
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.format_exc_info,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+@dataclass(slots=True)
+class AccessRecord:
+    """What one request did, filled in along the pipeline and logged once at its end."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    status: int = 0
+    tenant: str | None = None
+    key_name: str | None = None
+    agent: str | None = None
+    stream: bool = False
+    upstream_status: int | None = None
+    upstream_ttfb: float | None = None
+    usage: Usage | None = None
+    usage_complete: bool = True
+    error: str | None = None
+    client_closed: bool = False
+    upstream_error: str | None = None
+
+    def fields(self, finished: float) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "duration_ms": round((finished - self.started) * 1000, 3),
+        }
+        if self.tenant is not None:
+            fields.update(tenant=self.tenant, key_name=self.key_name)
+        if self.agent is not None:
+            fields.update(agent=self.agent, stream=self.stream)
+        if self.upstream_status is not None:
+            fields["upstream_status"] = self.upstream_status
+        if self.upstream_ttfb is not None:
+            fields["upstream_ttfb_ms"] = round(self.upstream_ttfb * 1000, 3)
+        if self.usage is not None:
+            fields["tokens"] = {
+                "input": self.usage.input,
+                "output": self.usage.output,
+                "total": self.usage.total,
+            }
+        if not self.usage_complete:
+            fields["usage_complete"] = False
+        for name in ("error", "upstream_error"):
+            if getattr(self, name) is not None:
+                fields[name] = getattr(self, name)
+        if self.client_closed:
+            fields["client_closed"] = True
+        return fields

@@ -1,0 +1,31 @@
+"""Every typed key for state on the aiohttp app and on requests: the only such keys."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from gateway.auth import KeyRing
+from gateway.config import Config
+from gateway.logs import AccessRecord
+from gateway.upstream import UpstreamClient
+
+CONFIG = web.AppKey("config", Config)
+KEYRING = web.AppKey("keyring", KeyRing)
+UPSTREAM = web.AppKey("upstream", UpstreamClient)
+
+
+class Lifecycle:
+    """Whether this process should still take new work (flips once, at shutdown)."""
+
+    __slots__ = ("draining",)
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
+CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+ACCESS = web.RequestKey("access", AccessRecord)

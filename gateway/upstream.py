@@ -1,0 +1,103 @@
+"""The one pooled client to api.thinnest.ai: key choice, header allowlist, timeouts.
+
+Every library failure is wrapped here into UpstreamTimeout or UpstreamUnavailable, so the
+proxy never sees an aiohttp exception from the request phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import ClientResponse, ClientSession
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway import __version__
+from gateway.config import Agent, Timeouts, Upstream
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+
+# Only these caller headers go upstream; Authorization, cookies, hop-by-hop and anything
+# else a caller sends stay at the gateway.
+FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
+USER_AGENT = f"thinnest-gateway/{__version__}"
+
+
+class Deadline:
+    """One request's `upstream.timeouts.total`, in event-loop time, capping every wait."""
+
+    __slots__ = ("_at", "_loop")
+
+    def __init__(self, timeouts: Timeouts) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._at = self._loop.time() + timeouts.total
+
+    def within(self, seconds: float) -> float:
+        """The loop time to stop waiting: `seconds` from now, or the deadline if sooner."""
+        return min(self._loop.time() + seconds, self._at)
+
+
+class UpstreamClient:
+    def __init__(self, config: Upstream, agents: Mapping[str, Agent], session: ClientSession):
+        self.timeouts = config.timeouts
+        self._session = session
+        self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
+        self._platform_key = config.api_key
+        self._agent_keys = {a.id: a.api_key for a in agents.values() if a.api_key is not None}
+
+    @staticmethod
+    def open_session(config: Upstream) -> ClientSession:
+        return ClientSession(
+            # No pool cap: every upstream connection belongs to one caller connection,
+            # and a cap would queue streams behind each other invisibly.
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
+            skip_auto_headers=("User-Agent",),
+        )
+
+    def can_reach(self, agent_id: str) -> bool:
+        return agent_id in self._agent_keys or self._platform_key is not None
+
+    def headers_for(
+        self, agent_id: str, caller_headers: Mapping[str, str], request_id: str
+    ) -> CIMultiDict[str]:
+        key = self._agent_keys.get(agent_id) or self._platform_key
+        assert key is not None, "can_reach() is checked before forwarding"
+        headers: CIMultiDict[str] = CIMultiDict()
+        for name in FORWARDED_HEADERS:
+            value = caller_headers.get(name)
+            if value is not None:
+                headers[name] = value
+        headers.setdefault("Content-Type", "application/json")
+        headers.setdefault("User-Agent", USER_AGENT)
+        headers["Accept-Encoding"] = "identity"  # pass bytes through, never re-encode them
+        headers["X-Request-ID"] = request_id
+        headers["Authorization"] = f"Bearer {key.reveal()}"
+        return headers
+
+    async def send(
+        self, agent_id: str, body: bytes, headers: CIMultiDict[str], deadline: Deadline
+    ) -> ClientResponse:
+        """POST the chat request; returns once upstream's status and headers are in."""
+        url = URL(self._prefix + agent_id + "/chat", encoded=True)
+        try:
+            async with asyncio.timeout_at(deadline.within(self.timeouts.first_byte)):
+                return await self._session.post(url, data=body, headers=headers)
+        except TimeoutError as exc:
+            raise UpstreamTimeout("the upstream API did not answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"the upstream API could not be reached ({type(exc).__name__})"
+            ) from exc
+
+    async def read_body(self, response: ClientResponse, deadline: Deadline) -> bytes:
+        try:
+            async with asyncio.timeout_at(deadline.within(self.timeouts.idle)):
+                return await response.read()
+        except TimeoutError as exc:
+            raise UpstreamTimeout("the upstream API stopped sending its response") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"the upstream API broke off its response ({type(exc).__name__})"
+            ) from exc

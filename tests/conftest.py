@@ -1,0 +1,93 @@
+"""Real servers on loopback: the simulator as upstream, the gateway in front of it."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app
+from gateway.auth import hash_key
+from gateway.config import Config, parse_config
+from gateway.simulator.app import create_simulator_app
+from gateway.simulator.config import RateLimitConfig, SimulatorConfig
+
+# The simulator's default (demo) keys, standing in for real upstream secrets.
+PLATFORM_KEY = "thns_sk_demo_0001"
+SUPPORT_KEY = "ak_demo_support_0001"
+ACME_KEY = "gw_test_acme_billing_0001"
+GLOBEX_KEY = "gw_test_globex_web_0002"
+ACME = {"Authorization": f"Bearer {ACME_KEY}"}
+GLOBEX = {"Authorization": f"Bearer {GLOBEX_KEY}"}
+
+AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def gateway_yaml(upstream_url: str, extra: str = "") -> str:
+    """acme may use ag_support only; globex may use any agent (with the platform key)."""
+    return f"""
+upstream:
+  base_url: {upstream_url}
+  api_key: ${{TEST_PLATFORM_KEY}}
+  timeouts: {{connect: 2, first_byte: 5, idle: 5, total: 30}}
+agents:
+  ag_support: {{api_key: "${{TEST_SUPPORT_KEY}}"}}
+  ag_sales: {{}}
+tenants:
+  acme:
+    keys: [{{name: billing-service, sha256: {hash_key(ACME_KEY)}}}]
+    agents: [ag_support]
+  globex:
+    keys: [{{name: web-frontend, sha256: {hash_key(GLOBEX_KEY)}}}]
+    agents: ["*"]
+{extra}
+"""
+
+
+@pytest.fixture(autouse=True)
+def upstream_keys_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_PLATFORM_KEY", PLATFORM_KEY)
+    monkeypatch.setenv("TEST_SUPPORT_KEY", SUPPORT_KEY)
+
+
+@pytest.fixture
+async def simulator(aiohttp_client: AiohttpClient) -> TestClient[Any, Any]:
+    """The upstream; its control API is at /_sim/ on the same client."""
+    config = SimulatorConfig(rate_limit=RateLimitConfig(per_minute=100_000, per_day=1_000_000))
+    return await aiohttp_client(create_simulator_app(config))
+
+
+@pytest.fixture
+def simulator_url(simulator: TestClient[Any, Any]) -> str:
+    return str(simulator.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+def make_gateway(aiohttp_client: AiohttpClient, simulator_url: str) -> GatewayFactory:
+    """A gateway in front of the simulator; `extra` YAML is appended, `config` replaces it."""
+
+    async def make(
+        extra: str = "", *, config: Config | None = None
+    ) -> TestClient[web.Request, web.Application]:
+        if config is None:
+            config = parse_config(gateway_yaml(simulator_url, extra), "test.yaml")
+        return await aiohttp_client(create_app(config))
+
+    return make
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory) -> TestClient[web.Request, web.Application]:
+    return await make_gateway()

@@ -1,0 +1,167 @@
+"""The command line, including `serve` and `simulate` as the real processes operators run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from gateway.__main__ import main
+from gateway.auth import hash_key
+from gateway.config import parse_config
+from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, free_port, gateway_yaml
+
+
+def test_keys_new_prints_a_key_once_and_an_entry_with_only_its_hash(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["keys", "new", "--tenant", "acme", "--name", "billing-service"]) == 0
+    out = capsys.readouterr().out
+    key = next(line for line in out.splitlines() if line.startswith("gw_"))
+    entry = yaml.safe_load(next(line for line in out.splitlines() if line.startswith("- {")))
+    assert entry == [{"name": "billing-service", "sha256": hash_key(key)}]
+    assert out.count(key) == 1
+    # The printed entry is accepted by the configuration as it stands.
+    text = gateway_yaml("http://127.0.0.1:9").replace(
+        "keys: [{name: billing-service",
+        f"keys: [{{name: x, sha256: {hash_key(key)}}}, {{name: billing-service",
+    )
+    assert parse_config(text).tenants["acme"].keys[0].sha256 == hash_key(key)
+
+
+def test_check_config_summarises_a_good_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(gateway_yaml("http://127.0.0.1:9"))
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"{path}: OK" in out
+    assert "tenant acme: 1 key(s), agents ag_support" in out
+    assert PLATFORM_KEY not in out and SUPPORT_KEY not in out
+
+
+def test_check_config_names_the_problem_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(gateway_yaml("http://127.0.0.1:9").replace("sha256: ", "sha256: 0", 1))
+    assert main(["check-config", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: tenants.acme.keys[0].sha256: expected 64 hex characters" in err
+
+
+def test_config_path_comes_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "from-env.yaml"
+    path.write_text(gateway_yaml("http://127.0.0.1:9"))
+    monkeypatch.setenv("GATEWAY_CONFIG", str(path))
+    assert main(["check-config"]) == 0
+    monkeypatch.delenv("GATEWAY_CONFIG")
+    assert main(["check-config"]) == 1
+    assert "pass --config PATH or set GATEWAY_CONFIG" in capsys.readouterr().err
+
+
+# --- real processes --------------------------------------------------------------------
+
+
+async def start(*args: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", *args, env=env, stdout=out, stderr=out
+        )
+
+
+async def wait_healthy(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            if process.returncode is not None:
+                pytest.fail(f"process exited early:\n{log.read_text()}")
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                pass
+            await asyncio.sleep(0.05)  # polling a process that announces readiness nowhere else
+    pytest.fail(f"{url} never became healthy:\n{log.read_text()}")
+
+
+async def stop(process: asyncio.subprocess.Process) -> int:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+    return await asyncio.wait_for(process.wait(), timeout=15)
+
+
+@pytest.fixture
+async def processes(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """`thinnest-gateway simulate` and `thinnest-gateway serve`, as operators start them."""
+    sim_port, gw_port = free_port(), free_port()
+    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
+    sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
+    simulator = await start("simulate", "--port", str(sim_port), env=env, log=sim_log)
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        gateway_yaml(f"http://127.0.0.1:{sim_port}")
+        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\nshutdown_grace: 5\n"
+    )
+    gateway = await start("serve", "--config", str(config), env=env, log=gw_log)
+    try:
+        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
+        await wait_healthy(f"http://127.0.0.1:{gw_port}/healthz", gateway, gw_log)
+        yield f"http://127.0.0.1:{gw_port}", gw_log
+        assert await stop(gateway) == 0, gw_log.read_text()
+    finally:
+        for process in (gateway, simulator):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def test_serve_proxies_json_and_streams_and_stops_cleanly_on_sigterm(
+    processes: tuple[str, Path],
+) -> None:
+    url, log = processes
+    headers = {"Authorization": f"Bearer {ACME_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        chat = f"{url}/v1/agents/ag_support/chat"
+        async with session.post(chat, json={"message": "Hi"}, headers=headers) as response:
+            assert response.status == 200
+            assert (await response.json())["usage"]["total_tokens"] > 0
+        async with session.post(
+            chat, json={"message": "Hi", "stream": True}, headers=headers
+        ) as response:
+            body = await response.read()
+            assert body.rstrip().endswith(b"}") and b'"type": "done"' in body
+        async with session.post(
+            chat, json={"message": "Hi"}, headers={"Authorization": "Bearer nope"}
+        ) as response:
+            assert response.status == 401
+
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    access = [line for line in lines if line.get("event") == "request"]
+    assert [line["status"] for line in access][-3:] == [200, 200, 401]
+    assert access[-2]["stream"] is True and access[-2]["tokens"]["total"] > 0
+    text = log.read_text()
+    for secret in (PLATFORM_KEY, SUPPORT_KEY, ACME_KEY, GLOBEX_KEY):
+        assert secret not in text
+
+
+async def test_serve_with_a_bad_config_exits_1_naming_the_problem(tmp_path: Path) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        gateway_yaml("http://127.0.0.1:9").replace("${TEST_PLATFORM_KEY}", "${UNSET_VAR_X}")
+    )
+    log = tmp_path / "gateway.log"
+    process = await start("serve", "--config", str(config), env=dict(os.environ), log=log)
+    assert await asyncio.wait_for(process.wait(), timeout=15) == 1
+    assert "upstream.api_key: environment variable UNSET_VAR_X is not set" in log.read_text()

@@ -1,0 +1,370 @@
+"""The chat proxy, end to end through real servers: gateway in front of the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_config
+from tests.conftest import (
+    ACME,
+    ACME_KEY,
+    GLOBEX,
+    GLOBEX_KEY,
+    PLATFORM_KEY,
+    SUPPORT_KEY,
+    free_port,
+    gateway_yaml,
+)
+
+Client = TestClient[web.Request, web.Application]
+Sim = TestClient[Any, Any]
+CHAT = "/v1/agents/ag_support/chat"
+
+
+async def add_fault(simulator: Sim, kind: str, **params: object) -> None:
+    response = await simulator.post("/_sim/faults", json={"kind": kind, **params})
+    assert response.status == 201, await response.text()
+
+
+async def upstream_requests(simulator: Sim) -> list[dict[str, Any]]:
+    response = await simulator.get("/_sim/requests")
+    requests: list[dict[str, Any]] = await response.json()
+    return requests
+
+
+def events(body: bytes) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.removeprefix(b"data: "))
+        for line in body.split(b"\n")
+        if line.startswith(b"data: ")
+    ]
+
+
+# --- pass-through ----------------------------------------------------------------------
+
+
+async def test_json_answer_passes_through_byte_for_byte(gateway: Client, simulator: Sim) -> None:
+    body = {"message": "What are your business hours?", "session_id": "sess_a"}
+    through = await gateway.post(CHAT, json=body, headers=ACME)
+    direct = await simulator.post(
+        CHAT,
+        json={**body, "session_id": "sess_b"},
+        headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
+    )
+    assert through.status == direct.status == 200
+    assert through.content_type == "application/json"
+    assert (await through.read()) == (await direct.read()).replace(b"sess_b", b"sess_a")
+    assert through.headers["X-Request-ID"]
+
+
+async def test_stream_passes_through_byte_for_byte(gateway: Client, simulator: Sim) -> None:
+    body = {"message": "Tell me about your products", "stream": True}
+    through = await gateway.post(CHAT, json={**body, "session_id": "s_1"}, headers=ACME)
+    direct = await simulator.post(
+        CHAT,
+        json={**body, "session_id": "s_2"},
+        headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
+    )
+    assert through.status == 200
+    assert through.content_type == "text/event-stream"
+    assert through.headers["Cache-Control"] == "no-cache"
+    assert through.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Encoding" not in through.headers
+    received = await through.read()
+    assert received == (await direct.read()).replace(b"s_2", b"s_1")
+    kinds = [event["type"] for event in events(received)]
+    assert kinds[-1] == "done" and kinds.count("content") >= 3
+
+
+async def test_accept_header_alone_asks_for_a_stream(gateway: Client) -> None:
+    response = await gateway.post(
+        CHAT, json={"message": "Hi"}, headers={**ACME, "Accept": "text/event-stream"}
+    )
+    assert response.content_type == "text/event-stream"
+    assert events(await response.read())[-1]["type"] == "done"
+
+
+async def test_first_event_arrives_while_upstream_holds_the_rest(
+    gateway: Client, simulator: Sim
+) -> None:
+    await add_fault(simulator, "hold_stream", after_events=1)
+    response = await gateway.post(CHAT, json={"message": "Hi there", "stream": True}, headers=ACME)
+    first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout=5)
+    assert events(first)[0]["type"] == "content"
+    held = await (await simulator.get("/_sim/held")).json()
+    assert held["held"] == 1, "the simulator must still be holding the rest of the stream"
+    await simulator.post("/_sim/release")
+    rest = events(await response.read())
+    assert rest[-1]["type"] == "done"
+
+
+async def test_sessions_continue_across_turns(gateway: Client) -> None:
+    first = await gateway.post(
+        CHAT,
+        json={"message": "What is your return policy?", "session_id": "sess_001"},
+        headers=ACME,
+    )
+    assert (await first.json())["session_id"] == "sess_001"
+    second = await gateway.post(
+        CHAT, json={"message": "How long does it take?", "session_id": "sess_001"}, headers=ACME
+    )
+    assert "What is your return policy?" in (await second.json())["response"]
+
+
+# --- key swap and headers --------------------------------------------------------------
+
+
+async def test_upstream_sees_only_the_upstream_key(gateway: Client, simulator: Sim) -> None:
+    sneaky = {
+        "Cookie": "session=caller-cookie",
+        "Connection": "keep-alive, X-Secret-Hop",
+        "X-Secret-Hop": "hop",
+        "Proxy-Authorization": "Basic Y2FsbGVyOnNlY3JldA==",
+        "X-Forwarded-For": "10.0.0.1",
+        "User-Agent": "billing-service/1.0",
+        "X-Request-ID": "req-abc-123",
+    }
+    await gateway.post(CHAT, json={"message": "Hi"}, headers={**ACME, **sneaky})
+    await gateway.post("/v1/agents/ag_sales/chat", json={"message": "Hi"}, headers=GLOBEX)
+    support, sales = await upstream_requests(simulator)
+
+    assert support["headers"]["Authorization"] == f"Bearer {SUPPORT_KEY}"
+    assert sales["headers"]["Authorization"] == f"Bearer {PLATFORM_KEY}"
+    sent = json.dumps([support, sales])
+    assert ACME_KEY not in sent and GLOBEX_KEY not in sent
+    for name in ("Cookie", "X-Secret-Hop", "Proxy-Authorization", "X-Forwarded-For"):
+        assert name.lower() not in {h.lower() for h in support["headers"]}
+    assert support["headers"]["User-Agent"] == "billing-service/1.0"
+    assert support["headers"]["X-Request-ID"] == "req-abc-123"
+    assert support["body"] == '{"message": "Hi"}'
+
+
+async def test_request_id_is_kept_when_sane_and_replaced_when_not(gateway: Client) -> None:
+    kept = await gateway.post(
+        CHAT, json={"message": "Hi"}, headers={**ACME, "X-Request-ID": "abc-1"}
+    )
+    assert kept.headers["X-Request-ID"] == "abc-1"
+    replaced = await gateway.post(
+        CHAT, json={"message": "Hi"}, headers={**ACME, "X-Request-ID": "bad id\twith<stuff>"}
+    )
+    assert replaced.headers["X-Request-ID"] not in ("", "bad id\twith<stuff>")
+
+
+async def test_upstream_rate_limit_headers_are_not_leaked_to_callers(gateway: Client) -> None:
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    # Upstream's X-RateLimit-* describe the shared upstream key, not this caller.
+    assert "X-RateLimit-Limit" not in response.headers
+
+
+# --- authentication and agents ---------------------------------------------------------
+
+
+async def expect_error(response: aiohttp.ClientResponse, status: int, code: str) -> str:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    assert response.headers["X-Request-ID"]
+    body = await response.json()
+    assert body["error"]["code"] == code
+    message: str = body["error"]["message"]
+    assert message
+    return message
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": ACME_KEY}, {"Authorization": "Bearer gw_unknown_key"}],
+    ids=["missing", "malformed", "unknown"],
+)
+async def test_callers_without_a_valid_key_get_401(
+    gateway: Client, simulator: Sim, headers: dict[str, str]
+) -> None:
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=headers)
+    await expect_error(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert await upstream_requests(simulator) == []
+
+
+async def test_a_key_removed_from_config_is_revoked(make_gateway: Any, simulator_url: str) -> None:
+    text = gateway_yaml(simulator_url)
+    start = text.index("  acme:")
+    end = text.index("  globex:")
+    gateway = await make_gateway(config=parse_config(text[:start] + text[end:]))
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    await expect_error(response, 401, "unauthorized")
+
+
+async def test_forbidden_agent_looks_exactly_like_a_missing_one(gateway: Client) -> None:
+    forbidden = await gateway.post("/v1/agents/ag_sales/chat", json={"message": "Hi"}, headers=ACME)
+    missing = await gateway.post("/v1/agents/ag_nope/chat", json={"message": "Hi"}, headers=ACME)
+    assert await expect_error(forbidden, 404, "agent_not_found") == await expect_error(
+        missing, 404, "agent_not_found"
+    )
+
+
+async def test_unknown_agent_via_wildcard_tenant_gets_upstreams_404(gateway: Client) -> None:
+    response = await gateway.post("/v1/agents/ag_nope/chat", json={"message": "Hi"}, headers=GLOBEX)
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "agent_not_found"
+
+
+# --- bad requests ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code", "hint"),
+    [
+        (b"not json", "application/json", 400, "invalid_request", "not valid JSON"),
+        (b'["message"]', "application/json", 400, "invalid_request", "must be a JSON object"),
+        (b"{}", "application/json", 400, "invalid_request", "message is required"),
+        (b'{"message": ""}', "application/json", 400, "invalid_request", "must not be empty"),
+        (b'{"message": 42}', "application/json", 400, "invalid_request", "must be a string"),
+        (
+            b'{"message": "hi", "session_id": 7}',
+            "application/json",
+            400,
+            "invalid_request",
+            "session_id",
+        ),
+        (
+            b'{"message": "hi", "session_id": "' + b"s" * 300 + b'"}',
+            "application/json",
+            400,
+            "invalid_request",
+            "session_id",
+        ),
+        (
+            b'{"message": "hi", "stream": "yes"}',
+            "application/json",
+            400,
+            "invalid_request",
+            "stream",
+        ),
+        (b'{"message": "\xff"}', "application/json", 400, "invalid_request", "UTF-8"),
+        (b"", "application/json", 400, "invalid_request", "empty"),
+        (
+            b"message=hi",
+            "application/x-www-form-urlencoded",
+            400,
+            "invalid_request",
+            "Content-Type",
+        ),
+        (
+            b'{"message": "' + b"x" * 70_000 + b'"}',
+            "application/json",
+            413,
+            "request_too_large",
+            "65536",
+        ),
+    ],
+)
+async def test_bad_bodies_get_a_clear_4xx_and_never_reach_upstream(
+    gateway: Client,
+    simulator: Sim,
+    body: bytes,
+    content_type: str,
+    status: int,
+    code: str,
+    hint: str,
+) -> None:
+    response = await gateway.post(CHAT, data=body, headers={**ACME, "Content-Type": content_type})
+    assert hint in await expect_error(response, status, code)
+    assert await upstream_requests(simulator) == []
+
+
+async def test_chunked_body_over_the_limit_is_413(gateway: Client) -> None:
+    async def chunks() -> Any:
+        for _ in range(100):
+            yield b"x" * 1000
+
+    response = await gateway.post(
+        CHAT, data=chunks(), headers={**ACME, "Content-Type": "application/json"}
+    )
+    await expect_error(response, 413, "request_too_large")
+
+
+async def test_unknown_path_and_method(gateway: Client) -> None:
+    await expect_error(await gateway.get("/v2/whatever"), 404, "not_found")
+    await expect_error(await gateway.get(CHAT), 405, "method_not_allowed")
+
+
+# --- upstream failures -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [402, 500])
+async def test_upstream_errors_pass_through(gateway: Client, simulator: Sim, status: int) -> None:
+    await add_fault(simulator, "error", status=status)
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert response.status == status
+    assert "error" in await response.json()
+
+
+async def test_upstream_429_passes_through_with_retry_after(
+    gateway: Client, simulator: Sim
+) -> None:
+    await add_fault(simulator, "rate_limited", retry_after=7)
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert response.status == 429
+    assert response.headers["Retry-After"] == "7"
+    assert (await response.json())["error"]["code"] == "rate_limited"
+
+
+async def test_unreachable_upstream_is_502(make_gateway: Any) -> None:
+    config = parse_config(gateway_yaml(f"http://127.0.0.1:{free_port()}"))
+    gateway = await make_gateway(config=config)
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    message = await expect_error(response, 502, "upstream_unavailable")
+    assert PLATFORM_KEY not in message and SUPPORT_KEY not in message
+
+
+async def test_upstream_that_never_answers_is_504(
+    make_gateway: Any, simulator: Sim, simulator_url: str
+) -> None:
+    fast = parse_config(gateway_yaml(simulator_url).replace("first_byte: 5", "first_byte: 0.3"))
+    gateway = await make_gateway(config=fast)
+    await add_fault(simulator, "hang")
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    await expect_error(response, 504, "upstream_timeout")
+
+
+async def test_stream_broken_mid_way_ends_with_an_error_event(
+    gateway: Client, simulator: Sim
+) -> None:
+    await add_fault(simulator, "drop_mid_stream", after_events=2)
+    response = await gateway.post(
+        CHAT, json={"message": "Tell me more", "stream": True}, headers=ACME
+    )
+    assert response.status == 200
+    received = events(await response.read())
+    assert [e["type"] for e in received] == ["content", "content", "error"]
+    assert received[-1]["code"] == "upstream_unavailable"
+
+
+async def test_stream_that_goes_quiet_ends_with_a_timeout_event(
+    make_gateway: Any, simulator: Sim, simulator_url: str
+) -> None:
+    gateway = await make_gateway(
+        config=parse_config(gateway_yaml(simulator_url).replace("idle: 5", "idle: 0.3"))
+    )
+    await add_fault(simulator, "hold_stream", after_events=1)
+    response = await gateway.post(CHAT, json={"message": "Hi", "stream": True}, headers=ACME)
+    received = events(await response.read())
+    assert [e["type"] for e in received] == ["content", "error"]
+    assert received[-1]["code"] == "upstream_timeout"
+    await simulator.post("/_sim/release")
+
+
+# --- health ----------------------------------------------------------------------------
+
+
+async def test_health_endpoints(gateway: Client) -> None:
+    assert (await gateway.get("/healthz")).status == 200
+    ready = await gateway.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["status"] == "ready"
