@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from gateway import __version__
 from gateway.auth import hash_key, new_key
-from gateway.config import Config, config_path, load_config
+from gateway.config import NAME_PATTERN, Config, config_path, load_config
 from gateway.errors import ConfigError
 
 
@@ -65,6 +65,9 @@ def summary(config: Config) -> str:
 
 
 def _new_key(tenant: str, name: str) -> str:
+    for flag, value in (("--tenant", tenant), ("--name", name)):
+        if not NAME_PATTERN.fullmatch(value):
+            raise ConfigError(f"{flag} {value!r}: use letters, digits, _ . and - (at most 64)")
     key = new_key()
     return (
         f"# New gateway key for tenant {tenant}, service {name}. It is shown only this once:\n"

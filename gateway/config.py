@@ -23,8 +23,8 @@ ALL_AGENTS = "*"
 _SECRET_REF = re.compile(r"\$\{([^}]*)\}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
 class Secret:
@@ -373,7 +373,7 @@ def _agents(root: _Section, upstream: Upstream) -> dict[str, Agent]:
     agents = {}
     for agent_id, raw in _items(root, "agents"):
         s = _Section(root.at("agents") + f".{agent_id}", raw)
-        if not _AGENT_ID.fullmatch(agent_id):
+        if not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise _Problem(s.path, "agent ids are letters, digits, _ and - (at most 128)")
         agent = Agent(id=agent_id, api_key=s.secret("api_key"))
         if agent.api_key is None and upstream.api_key is None:
@@ -414,7 +414,7 @@ def _quota(s: _Section) -> Quota:
 
 
 def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
-    if not _NAME.fullmatch(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise _Problem(s.path, "tenant names are letters, digits, _ . and - (at most 64)")
     raw_keys = s.get("keys")
     if not isinstance(raw_keys, list) or not raw_keys:
@@ -422,7 +422,7 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
     keys: list[TenantKey] = []
     for i, raw in enumerate(raw_keys):
         k = _Section(s.at("keys") + f"[{i}]", raw)
-        key_name = k.text("name", pattern=_NAME)
+        key_name = k.text("name", pattern=NAME_PATTERN)
         digest = k.text("sha256").lower()
         if not _SHA256.fullmatch(digest):
             raise _Problem(k.at("sha256"), "expected 64 hex characters")

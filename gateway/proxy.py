@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 from aiohttp import ClientResponse, hdrs, web
 
 from gateway.auth import Caller
+from gateway.config import AGENT_ID_PATTERN
 from gateway.errors import AgentNotFound, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
 from gateway.sse import SSEScanner
@@ -23,7 +23,6 @@ from gateway.upstream import Deadline, UpstreamClient
 from gateway.usage import StreamTally, usage_from_json
 from gateway.validation import read_chat_request
 
-_AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Response headers of upstream's that mean something to the caller; the rest (its own
 # X-RateLimit-* for our shared upstream key, cookies, hop-by-hop) stay here.
 _PASSED_BACK = (hdrs.CONTENT_TYPE, hdrs.RETRY_AFTER)
@@ -63,7 +62,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 def _agent_for(agent_id: str, caller: Caller, upstream: UpstreamClient) -> str:
     # One answer for "no such agent" and "not yours", so ids cannot be probed.
     if (
-        not _AGENT_ID.fullmatch(agent_id)
+        not AGENT_ID_PATTERN.fullmatch(agent_id)
         or not caller.tenant.may_use(agent_id)
         or not upstream.can_reach(agent_id)
     ):

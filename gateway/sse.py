@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 _LINE_END = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
+# A line longer than this is not one we need to read (usage sits in a short `done` event);
+# dropping it keeps a misbehaving upstream from growing our buffer without bound.
+MAX_LINE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +26,7 @@ class Event:
 
 
 class SSEScanner:
-    __slots__ = ("_data", "_event", "_id", "_partial", "_skip_lf", "_started")
+    __slots__ = ("_data", "_event", "_id", "_partial", "_skip_lf", "_started", "overflowed")
 
     def __init__(self) -> None:
         self._partial = b""
@@ -32,13 +35,22 @@ class SSEScanner:
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
+        self.overflowed = False
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes so far end exactly between events (nothing half-sent)."""
-        return not self._partial and not self._data and not self._event
+        return not (self.overflowed or self._partial or self._data or self._event)
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if self.overflowed:
+            end = _LINE_END.search(chunk)
+            if end is None:
+                return []
+            # The overlong line ends here; it is dropped whole, like a line we cannot parse.
+            self.overflowed = False
+            self._skip_lf = end.group() == b"\r" and end.end() == len(chunk)
+            chunk = chunk[end.end() :]
         buf = self._partial + chunk if self._partial else chunk
         if self._skip_lf and buf[:1] == b"\n":
             buf = buf[1:]
@@ -60,6 +72,9 @@ class SSEScanner:
             if match.group() == b"\r" and pos == len(buf):
                 self._skip_lf = True
         self._partial = buf[pos:]
+        if len(self._partial) > MAX_LINE:
+            self._partial = b""
+            self.overflowed = True
         return events
 
     def _line(self, raw: bytes) -> Event | None:

@@ -165,3 +165,12 @@ async def test_serve_with_a_bad_config_exits_1_naming_the_problem(tmp_path: Path
     process = await start("serve", "--config", str(config), env=dict(os.environ), log=log)
     assert await asyncio.wait_for(process.wait(), timeout=15) == 1
     assert "upstream.api_key: environment variable UNSET_VAR_X is not set" in log.read_text()
+
+
+def test_keys_new_refuses_names_that_would_break_the_yaml(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["keys", "new", "--tenant", "acme", "--name", "billing: {x}"]) == 1
+    captured = capsys.readouterr()
+    assert "--name 'billing: {x}': use letters, digits" in captured.err
+    assert "gw_" not in captured.out

@@ -74,3 +74,12 @@ def test_boundary_tracks_half_sent_events() -> None:
 
 def test_invalid_utf8_does_not_raise() -> None:
     assert scan(b"data: \xff\xfe\n\n") == [Event(data="\ufffd\ufffd")]
+
+
+def test_an_endless_line_is_dropped_instead_of_buffered() -> None:
+    scanner = SSEScanner()
+    scanner.feed(b"data: before\ndata: ")
+    for _ in range(20):
+        scanner.feed(b"data: " + b"x" * 65536)
+    assert scanner.overflowed
+    assert scanner.feed(b"xx\n\ndata: after\n\n") == [Event(data="before"), Event(data="after")]
