@@ -91,7 +91,12 @@ def _simulate(host: str, port: int, config_path: str | None) -> int:
         return 1
     # No access log: at benchmark rates it would cost more than the simulated work.
     web.run_app(
-        create_simulator_app(config), host=host, port=port, access_log=None, shutdown_timeout=1.0
+        create_simulator_app(config),
+        host=host,
+        port=port,
+        access_log=None,
+        shutdown_timeout=1.0,
+        print=lambda _: print(f"simulator listening on http://{host}:{port}", flush=True),
     )
     return 0
 

@@ -1,0 +1,185 @@
+"""Non-streaming load at fixed concurrency: wrk with a Lua POST script, or a Python fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from bench.procs import die_with_parent
+from bench.stats import percentile
+
+APT_TIMEOUT = 240.0
+
+# wrk's own report is for humans; done() prints one JSON line for the harness to parse.
+_LUA = """\
+wrk.method = "POST"
+wrk.body = [[{body}]]
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\\n{{"requests": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d, '
+    .. '"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}}\\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One request, as a load generator repeats it."""
+
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    requests: int
+    """Completed responses, errors included."""
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    """Socket errors, timeouts and non-2xx/3xx answers."""
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoadTool:
+    wrk: str | None
+    note: str
+
+    @property
+    def name(self) -> str:
+        return "wrk" if self.wrk else "python-aiohttp"
+
+
+async def _run(*argv: str, limit: float) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        preexec_fn=die_with_parent,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        return -1, f"{argv[0]} timed out after {limit:.0f} s"
+    finally:
+        # Also on cancellation (Ctrl-C, SIGTERM): wrk must not outlive the run.
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.shield(process.wait())
+    return process.returncode or 0, out.decode(errors="replace")
+
+
+async def find_load_tool() -> LoadTool:
+    """wrk, installing it with apt-get if missing; else the Python fallback, with why."""
+    found = shutil.which("wrk")
+    if found:
+        return LoadTool(found, "")
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return LoadTool(None, "wrk is not installed and apt-get cannot run here (not root)")
+    print("bench: wrk is missing; installing it with apt-get ...", flush=True)
+    code, out = await _run("apt-get", "install", "-y", "-q", "wrk", limit=APT_TIMEOUT)
+    if code != 0:
+        # A fresh machine may have no package lists yet.
+        await _run("apt-get", "update", "-q", limit=APT_TIMEOUT)
+        code, out = await _run("apt-get", "install", "-y", "-q", "wrk", limit=APT_TIMEOUT)
+    found = shutil.which("wrk")
+    if found:
+        return LoadTool(found, "")
+    last = out.strip().splitlines()[-1:] or ["no output"]
+    return LoadTool(None, f"`apt-get install -y wrk` failed (exit {code}: {last[0]})")
+
+
+async def wrk_version(tool: LoadTool) -> str:
+    if tool.wrk is None:
+        return "-"
+    _, out = await _run(tool.wrk, "-v", limit=10)
+    return out.strip().splitlines()[0] if out.strip() else "wrk"
+
+
+def write_lua(call: Call, path: Path) -> Path:
+    if b"]]" in call.body:
+        raise ValueError("the request body cannot hold ']]' (it is a Lua long string)")
+    headers = "\n".join(
+        f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}"
+        for name, value in call.headers.items()
+    )
+    path.write_text(_LUA.format(body=call.body.decode(), headers=headers))
+    return path
+
+
+async def run_load(
+    tool: LoadTool, call: Call, connections: int, seconds: float, lua: Path
+) -> LoadResult:
+    if tool.wrk is None:
+        return await _python_load(call, connections, seconds)
+    argv = [tool.wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
+    code, out = await _run(*argv, "-s", str(lua), call.url, limit=seconds + 60)
+    summary = next(
+        (line for line in reversed(out.splitlines()) if line.startswith('{"requests"')), None
+    )
+    if code != 0 or summary is None:
+        raise RuntimeError(f"wrk failed (exit {code}):\n{out[-2000:]}")
+    got = json.loads(summary)
+    errors = sum(got[name] for name in ("connect", "read", "write", "status", "timeout"))
+    return LoadResult(
+        requests=got["requests"],
+        seconds=got["duration_us"] / 1e6,
+        p50_ms=got["p50_us"] / 1e3,
+        p99_ms=got["p99_us"] / 1e3,
+        errors=errors,
+    )
+
+
+async def _python_load(call: Call, connections: int, seconds: float) -> LoadResult:
+    """The fallback: far slower than wrk, so it measures its own limit as much as the target's."""
+    latencies: list[float] = []
+    errors = 0
+    timeout = aiohttp.ClientTimeout(total=5.0)
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def worker(deadline: float) -> None:
+            nonlocal errors
+            while (start := time.perf_counter()) < deadline:
+                try:
+                    async with session.post(call.url, data=call.body, headers=call.headers) as r:
+                        await r.read()
+                        failed = r.status >= 400
+                except (aiohttp.ClientError, TimeoutError):
+                    failed = True
+                latencies.append(time.perf_counter() - start)
+                errors += failed
+
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(worker(deadline) for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return LoadResult(
+        requests=len(latencies),
+        seconds=elapsed,
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        errors=errors,
+    )

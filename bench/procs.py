@@ -1,0 +1,175 @@
+"""Child processes of a benchmark run: free ports, readiness, CPU time, guaranteed cleanup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import aiohttp
+
+_PR_SET_PDEATHSIG = 1
+STOP_GRACE = 5.0
+
+
+class ProcessFailed(RuntimeError):
+    """A child did not start, or died mid-run; the message carries its log's tail."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports: every socket stays bound until all are chosen."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(int(sock.getsockname()[1]))
+    return ports
+
+
+def die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the harness is SIGKILLed, its children get
+    # SIGTERM from the kernel instead of living on as orphans.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+class Proc:
+    """One started child, its log file and its CPU accounting."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process, log: Path) -> None:
+        self.name = name
+        self.process = process
+        self.log = log
+        self._ticks = os.sysconf("SC_CLK_TCK")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        """utime + stime so far, from /proc; a comparable cost on a machine shared with others."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        # The command name may hold spaces or parentheses, so fields are counted after its ")".
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / self._ticks
+
+    def check_alive(self) -> None:
+        code = self.process.returncode
+        if code is not None:
+            raise ProcessFailed(
+                f"{self.name} (pid {self.pid}) exited with {code}; its log {self.log} ends:\n"
+                + tail(self.log)
+            )
+
+    async def stop(self) -> str:
+        """SIGTERM, then SIGKILL after STOP_GRACE; says how it went, for the report."""
+        if self.process.returncode is not None:
+            return f"had already exited with {self.process.returncode}"
+        started = time.monotonic()
+        with contextlib.suppress(ProcessLookupError):
+            self.process.terminate()
+        try:
+            code = await asyncio.wait_for(self.process.wait(), STOP_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+            return f"ignored SIGTERM for {STOP_GRACE:g} s and was killed"
+        return f"exited with {code} {time.monotonic() - started:.1f} s after SIGTERM"
+
+
+class ProcessSet:
+    """Starts children with logs under one directory; leaving it stops every one, in reverse."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[Proc] = []
+        self.stopped: dict[str, str] = {}
+        """How each child ended, by name."""
+
+    async def __aenter__(self) -> ProcessSet:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop_all()
+
+    async def stop_all(self) -> None:
+        while self.procs:
+            # Shielded so a second Ctrl-C during cleanup cannot leave a child behind.
+            proc = self.procs.pop()
+            self.stopped[proc.name] = await asyncio.shield(proc.stop())
+
+    async def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Proc:
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as out:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                cwd=cwd,
+                # Own session: a terminal Ctrl-C reaches only the harness, which then stops
+                # the children in order rather than all of them dying at once mid-request.
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
+        proc = Proc(name, process, log)
+        self.procs.append(proc)
+        return proc
+
+
+async def wait_ready(
+    proc: Proc, url: str, *, within: float = 30.0, any_status: bool = False
+) -> float:
+    """Poll `url` until it answers 200 (any HTTP answer with `any_status`); seconds it took.
+
+    Fails fast, with the log's tail, if the process exits meanwhile.
+    """
+    started = time.monotonic()
+    deadline = started + within
+    last_error = "no answer yet"
+    probe_timeout = aiohttp.ClientTimeout(total=1.0)
+    async with aiohttp.ClientSession(timeout=probe_timeout) as session:
+        while time.monotonic() < deadline:
+            proc.check_alive()
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200 or any_status:
+                        return time.monotonic() - started
+                    last_error = f"HTTP {response.status}"
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                last_error = type(exc).__name__
+            await asyncio.sleep(0.05)
+    raise ProcessFailed(
+        f"{proc.name} (pid {proc.pid}) not ready at {url} after {within:.0f} s "
+        f"({last_error}); its log {proc.log} ends:\n{tail(proc.log)}"
+    )

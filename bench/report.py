@@ -1,0 +1,229 @@
+"""docs/benchmarks.md and the stdout summary, from a Summary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+
+from bench.about import RunInfo, method
+from bench.stats import EN_DASH, Spread
+from bench.summary import DIRECT, FLOOR, GATEWAY, Comparison, Summary
+
+TIMES = "\u00d7"
+LABELS: Mapping[str, str] = MappingProxyType(
+    {
+        DIRECT: "direct (simulator)",
+        FLOOR: "floor proxy",
+        GATEWAY: "gateway",
+    }
+)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def _x(spread: Spread) -> str:
+    return spread.fmt(2, suffix=TIMES)
+
+
+def _ms(spread: Spread, sign: bool = True) -> str:
+    return spread.fmt(2, sign=sign, suffix=" ms")
+
+
+def headlines(summary: Summary) -> list[str]:
+    lines = []
+    gw = summary.vs_direct.get(GATEWAY)
+    fl = summary.vs_direct.get(FLOOR)
+    vf = summary.gateway_vs_floor
+    if gw and fl and vf:
+        lines += [
+            f"JSON req/s: gateway = {gw.rps_ratio.median:.2f}{TIMES} direct, "
+            f"{vf.rps_ratio.median:.2f}{TIMES} floor "
+            f"(floor = {fl.rps_ratio.median:.2f}{TIMES} direct)",
+            f"JSON latency p50: gateway {gw.p50_delta_ms.median:+.2f} ms over direct, "
+            f"{vf.p50_delta_ms.median:+.2f} ms over floor",
+            f"CPU per request: gateway = {vf.cpu_ratio.median:.2f}{TIMES} the floor's "
+            f"({summary.load[GATEWAY].proxy_cpu_us.median:.0f} vs "
+            f"{summary.load[FLOOR].proxy_cpu_us.median:.0f} µs); the whole gateway path "
+            f"(gateway + simulator) = {gw.path_cpu_ratio.median:.2f}{TIMES} direct's",
+            f"Time to first event p50: gateway {gw.ttfe_p50_delta_ms.median:+.2f} ms over "
+            f"direct, {vf.ttfe_p50_delta_ms.median:+.2f} ms over floor",
+            f"Added per-chunk delay (each event against direct's same event): gateway p50 "
+            f"{summary.chunk_delay[GATEWAY].p50_ms.median:+.2f} ms, p99 "
+            f"{summary.chunk_delay[GATEWAY].p99_ms.median:+.2f} ms; floor p50 "
+            f"{summary.chunk_delay[FLOOR].p50_ms.median:+.2f} ms, p99 "
+            f"{summary.chunk_delay[FLOOR].p99_ms.median:+.2f} ms; direct's own jitter p99 "
+            f"{summary.chunk_delay[DIRECT].p99_ms.median:+.2f} ms",
+        ]
+    failures = [
+        f"{name}: {figures.errors} of {figures.requests} JSON requests failed"
+        for name, figures in summary.load.items()
+        if figures.errors
+    ] + [
+        f"{name}: {figures.failed} of {figures.streams} streams failed ({figures.first_problem})"
+        for kind in (summary.ttfe, summary.gap)
+        for name, figures in kind.items()
+        if figures.failed
+    ]
+    return lines + [f"ERRORS: {line}" for line in failures]
+
+
+def _comparison_rows(name: str, c: Comparison) -> list[list[str]]:
+    rows = [
+        [name, "JSON req/s", _x(c.rps_ratio)],
+        [name, "JSON latency p50", _ms(c.p50_delta_ms)],
+        [name, "JSON latency p99", _ms(c.p99_delta_ms)],
+        [name, "proxy process CPU per request", _x(c.cpu_ratio)],
+        [name, "CPU per request, whole path (proxy + simulator)", _x(c.path_cpu_ratio)],
+        [name, "time to first event p50", _ms(c.ttfe_p50_delta_ms)],
+        [name, "time to first event p99", _ms(c.ttfe_p99_delta_ms)],
+        [name, "added per-chunk delay p50", _ms(c.chunk_p50_delta_ms)],
+        [name, "added per-chunk delay p99", _ms(c.chunk_p99_delta_ms)],
+    ]
+    # Proxy CPU against direct has nothing to compare with.
+    return [row for row in rows if row[2] != "n/a"]
+
+
+def tables(summary: Summary) -> dict[str, list[str]]:
+    names = summary.targets
+    load = _table(
+        ["path", "req/s", "p50", "p99", "proxy CPU µs/req", "simulator CPU µs/req", "errors"],
+        [
+            [
+                LABELS[n],
+                summary.load[n].rps.fmt(0),
+                _ms(summary.load[n].p50_ms, False),
+                _ms(summary.load[n].p99_ms, False),
+                summary.load[n].proxy_cpu_us.fmt(0) if n != DIRECT else "-",
+                summary.load[n].sim_cpu_us.fmt(0),
+                f"{summary.load[n].errors} / {summary.load[n].requests}",
+            ]
+            for n in names
+        ],
+    )
+    ttfe = _table(
+        ["path", "TTFE p50", "TTFE p99", "failed streams"],
+        [
+            [
+                LABELS[n],
+                _ms(summary.ttfe[n].p50_ms, False),
+                _ms(summary.ttfe[n].p99_ms, False),
+                f"{summary.ttfe[n].failed} / {summary.ttfe[n].streams}",
+            ]
+            for n in names
+        ],
+    )
+    chunks = _table(
+        ["path", "added delay p50", "p99", "gap change p50", "p99", "gap p50", "failed streams"],
+        [
+            [
+                LABELS[n],
+                _ms(summary.chunk_delay[n].p50_ms),
+                _ms(summary.chunk_delay[n].p99_ms),
+                _ms(summary.gap_change[n].p50_ms),
+                _ms(summary.gap_change[n].p99_ms),
+                _ms(summary.gap[n].p50_ms, False),
+                f"{summary.gap[n].failed} / {summary.gap[n].streams}",
+            ]
+            for n in names
+        ],
+    )
+    rows = [row for n, c in summary.vs_direct.items() for row in _comparison_rows(LABELS[n], c)]
+    if summary.gateway_vs_floor is not None:
+        rows += _comparison_rows("gateway vs floor", summary.gateway_vs_floor)
+    ratios = _table(["compared", "figure", "ratio or difference, per round"], rows)
+    return {"load": load, "ttfe": ttfe, "chunks": chunks, "ratios": ratios}
+
+
+def stdout_summary(summary: Summary) -> str:
+    parts = tables(summary)
+    return "\n".join(
+        ["", f"== thinnest-gateway benchmark: medians over rounds (min{EN_DASH}max) ==", ""]
+        + [f"* {line}" for line in headlines(summary)]
+        + ["", "JSON (non-streaming):", *parts["load"], "", "Time to first event:"]
+        + [*parts["ttfe"], "", "Per-chunk delay under slow_drip:", *parts["chunks"], ""]
+    )
+
+
+def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
+    parts = tables(summary)
+    logs = []
+    for log in info.logs:
+        logs.append(
+            f"- `{log.name}`: {log.ended}; {log.lines} log line(s)"
+            + (", the first:" if log.first else "")
+        )
+        logs += [f"  `{line[:300]}`" for line in log.first]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `make bench` on {info.started} UTC, in {info.seconds:.0f} s. "
+        "Each run overwrites this file.",
+        "",
+        "## Headlines",
+        "",
+        *(f"- {line}" for line in headlines(summary)),
+        "",
+        "## How to run",
+        "",
+        "```sh",
+        "make bench        # or: .venv/bin/python -m bench",
+        "```",
+        "",
+        "It starts the simulator, the floor proxy and the gateway on free loopback ports, "
+        "measures, stops them and rewrites this file.",
+        "",
+        "## Machine",
+        "",
+        *_table(["", ""], info.machine),
+        "",
+        *method(info),
+        "",
+        "## Results",
+        "",
+        "Every figure is the median over rounds, with the lowest and highest round in brackets.",
+        "",
+        "### JSON (non-streaming) requests",
+        "",
+        *parts["load"],
+        "",
+        "### Streaming: time to first event",
+        "",
+        *parts["ttfe"],
+        "",
+        "### Streaming: added per-chunk delay",
+        "",
+        *parts["chunks"],
+        "",
+        "### Ratios and differences",
+        "",
+        "Taken within each round (the targets ran back to back), then summarised.",
+        "",
+        *parts["ratios"],
+        "",
+        "### Processes and their logs",
+        "",
+        "The gateway logs at level warning, so any line of its is a warning or an error.",
+        "",
+        *(logs or ["- (none)"]),
+        "",
+        "## How to read this",
+        "",
+        "The machine is shared and noisy: absolute req/s and milliseconds move from run to "
+        f"run, and between rounds of one run (see the min{EN_DASH}max). Compare the ratios and "
+        "differences within one run, which measure every path under the same conditions, "
+        "not absolute figures across runs or machines. CPU per request depends less on how "
+        "busy the other cores were than req/s does, but it too moves between runs (CPU "
+        "steal, clock speed), so compare it within a run as well. The floor is what "
+        "any aiohttp proxy pays; the distance from the floor to the gateway is the price of "
+        "the gateway's own work (auth, validation, logging, SSE scanning).",
+        "",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))

@@ -1,0 +1,186 @@
+"""From raw rounds to figures: per-target spreads, and per-round ratios against direct/floor.
+
+A ratio or difference is taken within each round first (targets ran minutes apart at most, on
+the same noisy machine) and only then summarised over rounds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bench.phases import LoadRound, Results
+from bench.stats import Spread, percentile
+from bench.streams import (
+    StreamTiming,
+    added_delays,
+    gap_changes,
+    gaps,
+    problems,
+    reference_offsets,
+    ttfes,
+)
+
+DIRECT, FLOOR, GATEWAY = "direct", "floor", "gateway"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadFigures:
+    rps: Spread
+    p50_ms: Spread
+    p99_ms: Spread
+    proxy_cpu_us: Spread
+    sim_cpu_us: Spread
+    requests: int
+    errors: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFigures:
+    p50_ms: Spread
+    p99_ms: Spread
+    streams: int
+    failed: int
+    first_problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """One target against a baseline, per round then over rounds."""
+
+    rps_ratio: Spread
+    p50_delta_ms: Spread
+    p99_delta_ms: Spread
+    cpu_ratio: Spread
+    """Proxy process against proxy process; NaN against direct, which has none."""
+    path_cpu_ratio: Spread
+    """Every process on the path (proxy + simulator) per request."""
+    ttfe_p50_delta_ms: Spread
+    ttfe_p99_delta_ms: Spread
+    chunk_p50_delta_ms: Spread
+    chunk_p99_delta_ms: Spread
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    targets: list[str]
+    load: dict[str, LoadFigures]
+    ttfe: dict[str, StreamFigures]
+    chunk_delay: dict[str, StreamFigures]
+    """Added per-chunk delay against direct's median for the same event index."""
+    gap_change: dict[str, StreamFigures]
+    """Inter-event gaps against direct's median gap for the same index."""
+    gap: dict[str, StreamFigures]
+    """Raw inter-event gaps under slow_drip, for context."""
+    vs_direct: dict[str, Comparison]
+    gateway_vs_floor: Comparison | None
+
+
+def _load_figures(rounds: Sequence[LoadRound]) -> LoadFigures:
+    return LoadFigures(
+        rps=Spread.of([r.result.rps for r in rounds]),
+        p50_ms=Spread.of([r.result.p50_ms for r in rounds]),
+        p99_ms=Spread.of([r.result.p99_ms for r in rounds]),
+        proxy_cpu_us=Spread.of([r.proxy_cpu_us for r in rounds]),
+        sim_cpu_us=Spread.of([r.sim_cpu_us for r in rounds]),
+        requests=sum(r.result.requests for r in rounds),
+        errors=sum(r.result.errors for r in rounds),
+    )
+
+
+def _ms(values: Sequence[float], pct: float) -> float:
+    return percentile([v * 1e3 for v in values], pct)
+
+
+def _stream_figures(rounds: Sequence[Sequence[StreamTiming]], per_round: PerRound) -> StreamFigures:
+    failed = [p for timings in rounds for p in problems(timings)]
+    return StreamFigures(
+        p50_ms=Spread.of(per_round(50)),
+        p99_ms=Spread.of(per_round(99)),
+        streams=sum(len(timings) for timings in rounds),
+        failed=len(failed),
+        first_problem=failed[0] if failed else "",
+    )
+
+
+PerRound = Callable[[float], list[float]]
+"""A percentile of some stream sample, one value per round."""
+
+
+def _ttfe(results: Results, name: str) -> PerRound:
+    return lambda pct: [_ms(ttfes(timings), pct) for timings in results.ttfe[name]]
+
+
+def _gap(results: Results, name: str) -> PerRound:
+    return lambda pct: [_ms(gaps(timings), pct) for timings in results.drip[name]]
+
+
+def _chunk(results: Results, name: str) -> PerRound:
+    # Each round's streams against direct's streams of the same round.
+    direct = results.drip[DIRECT]
+    return lambda pct: [
+        _ms(added_delays(timings, reference_offsets(direct[index])), pct)
+        for index, timings in enumerate(results.drip[name])
+    ]
+
+
+def _gap_change(results: Results, name: str) -> PerRound:
+    direct = results.drip[DIRECT]
+    return lambda pct: [
+        _ms(gap_changes(timings, reference_offsets(direct[index])), pct)
+        for index, timings in enumerate(results.drip[name])
+    ]
+
+
+def _load(results: Results, name: str, pick: Callable[[LoadRound], float]) -> list[float]:
+    return [pick(r) for r in results.load[name]]
+
+
+def _or_zero(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
+
+
+def _ratio(a: Sequence[float], b: Sequence[float]) -> Spread:
+    return Spread.of([x / y if y else float("nan") for x, y in zip(a, b, strict=False)])
+
+
+def _minus(a: Sequence[float], b: Sequence[float]) -> Spread:
+    return Spread.of([x - y for x, y in zip(a, b, strict=False)])
+
+
+def _compare(results: Results, name: str, base: str) -> Comparison:
+    def load(pick: Callable[[LoadRound], float]) -> tuple[list[float], list[float]]:
+        return _load(results, name, pick), _load(results, base, pick)
+
+    return Comparison(
+        rps_ratio=_ratio(*load(lambda r: r.result.rps)),
+        p50_delta_ms=_minus(*load(lambda r: r.result.p50_ms)),
+        p99_delta_ms=_minus(*load(lambda r: r.result.p99_ms)),
+        cpu_ratio=_ratio(*load(lambda r: r.proxy_cpu_us)),
+        path_cpu_ratio=_ratio(*load(lambda r: r.sim_cpu_us + _or_zero(r.proxy_cpu_us))),
+        ttfe_p50_delta_ms=_minus(_ttfe(results, name)(50), _ttfe(results, base)(50)),
+        ttfe_p99_delta_ms=_minus(_ttfe(results, name)(99), _ttfe(results, base)(99)),
+        chunk_p50_delta_ms=_minus(_chunk(results, name)(50), _chunk(results, base)(50)),
+        chunk_p99_delta_ms=_minus(_chunk(results, name)(99), _chunk(results, base)(99)),
+    )
+
+
+def summarise(results: Results, targets: Sequence[str]) -> Summary:
+    return Summary(
+        targets=list(targets),
+        load={name: _load_figures(results.load[name]) for name in targets},
+        ttfe={name: _stream_figures(results.ttfe[name], _ttfe(results, name)) for name in targets},
+        chunk_delay={
+            name: _stream_figures(results.drip[name], _chunk(results, name)) for name in targets
+        },
+        gap_change={
+            name: _stream_figures(results.drip[name], _gap_change(results, name))
+            for name in targets
+        },
+        gap={name: _stream_figures(results.drip[name], _gap(results, name)) for name in targets},
+        vs_direct={name: _compare(results, name, DIRECT) for name in targets if name != DIRECT},
+        gateway_vs_floor=(
+            _compare(results, GATEWAY, FLOOR) if {GATEWAY, FLOOR} <= set(targets) else None
+        ),
+    )
