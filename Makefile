@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 test: venv
+	bash scripts/test-deps.sh
 	$(BIN)/python -m pytest
 
 check: venv
