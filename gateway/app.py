@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway import errors
+from gateway.accounting import Drains
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.logs import AccessRecord, access_logger
 from gateway.proxy import chat
-from gateway.state import ACCESS, CLOCK, CONFIG, KEYRING, LIFECYCLE, UPSTREAM, Lifecycle
+from gateway.quota import open_quota
+from gateway.state import (
+    ACCESS,
+    CLOCK,
+    CONFIG,
+    DRAINS,
+    KEYRING,
+    LIFECYCLE,
+    QUOTA,
+    UPSTREAM,
+    Lifecycle,
+)
 from gateway.upstream import UpstreamClient
 
 Clock = Callable[[], float]
@@ -24,6 +37,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A caller's own request id is kept when it is this sane; anything else is replaced, so a
 # hostile id never reaches logs or upstream headers.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# Abandoned streams read on at once to charge their tokens; past this, the charge is estimated.
+MAX_CONCURRENT_DRAINS = 1024
 _QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -38,7 +53,9 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
     app[KEYRING] = KeyRing(config.tenants)
     app[LIFECYCLE] = Lifecycle()
     app.cleanup_ctx.append(_upstream_client)
+    app.cleanup_ctx.append(_quota)
     app.router.add_post("/v1/agents/{agent_id}/chat", chat)
+    app.router.add_get("/v1/usage", usage)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.on_shutdown.append(_start_draining)
@@ -51,6 +68,22 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     app[UPSTREAM] = UpstreamClient(config.upstream, config.agents, session)
     yield
     await session.close()
+
+
+async def _quota(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    # A stream cannot outlive upstream's total timeout plus its drain; past that (plus slack)
+    # a lease can only belong to a replica that crashed.
+    lease_ttl = config.upstream.timeouts.total + config.quota.drain_timeout + 30
+    # Settle markers only guard against a settle sent twice in quick succession; a short
+    # life keeps one key per request from piling up in Redis.
+    async with open_quota(
+        config.quota, config.tenants, clock=app[CLOCK], lease_ttl=lease_ttl, settled_ttl=60
+    ) as quota:
+        app[QUOTA] = quota
+        app[DRAINS] = Drains(config.quota.drain_timeout, MAX_CONCURRENT_DRAINS)
+        yield
+        await app[DRAINS].close()
 
 
 async def _start_draining(app: web.Application) -> None:
@@ -72,6 +105,12 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request[ACCESS] = record
     try:
         response = await handler(request)
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the caller disconnects: still one access line.
+        record.client_closed = True
+        record.status = 499  # nginx's "client closed request": nothing was sent in full
+        access_logger.info("request", **record.fields(clock()))
+        raise
     except errors.GatewayError as exc:
         record.error = exc.code
         response = errors.render(exc, record.request_id)
@@ -84,9 +123,10 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         error = errors.GatewayError("the gateway failed on this request; it has been logged")
         record.error = error.code
         response = errors.render(error, record.request_id)
-    else:
-        if not response.prepared:
-            response.headers["X-Request-ID"] = record.request_id
+    if not response.prepared:
+        for name, value in record.extra_headers.items():
+            response.headers.setdefault(name, value)
+        response.headers["X-Request-ID"] = record.request_id
     record.status = response.status
     log = access_logger.debug if request.path in _QUIET_PATHS else access_logger.info
     log("request", **record.fields(clock()))
@@ -113,8 +153,19 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[LIFECYCLE].draining:
         raise errors.Unavailable("the gateway is shutting down")
     return web.json_response(
-        {"status": "ready", "quota_backend": request.app[CONFIG].quota.backend}
+        {
+            "status": "ready",
+            "quota_backend": request.app[CONFIG].quota.backend,
+            "quota_state": request.app[QUOTA].state,
+        }
     )
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The calling tenant's own buckets and tokens used today."""
+    caller = request.app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    request[ACCESS].tenant, request[ACCESS].key_name = caller.tenant.name, caller.key_name
+    return web.json_response(await request.app[QUOTA].usage(caller.tenant.name))
 
 
 def serve(config: Config) -> None:
@@ -128,5 +179,8 @@ def serve(config: Config) -> None:
         port=config.listen.port,
         access_log=None,
         shutdown_timeout=config.shutdown_grace,
+        # A caller gone before upstream answered cancels the upstream request; a stream's
+        # caller gone mid-way hands the upstream response to a drain (see accounting.py).
+        handler_cancellation=True,
         print=None,
     )

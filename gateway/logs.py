@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -72,9 +72,16 @@ class AccessRecord:
     upstream_ttfb: float | None = None
     usage: Usage | None = None
     usage_complete: bool = True
+    quota: str | None = None  # "allowed" | "rejected"
+    quota_limit: str | None = None
+    quota_backend: str | None = None
+    tokens_charged: int | None = None
+    tokens_estimated: bool = False
     error: str | None = None
     client_closed: bool = False
     upstream_error: str | None = None
+    # Applied by the edge to whatever response this request ends with, errors included.
+    extra_headers: dict[str, str] = field(default_factory=dict)
 
     def fields(self, finished: float) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -100,6 +107,15 @@ class AccessRecord:
             }
         if not self.usage_complete:
             fields["usage_complete"] = False
+        if self.quota is not None:
+            fields["quota"] = self.quota
+            fields["quota_backend"] = self.quota_backend
+            if self.quota_limit is not None:
+                fields["quota_limit"] = self.quota_limit
+        if self.tokens_charged is not None:
+            fields["tokens_charged"] = self.tokens_charged
+            if self.tokens_estimated:
+                fields["tokens_estimated"] = True
         for name in ("error", "upstream_error"):
             if getattr(self, name) is not None:
                 fields[name] = getattr(self, name)

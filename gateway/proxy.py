@@ -13,15 +13,22 @@ import json
 import aiohttp
 from aiohttp import ClientResponse, hdrs, web
 
+from gateway.accounting import (
+    Account,
+    estimate_tokens,
+    rate_limit_headers,
+    refusal,
+    settle_stream,
+)
 from gateway.auth import Caller
 from gateway.config import AGENT_ID_PATTERN
 from gateway.errors import AgentNotFound, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
 from gateway.sse import SSEScanner
-from gateway.state import ACCESS, CONFIG, KEYRING, UPSTREAM
+from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, QUOTA, UPSTREAM
 from gateway.upstream import Deadline, UpstreamClient
 from gateway.usage import StreamTally, usage_from_json
-from gateway.validation import read_chat_request
+from gateway.validation import ChatRequest, read_chat_request
 
 # Response headers of upstream's that mean something to the caller; the rest (its own
 # X-RateLimit-* for our shared upstream key, cookies, hop-by-hop) stay here.
@@ -34,29 +41,53 @@ STREAM_HEADERS = {
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    record = request[ACCESS]
-    caller = request.app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    app, record = request.app, request[ACCESS]
+    caller = app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     record.tenant, record.key_name = caller.tenant.name, caller.key_name
-    upstream = request.app[UPSTREAM]
+    upstream = app[UPSTREAM]
     agent_id = _agent_for(request.match_info["agent_id"], caller, upstream)
     record.agent = agent_id
 
-    chat_request = await read_chat_request(request, request.app[CONFIG].limits.max_body_bytes)
+    chat_request = await read_chat_request(request, app[CONFIG].limits.max_body_bytes)
 
-    deadline = Deadline(upstream.timeouts)
-    loop = asyncio.get_running_loop()
-    sent = loop.time()
-    headers = upstream.headers_for(agent_id, request.headers, record.request_id)
-    response = await upstream.send(agent_id, chat_request.body, headers, deadline)
-    record.upstream_ttfb = loop.time() - sent
-    record.upstream_status = response.status
+    account = await _reserve(request, caller, chat_request)
     try:
-        if response.content_type == "text/event-stream":
-            return await _relay_stream(request, response, upstream, deadline, record)
-        return await _relay_body(response, upstream, deadline, record)
+        deadline = Deadline(upstream.timeouts)
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        headers = upstream.headers_for(agent_id, request.headers, record.request_id)
+        response = await upstream.send(agent_id, chat_request.body, headers, deadline)
+        record.upstream_ttfb = loop.time() - sent
+        record.upstream_status = response.status
+        try:
+            if response.content_type == "text/event-stream":
+                return await _relay_stream(request, response, upstream, deadline, account)
+            return await _relay_body(response, upstream, deadline, account, record)
+        finally:
+            if not account.detached:
+                # Back to the pool when the body was read to its end, else closed.
+                response.release()
     finally:
-        # Returns the connection to the pool when the body was read to its end, else closes it.
-        response.release()
+        if not account.detached:
+            # Whatever upstream did not report as used consumed nothing upstream.
+            await account.settle(0)
+
+
+async def _reserve(request: web.Request, caller: Caller, chat: ChatRequest) -> Account:
+    record = request[ACCESS]
+    wants_stream = chat.stream or "text/event-stream" in request.headers.get(hdrs.ACCEPT, "")
+    estimate = estimate_tokens(len(chat.message)) + caller.tenant.limits.tokens.reserve
+    quota = request.app[QUOTA]
+    reservation = await quota.reserve(
+        caller.tenant.name, record.request_id, tokens=estimate, stream=wants_stream
+    )
+    record.quota_backend = reservation.backend
+    record.extra_headers.update(rate_limit_headers(reservation))
+    if not reservation.allowed:
+        record.quota, record.quota_limit = "rejected", reservation.rejected_by
+        raise refusal(reservation)
+    record.quota = "allowed"
+    return Account(quota, reservation, record)
 
 
 def _agent_for(agent_id: str, caller: Caller, upstream: UpstreamClient) -> str:
@@ -70,23 +101,31 @@ def _agent_for(agent_id: str, caller: Caller, upstream: UpstreamClient) -> str:
     return agent_id
 
 
-def _headers_from(response: ClientResponse, request_id: str) -> dict[str, str]:
+def _headers_from(response: ClientResponse, record: AccessRecord) -> dict[str, str]:
     headers: dict[str, str] = {
         name: response.headers[name] for name in _PASSED_BACK if name in response.headers
     }
-    headers["X-Request-ID"] = request_id
+    headers.update(record.extra_headers)
+    headers["X-Request-ID"] = record.request_id
     return headers
 
 
 async def _relay_body(
-    response: ClientResponse, upstream: UpstreamClient, deadline: Deadline, record: AccessRecord
+    response: ClientResponse,
+    upstream: UpstreamClient,
+    deadline: Deadline,
+    account: Account,
+    record: AccessRecord,
 ) -> web.Response:
     body = await upstream.read_body(response, deadline)
-    if response.status == 200 and response.content_type == "application/json":
+    if response.status == 200:
         record.usage = usage_from_json(body)
-    return web.Response(
-        status=response.status, body=body, headers=_headers_from(response, record.request_id)
-    )
+        if record.usage is not None:
+            await account.settle(record.usage.total)
+        else:
+            # Upstream answered but did not say what it cost: charge the answer's size.
+            await account.settle(estimate_tokens(len(body)), estimated=True)
+    return web.Response(status=response.status, body=body, headers=_headers_from(response, record))
 
 
 async def _relay_stream(
@@ -94,39 +133,42 @@ async def _relay_stream(
     response: ClientResponse,
     upstream: UpstreamClient,
     deadline: Deadline,
-    record: AccessRecord,
+    account: Account,
 ) -> web.StreamResponse:
+    record = request[ACCESS]
     record.stream = True
     out = web.StreamResponse(
-        status=response.status,
-        headers={**_headers_from(response, record.request_id), **STREAM_HEADERS},
+        status=response.status, headers={**_headers_from(response, record), **STREAM_HEADERS}
     )
-    await out.prepare(request)
     scanner, tally = SSEScanner(), StreamTally()
     failure: GatewayError | None = None
-    while True:
-        try:
-            async with asyncio.timeout_at(deadline.within(upstream.timeouts.idle)):
-                chunk = await response.content.readany()
-        except TimeoutError:
-            failure = UpstreamTimeout("the upstream API stopped sending this stream")
-            break
-        except aiohttp.ClientError as exc:
-            failure = UpstreamUnavailable(f"the upstream stream broke off ({type(exc).__name__})")
-            break
-        if not chunk:
-            break
-        for event in scanner.feed(chunk):
-            tally.observe(event)
-        try:
+    try:
+        await out.prepare(request)
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline.within(upstream.timeouts.idle)):
+                    chunk = await response.content.readany()
+            except TimeoutError:
+                failure = UpstreamTimeout("the upstream API stopped sending this stream")
+                break
+            except aiohttp.ClientError as exc:
+                failure = UpstreamUnavailable(
+                    f"the upstream stream broke off ({type(exc).__name__})"
+                )
+                break
+            if not chunk:
+                break
+            for event in scanner.feed(chunk):
+                tally.observe(event)
             await out.write(chunk)
-        except ConnectionError:
-            record.client_closed = True
-            break
-    record.usage = tally.usage
-    record.usage_complete = tally.done
-    if record.client_closed:
-        return out
+    except (ConnectionError, asyncio.CancelledError):
+        # The caller left: a failed write, or aiohttp cancelling the handler on disconnect.
+        record.client_closed = True
+        record.usage, record.usage_complete = tally.usage, tally.done
+        await _abandon(request, response, scanner, tally, account)
+        raise
+    record.usage, record.usage_complete = tally.usage, tally.done
+    await settle_stream(account, tally)
 
     if failure is None and not tally.done and not tally.errored:
         failure = UpstreamUnavailable("the upstream stream ended before its done event")
@@ -140,6 +182,26 @@ async def _relay_stream(
     except ConnectionError:
         record.client_closed = True
     return out
+
+
+async def _abandon(
+    request: web.Request,
+    response: ClientResponse,
+    scanner: SSEScanner,
+    tally: StreamTally,
+    account: Account,
+) -> None:
+    """Charge a stream whose caller left: read on to its done event, or settle what was seen."""
+    if not tally.done:
+        fields = _drain_fields(request[ACCESS])
+        if request.app[DRAINS].start(response, scanner, tally, account, fields):
+            account.detached = True
+            return
+    await settle_stream(account, tally)
+
+
+def _drain_fields(record: AccessRecord) -> dict[str, object]:
+    return {"request_id": record.request_id, "tenant": record.tenant, "agent": record.agent}
 
 
 def sse_error_event(error: GatewayError) -> bytes:

@@ -6,14 +6,18 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway.accounting import Drains
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.logs import AccessRecord
+from gateway.quota import QuotaService
 from gateway.upstream import UpstreamClient
 
 CONFIG = web.AppKey("config", Config)
 KEYRING = web.AppKey("keyring", KeyRing)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
+QUOTA = web.AppKey("quota", QuotaService)
+DRAINS = web.AppKey("drains", Drains)
 
 
 class Lifecycle:

@@ -16,6 +16,7 @@ MAX_SESSION_ID = 256
 class ChatRequest:
     message: str
     session_id: str | None
+    stream: bool
     body: bytes  # exactly what the caller sent; forwarded unchanged
 
 
@@ -77,4 +78,4 @@ def parse_chat_body(body: bytes) -> ChatRequest:
     stream = parsed.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(f"stream must be true or false, got {_json_type(stream)}")
-    return ChatRequest(message=message, session_id=session_id, body=body)
+    return ChatRequest(message=message, session_id=session_id, stream=bool(stream), body=body)

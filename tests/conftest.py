@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.app import create_app
+from gateway.app import Clock, create_app
 from gateway.auth import hash_key
 from gateway.config import Config, parse_config
 from gateway.simulator.app import create_simulator_app
@@ -79,11 +79,12 @@ def make_gateway(aiohttp_client: AiohttpClient, simulator_url: str) -> GatewayFa
     """A gateway in front of the simulator; `extra` YAML is appended, `config` replaces it."""
 
     async def make(
-        extra: str = "", *, config: Config | None = None
+        extra: str = "", *, config: Config | None = None, clock: Clock | None = None
     ) -> TestClient[web.Request, web.Application]:
         if config is None:
             config = parse_config(gateway_yaml(simulator_url, extra), "test.yaml")
-        return await aiohttp_client(create_app(config))
+        app = create_app(config) if clock is None else create_app(config, clock=clock)
+        return await aiohttp_client(app)
 
     return make
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from gateway.__main__ import main
 from gateway.auth import hash_key
 from gateway.config import parse_config
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, free_port, gateway_yaml
+from tests.processes import start, stop, wait_healthy
 
 
 def test_keys_new_prints_a_key_once_and_an_entry_with_only_its_hash(
@@ -72,34 +71,6 @@ def test_config_path_comes_from_the_environment(
 
 
 # --- real processes --------------------------------------------------------------------
-
-
-async def start(*args: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
-    with log.open("wb") as out:  # the child keeps its own descriptor
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", *args, env=env, stdout=out, stderr=out
-        )
-
-
-async def wait_healthy(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            if process.returncode is not None:
-                pytest.fail(f"process exited early:\n{log.read_text()}")
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.05)  # polling a process that announces readiness nowhere else
-    pytest.fail(f"{url} never became healthy:\n{log.read_text()}")
-
-
-async def stop(process: asyncio.subprocess.Process) -> int:
-    if process.returncode is None:
-        process.send_signal(signal.SIGTERM)
-    return await asyncio.wait_for(process.wait(), timeout=15)
 
 
 @pytest.fixture

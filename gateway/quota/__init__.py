@@ -1,0 +1,38 @@
+"""Per-tenant token-bucket quotas, held across every replica.
+
+Per tenant: requests per minute and per day, tokens per minute and per day (a limit left out is
+unlimited) and a count of concurrent streams. A request reserves one request and an estimate of
+its tokens in one atomic step, all or nothing; afterwards it settles to the tokens it really
+used, which may leave a token bucket in debt that refill pays off.
+
+    open_quota(config, tenants, lease_ttl=…) ─▶ QuotaService ─▶ MemoryStore   (memory.py)
+                                                      │      └─▶ RedisStore    (redis.py + *.lua)
+                                                      └─ CircuitBreaker, failure policy
+
+Modules: plan (limits → buckets, the arithmetic), model (results, the store protocol), memory,
+redis, connect (the Redis client and its bounds), breaker, service, lifecycle (open_quota).
+"""
+
+from gateway.quota.lifecycle import open_quota
+from gateway.quota.model import BucketState, QuotaUnavailable, Reservation
+from gateway.quota.plan import (
+    CONCURRENT_STREAMS,
+    REQUESTS_PER_DAY,
+    REQUESTS_PER_MINUTE,
+    TOKENS_PER_DAY,
+    TOKENS_PER_MINUTE,
+)
+from gateway.quota.service import QuotaService
+
+__all__ = [
+    "CONCURRENT_STREAMS",
+    "REQUESTS_PER_DAY",
+    "REQUESTS_PER_MINUTE",
+    "TOKENS_PER_DAY",
+    "TOKENS_PER_MINUTE",
+    "BucketState",
+    "QuotaService",
+    "QuotaUnavailable",
+    "Reservation",
+    "open_quota",
+]

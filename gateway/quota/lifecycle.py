@@ -1,0 +1,77 @@
+"""`open_quota`: the quota service for a configuration, and everything it holds closed on exit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+
+from gateway.config import Quota, Tenant
+from gateway.quota.breaker import CircuitBreaker
+from gateway.quota.connect import MAX_CONNECTIONS, connect
+from gateway.quota.memory import MemoryStore
+from gateway.quota.model import Backend
+from gateway.quota.redis import RedisStore
+from gateway.quota.service import QuotaService
+
+BREAKER_THRESHOLD = 3
+BREAKER_COOLDOWN = 1.0  # seconds between probes of a dead backend: one slow request per second
+
+
+@asynccontextmanager
+async def open_quota(
+    config: Quota,
+    tenants: Mapping[str, Tenant],
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    lease_ttl: float,
+    wall_clock: Callable[[], float] = time.time,
+    settled_ttl: float | None = None,
+    breaker_threshold: int = BREAKER_THRESHOLD,
+    breaker_cooldown: float = BREAKER_COOLDOWN,
+) -> AsyncIterator[QuotaService]:
+    """`lease_ttl`: seconds after which a never-released stream lease expires (a crashed
+    replica's). `settled_ttl`: how long a settled request is remembered so that a duplicate
+    settle changes nothing (default `lease_ttl`; on Redis one small key per request lives that
+    long). `wall_clock` only dates the memory store's "tokens today" (Redis uses its own)."""
+    if lease_ttl <= 0:
+        raise ValueError("lease_ttl must be positive")
+    remember = lease_ttl if settled_ttl is None else settled_ttl
+
+    def memory(name: Backend) -> MemoryStore:
+        return MemoryStore(
+            name=name,
+            clock=clock,
+            wall_clock=wall_clock,
+            lease_ttl=lease_ttl,
+            settled_ttl=remember,
+        )
+
+    store: MemoryStore | RedisStore
+    if config.backend == "memory":
+        store = memory("memory")
+        service = QuotaService(tenants, store)
+    else:
+        store = RedisStore(
+            connect(config),
+            lease_ttl=lease_ttl,
+            settled_ttl=remember,
+            max_in_flight=None if len(config.redis_url) == 1 else MAX_CONNECTIONS,
+        )
+        service = QuotaService(
+            tenants,
+            store,
+            policy=config.on_backend_error,
+            fallback=memory("local") if config.on_backend_error == "local" else None,
+            breaker=CircuitBreaker(
+                threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock
+            ),
+            budget=config.timeout_ms / 1000,
+            replicas=config.expected_replicas,
+        )
+    try:
+        if isinstance(store, RedisStore):
+            await service.check(store.prepare)
+        yield service
+    finally:
+        await service.aclose()

@@ -1,0 +1,98 @@
+"""What the quota service answers, and the small interface every backend implements.
+
+    QuotaService ── Store (protocol)
+                     ├── MemoryStore   one process; also the `local` fallback
+                     └── RedisStore    every replica, one Lua call per decision
+
+A store decides and records; the service picks the store, applies the failure policy and turns
+levels into the `BucketState`s callers see.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from gateway.errors import Unavailable
+from gateway.quota.plan import Plan
+
+Backend = Literal["memory", "redis", "local", "open"]
+
+
+class QuotaUnavailable(Unavailable):
+    """The quota backend is down and `on_backend_error: closed` says to refuse (503)."""
+
+    def __init__(self) -> None:
+        super().__init__("the quota backend is unavailable")
+
+
+@dataclass(frozen=True, slots=True)
+class BucketState:
+    name: str  # "requests per minute" | "requests per day" | "tokens per minute" | ...
+    limit: int  # capacity
+    remaining: int  # floor(current level); negative while in token debt
+    reset: float  # seconds until the bucket is full again (0 when full)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    tenant: str
+    request_id: str
+    allowed: bool
+    reserved_tokens: int  # taken from each token bucket (0 if refused)
+    rejected_by: str | None  # a bucket name or "concurrent streams", when refused
+    retry_after: int  # whole seconds until it would pass; >= 1 when refused, 0 when allowed
+    buckets: tuple[BucketState, ...]  # state after the decision, every bucket of the tenant
+    stream_lease: str | None  # lease id when a stream slot was taken
+    backend: Backend  # "memory" | "redis" | "local" (fallback) | "open" (policy let it through)
+    # Unique per reserve. Settle is once per (request_id, reservation_id): a request id may be
+    # the caller's own X-Request-ID, and a caller reusing one must not make later settles void.
+    reservation_id: str = ""
+
+    @property
+    def settle_key(self) -> str:
+        return (
+            f"{self.request_id}:{self.reservation_id}" if self.reservation_id else self.request_id
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A store's answer to one reserve: levels are after the decision, one per plan bucket."""
+
+    allowed: bool
+    rejected_by: str | None
+    wait: float  # seconds until it would pass (0 when allowed)
+    levels: tuple[float, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A store's read-only view of one tenant, for `usage()`."""
+
+    levels: tuple[float, ...]
+    active_streams: int
+    tokens_today: int
+
+
+class Store(Protocol):
+    """One backend. `tokens` is already clamped to the plan's token capacity."""
+
+    @property
+    def name(self) -> Backend: ...
+
+    async def reserve(self, tenant: str, plan: Plan, tokens: int, lease: str | None) -> Decision:
+        """Take 1 per request bucket, `tokens` per token bucket and `lease`: all or nothing."""
+        ...
+
+    async def settle(
+        self, tenant: str, plan: Plan, settle_key: str, delta: int, actual: int
+    ) -> bool:
+        """Debit `delta` (refund when negative) once per `settle_key`; False for a duplicate."""
+        ...
+
+    async def release(self, tenant: str, lease: str) -> None: ...
+
+    async def usage(self, tenant: str, plan: Plan) -> Snapshot: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,200 @@
+"""Quotas as callers meet them: headers, 429s, token debt, abandoned streams, stream leases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_config
+from gateway.state import DRAINS
+from tests.conftest import ACME, SUPPORT_KEY, gateway_yaml
+
+Client = TestClient[web.Request, web.Application]
+Sim = TestClient[Any, Any]
+CHAT = "/v1/agents/ag_support/chat"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def make_limited(make_gateway: Any, yaml_limits: str, **kwargs: Any) -> Client:
+    url = kwargs.pop("url")
+    text = gateway_yaml(url).replace(
+        "    agents: [ag_support]\n",
+        f"    agents: [ag_support]\n    limits: {yaml_limits}\n",
+        1,
+    )
+    gateway: Client = await make_gateway(config=parse_config(text), **kwargs)
+    return gateway
+
+
+async def tokens_reported(simulator: Sim, body: dict[str, Any]) -> int:
+    """What upstream charges for this in a fresh session (the simulator is deterministic)."""
+    direct = await simulator.post(
+        CHAT, json={**body, "stream": False}, headers={"Authorization": f"Bearer {SUPPORT_KEY}"}
+    )
+    total: int = (await direct.json())["usage"]["total_tokens"]
+    return total
+
+
+async def usage_of(gateway: Client) -> dict[str, Any]:
+    response = await gateway.get("/v1/usage", headers=ACME)
+    assert response.status == 200
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+async def test_admitted_requests_carry_the_callers_own_limits(
+    make_gateway: Any, simulator: Sim, simulator_url: str
+) -> None:
+    gateway = await make_limited(make_gateway, "{requests: {per_minute: 5}}", url=simulator_url)
+    first = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    invalid = await gateway.post(CHAT, json={"message": ""}, headers=ACME)
+    await simulator.post("/_sim/faults", json={"kind": "error", "status": 500, "times": 1})
+    failed = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    streamed = await gateway.post(CHAT, json={"message": "Hi", "stream": True}, headers=ACME)
+    assert [first.status, invalid.status, failed.status, streamed.status] == [200, 400, 500, 200]
+    assert first.headers["X-RateLimit-Limit"] == "5"
+    assert first.headers["X-RateLimit-Remaining"] == "4"
+    # A request refused before admission (400) costs nothing; an upstream failure does.
+    assert failed.headers["X-RateLimit-Remaining"] == "3"
+    assert streamed.headers["X-RateLimit-Remaining"] == "2"
+    assert int(first.headers["X-RateLimit-Reset"]) >= int(time.time())
+    assert first.headers["RateLimit-Policy"] == '"requests";q=5;w=60'
+    assert first.headers["RateLimit"].startswith('"requests";r=4;t=')
+
+
+async def test_over_the_limit_is_429_naming_the_limit_with_retry_after(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    gateway = await make_limited(make_gateway, "{requests: {per_minute: 2}}", url=simulator_url)
+    for _ in range(2):
+        assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 200
+    refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert refused.status == 429
+    body = await refused.json()
+    assert body["error"]["code"] == "rate_limited"
+    assert "requests per minute" in body["error"]["message"]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 30
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert len(await (await simulator.get("/_sim/requests")).json()) == 2
+
+
+async def test_token_debt_blocks_until_refilled(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    clock = FakeClock()
+    gateway = await make_limited(
+        make_gateway,
+        "{tokens: {per_minute: 4000, reserve: 10}}",
+        url=simulator_url,
+        clock=clock,
+    )
+    big = {"message": "x" * 20_000, "stream": True}
+    cost = await tokens_reported(simulator, big)
+    assert cost > 5000
+    response = await gateway.post(CHAT, json=big, headers=ACME)
+    assert response.status == 200
+    await response.read()
+
+    refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert refused.status == 429
+    assert "tokens per minute" in (await refused.json())["error"]["message"]
+    debt = cost - 4000
+    # Refill is 4000/60 tokens per second; it must pay the debt and the next reservation (11).
+    expected = (debt + 11) / (4000 / 60)
+    assert abs(int(refused.headers["Retry-After"]) - expected) <= 1.5
+
+    clock.now += expected + 1
+    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 200
+
+
+async def test_usage_reports_buckets_and_tokens_today(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    gateway = await make_limited(
+        make_gateway,
+        "{requests: {per_minute: 10, per_day: 100}, tokens: {per_day: 100000}}",
+        url=simulator_url,
+    )
+    cost = await tokens_reported(simulator, {"message": "Hello there"})
+    await gateway.post(CHAT, json={"message": "Hello there"}, headers=ACME)
+    usage = await usage_of(gateway)
+    assert usage["tenant"] == "acme"
+    assert usage["tokens_today"] == cost
+    buckets = {b["name"]: b for b in usage["buckets"]}
+    assert buckets["requests per minute"]["limit"] == 10
+    assert buckets["requests per minute"]["remaining"] == 9
+    assert buckets["tokens per day"]["remaining"] == 100000 - cost
+    assert (await gateway.get("/v1/usage")).status == 401
+
+
+async def test_a_caller_that_hangs_up_mid_stream_is_still_charged_exactly(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    gateway = await make_limited(make_gateway, "{tokens: {per_day: 1000000}}", url=simulator_url)
+    body = {"message": "Tell me everything about your products", "stream": True}
+    cost = await tokens_reported(simulator, body)
+    await simulator.post("/_sim/faults", json={"kind": "hold_stream", "after_events": 1})
+    response = await gateway.post(CHAT, json=body, headers=ACME)
+    await response.content.readuntil(b"\n\n")
+    response.close()  # the caller leaves before the done event
+    await simulator.post("/_sim/release")
+
+    async with asyncio.timeout(5):
+        await gateway.app[DRAINS].wait_finished(1)
+    assert (await usage_of(gateway))["tokens_today"] == cost
+
+
+async def test_stream_leases_are_released_however_a_stream_ends(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    gateway = await make_limited(make_gateway, "{max_concurrent_streams: 1}", url=simulator_url)
+    stream = {"message": "Hi", "stream": True}
+
+    # While one stream is open, a second is refused.
+    await simulator.post("/_sim/faults", json={"kind": "hold_stream", "times": 1})
+    held = await gateway.post(CHAT, json=stream, headers=ACME)
+    await held.content.readuntil(b"\n\n")
+    refused = await gateway.post(CHAT, json=stream, headers=ACME)
+    assert refused.status == 429
+    assert "concurrent streams" in (await refused.json())["error"]["message"]
+    await simulator.post("/_sim/release")
+    await held.read()
+
+    async def admitted() -> bool:
+        response = await gateway.post(CHAT, json=stream, headers=ACME)
+        await response.read()
+        return response.status == 200
+
+    assert await admitted(), "lease kept after a normal end"
+
+    await simulator.post("/_sim/faults", json={"kind": "drop_mid_stream", "times": 1})
+    await (await gateway.post(CHAT, json=stream, headers=ACME)).read()
+    assert await admitted(), "lease kept after upstream dropped"
+
+    await simulator.post("/_sim/faults", json={"kind": "hold_stream", "times": 1})
+    gone = await gateway.post(CHAT, json=stream, headers=ACME)
+    await gone.content.readuntil(b"\n\n")
+    gone.close()
+    await simulator.post("/_sim/release")
+    async with asyncio.timeout(5):
+        await gateway.app[DRAINS].wait_finished(1)
+    assert await admitted(), "lease kept after the caller hung up"
+
+
+async def test_json_requests_need_no_stream_lease(make_gateway: Any, simulator_url: str) -> None:
+    gateway = await make_limited(make_gateway, "{max_concurrent_streams: 1}", url=simulator_url)
+    results = await asyncio.gather(
+        *(gateway.post(CHAT, json={"message": "Hi"}, headers=ACME) for _ in range(5))
+    )
+    assert [r.status for r in results] == [200] * 5

@@ -1,0 +1,781 @@
+"""Quotas: one contract for both backends, then what only memory, Redis or a cluster can show.
+
+The contract suite runs every test twice: against the memory store on an injected clock, and
+against a real `redis-server` on its own clock (short real waits). Redis tests use servers this
+file starts itself, never the machine's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from gateway.config import Limit, Quota, Secret, Tenant, TenantLimits, TokenLimit
+from gateway.errors import ConfigError, Unavailable
+from gateway.quota import (
+    CONCURRENT_STREAMS,
+    REQUESTS_PER_DAY,
+    REQUESTS_PER_MINUTE,
+    TOKENS_PER_DAY,
+    TOKENS_PER_MINUTE,
+    QuotaService,
+    QuotaUnavailable,
+    Reservation,
+    open_quota,
+)
+from gateway.quota.breaker import CircuitBreaker
+from gateway.quota.connect import connect
+from gateway.quota.memory import MemoryStore
+from gateway.quota.plan import Plan, plan_for
+from tests.redis_servers import RedisClusterServers, RedisServer, command, free_port
+
+Kind = Literal["memory", "redis"]
+DAY = 86_400
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def tenant(name: str = "acme", limits: TenantLimits | None = None) -> Tenant:
+    return Tenant(name=name, keys=(), agents=frozenset(), limits=limits or TenantLimits())
+
+
+def limits(
+    *,
+    rpm: int | None = None,
+    rpd: int | None = None,
+    burst: int | None = None,
+    tpm: int | None = None,
+    tpd: int | None = None,
+    streams: int | None = None,
+) -> TenantLimits:
+    return TenantLimits(
+        requests=Limit(per_minute=rpm, per_day=rpd, burst=burst),
+        tokens=TokenLimit(per_minute=tpm, per_day=tpd),
+        max_concurrent_streams=streams,
+    )
+
+
+def remaining(reservation: Reservation, name: str) -> int:
+    return next(b.remaining for b in reservation.buckets if b.name == name)
+
+
+# --- servers ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """Shared by the contract tests (flushed before each); never killed."""
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server this one test may kill, freeze and restart."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    with RedisClusterServers(tmp_path_factory.mktemp("cluster")) as servers:
+        yield servers
+
+
+# --- the harness the contract tests share ----------------------------------------------
+
+
+@dataclass
+class Harness:
+    """Opens services on one backend; `wait` is a clock step for memory, real time for Redis."""
+
+    kind: Kind
+    stack: AsyncExitStack
+    clock: FakeClock = field(default_factory=lambda: FakeClock(1_000.0))
+    wall: FakeClock = field(default_factory=lambda: FakeClock(1_700_000_000.0))
+    server: RedisServer | None = None
+
+    async def open(self, tenant_limits: TenantLimits, *, lease_ttl: float = 600.0) -> QuotaService:
+        return await self.open_for({"acme": tenant("acme", tenant_limits)}, lease_ttl=lease_ttl)
+
+    async def open_for(
+        self, tenants: Mapping[str, Tenant], *, lease_ttl: float = 600.0
+    ) -> QuotaService:
+        if self.server is None:
+            config = Quota(backend="memory")
+        else:
+            # `closed`, so a backend problem fails the test instead of hiding in a fallback.
+            config = Quota(
+                backend="redis",
+                redis_url=(Secret(self.server.url),),
+                on_backend_error="closed",
+                timeout_ms=2000,  # generous: these tests are about semantics, not latency
+            )
+        return await self.stack.enter_async_context(
+            open_quota(
+                config,
+                tenants,
+                clock=self.clock if self.server is None else time.monotonic,
+                wall_clock=self.wall,
+                lease_ttl=lease_ttl,
+            )
+        )
+
+    async def wait(self, seconds: float) -> None:
+        if self.server is None:
+            self.clock.advance(seconds)
+        else:
+            await asyncio.sleep(seconds)
+
+    @property
+    def slack(self) -> int:
+        """Tokens a real clock may refill between two steps of a Redis test."""
+        return 0 if self.server is None else 3
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    kind: Kind = request.param
+    server: RedisServer | None = None
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        command(server.port, "FLUSHALL")
+    async with AsyncExitStack() as stack:
+        yield Harness(kind, stack, server=server)
+
+
+# --- the contract ----------------------------------------------------------------------
+
+
+async def test_exactly_the_capacity_is_admitted_under_concurrency(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=50))
+    results = await asyncio.gather(
+        *(quota.reserve("acme", f"r{i}", tokens=0, stream=False) for i in range(200))
+    )
+    allowed = [r for r in results if r.allowed]
+    refused = [r for r in results if not r.allowed]
+    assert len(allowed) == 50
+    assert {r.rejected_by for r in refused} == {REQUESTS_PER_MINUTE}
+    assert all(r.retry_after >= 1 for r in refused)
+    assert all(r.backend == harness.kind for r in results)
+
+
+async def test_a_refusal_by_one_bucket_debits_none_of_the_others(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=10, tpm=1000, streams=1))
+    first = await quota.reserve("acme", "r1", tokens=900, stream=True)
+    assert first.allowed and first.reserved_tokens == 900
+    assert remaining(first, REQUESTS_PER_MINUTE) == 9
+
+    too_many_tokens = await quota.reserve("acme", "r2", tokens=200, stream=False)
+    assert not too_many_tokens.allowed
+    assert too_many_tokens.rejected_by == TOKENS_PER_MINUTE
+    assert too_many_tokens.reserved_tokens == 0
+    assert remaining(too_many_tokens, REQUESTS_PER_MINUTE) == 9
+
+    no_stream_slot = await quota.reserve("acme", "r3", tokens=10, stream=True)
+    assert not no_stream_slot.allowed
+    assert no_stream_slot.rejected_by == CONCURRENT_STREAMS
+    assert no_stream_slot.retry_after == 1
+    assert no_stream_slot.stream_lease is None
+    assert remaining(no_stream_slot, REQUESTS_PER_MINUTE) == 9
+    assert 100 <= remaining(no_stream_slot, TOKENS_PER_MINUTE) <= 100 + harness.slack
+
+    fits = await quota.reserve("acme", "r4", tokens=100, stream=False)
+    assert fits.allowed
+    assert remaining(fits, REQUESTS_PER_MINUTE) == 8
+
+
+async def test_requests_refused_keep_their_tokens(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=1, tpm=1000))
+    assert (await quota.reserve("acme", "r1", tokens=100, stream=False)).allowed
+    refused = await quota.reserve("acme", "r2", tokens=100, stream=False)
+    assert refused.rejected_by == REQUESTS_PER_MINUTE
+    assert 900 <= remaining(refused, TOKENS_PER_MINUTE) <= 900 + harness.slack
+
+
+async def test_buckets_refill_continuously(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=60, burst=2))  # one request a second, two at once
+    for i in range(2):
+        assert (await quota.reserve("acme", f"r{i}", tokens=0, stream=False)).allowed
+    refused = await quota.reserve("acme", "r2", tokens=0, stream=False)
+    assert (refused.allowed, refused.retry_after) == (False, 1)
+    await harness.wait(0.5)
+    assert not (await quota.reserve("acme", "r3", tokens=0, stream=False)).allowed
+    await harness.wait(0.55)
+    assert (await quota.reserve("acme", "r4", tokens=0, stream=False)).allowed
+
+
+async def test_refill_stops_at_capacity(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=600, burst=1))  # ten a second, one at once
+    taken = await quota.reserve("acme", "r1", tokens=0, stream=False)
+    assert taken.buckets[0].remaining == 0
+    assert taken.buckets[0].reset == pytest.approx(0.1, abs=0.01)
+    await harness.wait(0.3)
+    usage = await quota.usage("acme")
+    assert usage["buckets"] == [
+        {"name": REQUESTS_PER_MINUTE, "limit": 1, "remaining": 1, "reset": 0.0}
+    ]
+
+
+async def test_retry_after_names_the_limit_that_takes_longest(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=10, rpd=3))
+    for i in range(3):
+        assert (await quota.reserve("acme", f"r{i}", tokens=0, stream=False)).allowed
+    refused = await quota.reserve("acme", "r3", tokens=0, stream=False)
+    assert refused.rejected_by == REQUESTS_PER_DAY
+    assert refused.retry_after == DAY // 3  # one request refills in a third of a day
+
+    quota2 = await harness.open_for({"globex": tenant("globex", limits(rpm=1, rpd=1000))})
+    assert (await quota2.reserve("globex", "g1", tokens=0, stream=False)).allowed
+    refused = await quota2.reserve("globex", "g2", tokens=0, stream=False)
+    assert (refused.rejected_by, refused.retry_after) == (REQUESTS_PER_MINUTE, 60)
+
+
+async def test_a_token_cost_above_capacity_is_clamped(harness: Harness) -> None:
+    quota = await harness.open(limits(tpm=1000, tpd=100_000))
+    big = await quota.reserve("acme", "r1", tokens=5000, stream=False)
+    assert big.allowed and big.reserved_tokens == 1000
+    assert remaining(big, TOKENS_PER_MINUTE) == 0
+    assert remaining(big, TOKENS_PER_DAY) == 99_000
+    await quota.settle(big, 5000)  # the rest becomes debt
+    usage = await quota.usage("acme")
+    buckets = {b["name"]: b for b in usage["buckets"]}  # type: ignore[attr-defined]
+    assert -4000 <= buckets[TOKENS_PER_MINUTE]["remaining"] <= -4000 + harness.slack
+    assert buckets[TOKENS_PER_DAY]["remaining"] == 95_000
+
+
+async def test_token_debt_refuses_until_refill_pays_it_off(harness: Harness) -> None:
+    quota = await harness.open(limits(tpm=4000))
+    first = await quota.reserve("acme", "r1", tokens=500, stream=False)
+    await quota.settle(first, 5000)  # 4500 more than reserved: the bucket is at -1000
+    refused = await quota.reserve("acme", "r2", tokens=500, stream=False)
+    assert refused.rejected_by == TOKENS_PER_MINUTE
+    # 1000 of debt plus the 500 asked for, at 4000/60 tokens a second: 22.5 s.
+    assert refused.retry_after == 23
+    assert -1000 <= remaining(refused, TOKENS_PER_MINUTE) <= -1000 + harness.slack
+    assert refused.buckets[0].reset == pytest.approx(5000 / (4000 / 60), abs=0.5)
+    # Even a request that costs nothing waits while in debt.
+    assert not (await quota.reserve("acme", "r3", tokens=0, stream=False)).allowed
+
+
+async def test_settle_refunds_but_never_past_capacity(harness: Harness) -> None:
+    quota = await harness.open(limits(tpm=4000))
+    first = await quota.reserve("acme", "r1", tokens=500, stream=False)
+    await quota.settle(first, 100)
+    second = await quota.reserve("acme", "r2", tokens=500, stream=False)
+    assert 3400 <= remaining(second, TOKENS_PER_MINUTE) <= 3400 + harness.slack
+    await quota.settle(second, 0)
+    usage = await quota.usage("acme")
+    buckets = usage["buckets"]
+    assert isinstance(buckets, list)
+    assert 3900 <= buckets[0]["remaining"] <= 3900 + harness.slack
+
+
+async def test_settle_is_idempotent_per_request_id(harness: Harness) -> None:
+    quota = await harness.open(limits(tpm=4000))
+    first = await quota.reserve("acme", "r1", tokens=500, stream=False)
+    await quota.settle(first, 5000)
+    await quota.settle(first, 5000)
+    await quota.settle(first, 0)
+    usage = await quota.usage("acme")
+    assert usage["tokens_today"] == 5000
+    buckets = usage["buckets"]
+    assert isinstance(buckets, list)
+    assert -1000 <= buckets[0]["remaining"] <= -1000 + harness.slack
+
+
+async def test_requests_sharing_a_request_id_each_settle_once(harness: Harness) -> None:
+    # Request ids may come from callers; reusing one must not void a later request's settle.
+    quota = await harness.open(limits(tpm=10_000))
+    first = await quota.reserve("acme", "same", tokens=100, stream=False)
+    second = await quota.reserve("acme", "same", tokens=100, stream=False)
+    await quota.settle(first, 1000)
+    await quota.settle(second, 1000)
+    await quota.settle(second, 1000)
+    usage = await quota.usage("acme")
+    assert usage["tokens_today"] == 2000
+    buckets = usage["buckets"]
+    assert isinstance(buckets, list)
+    assert 8000 <= buckets[0]["remaining"] <= 8000 + harness.slack
+
+
+async def test_stream_leases_up_to_the_limit(harness: Harness) -> None:
+    quota = await harness.open(limits(streams=2))
+    a = await quota.reserve("acme", "a", tokens=0, stream=True)
+    b = await quota.reserve("acme", "b", tokens=0, stream=True)
+    assert a.stream_lease and b.stream_lease and a.stream_lease != b.stream_lease
+    refused = await quota.reserve("acme", "c", tokens=0, stream=True)
+    assert (refused.allowed, refused.rejected_by) == (False, CONCURRENT_STREAMS)
+    assert refused.retry_after >= 1
+    # A plain request needs no stream slot.
+    plain = await quota.reserve("acme", "d", tokens=0, stream=False)
+    assert plain.allowed and plain.stream_lease is None
+
+    await quota.release_stream(a)
+    await quota.release_stream(a)  # idempotent
+    await quota.release_stream(plain)  # no lease: nothing to do
+    assert (await quota.usage("acme"))["concurrent_streams"] == {"limit": 2, "active": 1}
+    c = await quota.reserve("acme", "c", tokens=0, stream=True)
+    assert c.allowed
+    assert not (await quota.reserve("acme", "e", tokens=0, stream=True)).allowed
+
+
+async def test_a_lease_never_released_expires(harness: Harness) -> None:
+    quota = await harness.open(limits(streams=1), lease_ttl=0.3)
+    assert (await quota.reserve("acme", "a", tokens=0, stream=True)).allowed
+    assert not (await quota.reserve("acme", "b", tokens=0, stream=True)).allowed
+    await harness.wait(0.35)
+    assert (await quota.usage("acme"))["concurrent_streams"] == {"limit": 1, "active": 0}
+    assert (await quota.reserve("acme", "c", tokens=0, stream=True)).allowed
+
+
+async def test_stream_without_a_stream_limit_takes_no_lease(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=5))
+    reservation = await quota.reserve("acme", "a", tokens=0, stream=True)
+    assert reservation.allowed and reservation.stream_lease is None
+
+
+async def test_usage_reports_every_bucket_and_tokens_today(harness: Harness) -> None:
+    quota = await harness.open(limits(rpm=60, rpd=1000, tpm=20_000, tpd=1_000_000, streams=3))
+    first = await quota.reserve("acme", "r1", tokens=500, stream=True)
+    await quota.settle(first, 1200)
+    second = await quota.reserve("acme", "r2", tokens=500, stream=False)
+    await quota.settle(second, 300)
+
+    usage = await quota.usage("acme")
+    assert usage["tenant"] == "acme"
+    assert usage["tokens_today"] == 1500
+    assert usage["concurrent_streams"] == {"limit": 3, "active": 1}
+    buckets = usage["buckets"]
+    assert isinstance(buckets, list)
+    assert [(b["name"], b["limit"]) for b in buckets] == [
+        (REQUESTS_PER_MINUTE, 60),
+        (REQUESTS_PER_DAY, 1000),
+        (TOKENS_PER_MINUTE, 20_000),
+        (TOKENS_PER_DAY, 1_000_000),
+    ]
+    assert buckets[0]["remaining"] == 58
+    assert buckets[1]["remaining"] == 998
+    assert 18_500 <= buckets[2]["remaining"] <= 18_500 + harness.slack
+    assert buckets[3]["remaining"] == 998_500
+    assert buckets[0]["reset"] == pytest.approx(2.0, abs=0.1)
+    assert all(isinstance(b["reset"], float) for b in buckets)
+
+
+async def test_a_tenant_without_limits_costs_no_round_trip(harness: Harness) -> None:
+    quota = await harness.open(TenantLimits())
+    before = _evalsha_calls(harness)
+    results = [await quota.reserve("acme", f"r{i}", tokens=10**9, stream=True) for i in range(50)]
+    assert all(r.allowed and r.buckets == () and r.stream_lease is None for r in results)
+    assert _evalsha_calls(harness) == before
+
+
+def _evalsha_calls(harness: Harness) -> int:
+    if harness.server is None:
+        return 0
+    with redis.Redis(port=harness.server.port, decode_responses=True) as admin:
+        stats = admin.info("commandstats")
+    calls: int = stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    return calls
+
+
+async def test_unknown_tenants_and_negative_tokens_are_programming_errors(
+    harness: Harness,
+) -> None:
+    quota = await harness.open(limits(rpm=5))
+    with pytest.raises(ValueError, match="unknown tenant"):
+        await quota.reserve("nobody", "r1", tokens=0, stream=False)
+    with pytest.raises(ValueError):
+        await quota.reserve("acme", "r1", tokens=-1, stream=False)
+    with pytest.raises(ValueError, match="unknown tenant"):
+        await quota.usage("nobody")
+
+
+# --- memory only -----------------------------------------------------------------------
+
+
+async def test_a_clock_stepping_back_mints_nothing() -> None:
+    clock = FakeClock(1_000.0)
+    async with open_quota(
+        Quota(), {"acme": tenant("acme", limits(rpm=60, burst=2))}, clock=clock, lease_ttl=60
+    ) as quota:
+        assert (await quota.reserve("acme", "r1", tokens=0, stream=False)).allowed
+        clock.now = 500.0  # back by 500 s; the one request left may still be taken
+        assert (await quota.reserve("acme", "r2", tokens=0, stream=False)).allowed
+        assert not (await quota.reserve("acme", "r3", tokens=0, stream=False)).allowed
+        clock.now = 1_000.5  # forward again: only the half second since 1000 s counts
+        assert not (await quota.reserve("acme", "r4", tokens=0, stream=False)).allowed
+        clock.now = 1_001.0
+        assert (await quota.reserve("acme", "r5", tokens=0, stream=False)).allowed
+        assert not (await quota.reserve("acme", "r6", tokens=0, stream=False)).allowed
+
+
+class ManyTenants(Mapping[str, Tenant]):
+    """Any name `t-<n>` is a tenant with the same limits: names come and go without end."""
+
+    def __init__(self, tenant_limits: TenantLimits) -> None:
+        self._limits = tenant_limits
+
+    def __getitem__(self, name: str) -> Tenant:
+        if not name.startswith("t-"):
+            raise KeyError(name)
+        return tenant(name, self._limits)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+async def test_state_stays_bounded_over_a_hundred_thousand_tenants() -> None:
+    clock = FakeClock(0.0)
+    store = MemoryStore(clock=clock, wall_clock=time.time, lease_ttl=1.0, settled_ttl=1.0)
+    quota = QuotaService(ManyTenants(limits(rpm=600, burst=1, tpm=6000)), store)
+    most_held = most_settled = 0
+    for i in range(100_000):
+        reservation = await quota.reserve(f"t-{i}", f"r{i}", tokens=10, stream=False)
+        assert reservation.allowed
+        await quota.settle(reservation, 10)
+        clock.advance(0.001)  # buckets refill in 0.1 s, settled ids live 1 s
+        most_held = max(most_held, store.tenants_held)
+        most_settled = max(most_settled, store.settled_held)
+    # ~100 tenants are not full at any moment; ~1000 ids are within their time to live.
+    assert most_held < 400
+    assert most_settled <= 1001
+
+
+async def test_tokens_today_start_again_at_utc_midnight() -> None:
+    wall = FakeClock(20_000 * DAY - 1.0)
+    async with open_quota(
+        Quota(), {"acme": tenant("acme", limits(tpm=1000))}, wall_clock=wall, lease_ttl=60
+    ) as quota:
+        first = await quota.reserve("acme", "r1", tokens=10, stream=False)
+        await quota.settle(first, 10)
+        assert (await quota.usage("acme"))["tokens_today"] == 10
+        wall.advance(2.0)
+        assert (await quota.usage("acme"))["tokens_today"] == 0
+        second = await quota.reserve("acme", "r2", tokens=10, stream=False)
+        await quota.settle(second, 7)
+        assert (await quota.usage("acme"))["tokens_today"] == 7
+
+
+def test_limits_become_buckets() -> None:
+    plan = plan_for(limits(rpm=60, burst=90, rpd=1000, tpm=20_000, streams=4))
+    assert [(b.name, b.capacity, b.refill, b.window) for b in plan.buckets] == [
+        (REQUESTS_PER_MINUTE, 90, 60, 60),
+        (REQUESTS_PER_DAY, 1000, 1000, DAY),
+        (TOKENS_PER_MINUTE, 20_000, 20_000, 60),
+    ]
+    assert plan.max_streams == 4
+    assert plan_for(TenantLimits()) == Plan((), None)
+    assert plan_for(TenantLimits()).unlimited
+
+
+def test_the_local_share_is_limit_over_replicas_rounded_up() -> None:
+    plan = plan_for(limits(rpm=10, rpd=1, tpm=20_000, streams=5)).scaled(3)
+    assert [(b.capacity, b.refill) for b in plan.buckets] == [(4, 4), (1, 1), (6667, 6667)]
+    assert plan.max_streams == 2
+
+
+# --- the circuit breaker ---------------------------------------------------------------
+
+
+def state(breaker: CircuitBreaker) -> str:
+    """Read through a call, so mypy does not narrow the property between two steps."""
+    return breaker.state
+
+
+def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
+    clock = FakeClock(0.0)
+    breaker = CircuitBreaker(threshold=3, cooldown=1.0, clock=clock)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failure()
+    assert state(breaker) == "closed"
+    breaker.success()  # a success in between resets the count
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.failure()
+    assert state(breaker) == "open"
+    assert not breaker.allow()
+    clock.advance(0.99)
+    assert not breaker.allow()
+    clock.advance(0.01)
+    assert breaker.allow()  # the probe
+    assert state(breaker) == "half-open"
+    assert not breaker.allow()  # only one
+    breaker.failure()
+    assert state(breaker) == "open"
+    clock.advance(1.0)
+    assert breaker.allow()
+    breaker.success()
+    assert state(breaker) == "closed"
+    assert breaker.allow()
+
+
+def test_breaker_does_not_wait_forever_on_a_probe_that_never_reports() -> None:
+    clock = FakeClock(0.0)
+    breaker = CircuitBreaker(threshold=1, cooldown=1.0, clock=clock)
+    breaker.failure()
+    clock.advance(1.0)
+    assert breaker.allow()  # this probe's caller is cancelled and never reports
+    clock.advance(0.5)
+    assert not breaker.allow()
+    clock.advance(0.5)
+    assert breaker.allow()
+
+
+def test_breaker_rejects_nonsense() -> None:
+    with pytest.raises(ValueError):
+        CircuitBreaker(threshold=0, clock=time.monotonic)
+
+
+# --- Redis only ------------------------------------------------------------------------
+
+BUDGET_MS = 50
+SLACK = 0.05  # seconds a call may exceed the budget on a busy machine
+COOLDOWN = 0.5
+
+
+def redis_quota(
+    server: RedisServer, policy: Literal["local", "open", "closed"], **limits_: int | None
+) -> tuple[Quota, dict[str, Tenant]]:
+    config = Quota(
+        backend="redis",
+        redis_url=(Secret(server.url),),
+        on_backend_error=policy,
+        timeout_ms=BUDGET_MS,
+        expected_replicas=3,
+    )
+    return config, {"acme": tenant("acme", limits(**limits_))}
+
+
+def readiness(quota: QuotaService) -> str:
+    return quota.state
+
+
+async def timed_reserve(quota: QuotaService, request_id: str) -> tuple[Reservation | None, float]:
+    """One reserve and how long it took; None when it raised QuotaUnavailable."""
+    started = time.monotonic()
+    try:
+        reservation: Reservation | None = await quota.reserve(
+            "acme", request_id, tokens=0, stream=False
+        )
+    except QuotaUnavailable:
+        reservation = None
+    return reservation, time.monotonic() - started
+
+
+@pytest.mark.parametrize("policy", ["local", "open", "closed"])
+async def test_a_dead_redis_follows_the_policy_within_budget_and_recovers(
+    own_redis: RedisServer, policy: Literal["local", "open", "closed"]
+) -> None:
+    config, tenants = redis_quota(own_redis, policy, rpm=10)
+    async with open_quota(
+        config, tenants, lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
+    ) as quota:
+        before = await quota.reserve("acme", "warm", tokens=0, stream=False)
+        assert (before.backend, quota.state, quota.backend_errors) == ("redis", "ok", 0)
+
+        own_redis.kill()
+        outcomes = [await timed_reserve(quota, f"r{i}") for i in range(20)]
+        assert max(took for _, took in outcomes) < BUDGET_MS / 1000 + SLACK
+        # Three failures opened the breaker; the other calls never touched the network.
+        assert quota.backend_errors == 3
+        assert readiness(quota) == "degraded"
+        reservations = [r for r, _ in outcomes]
+        if policy == "local":
+            assert all(r is not None and r.backend == "local" for r in reservations)
+            allowed = [r for r in reservations if r is not None and r.allowed]
+            assert len(allowed) == 4  # ceil(10 / 3 replicas)
+            buckets = (await quota.usage("acme"))["buckets"]
+            assert isinstance(buckets, list)
+            assert [(b["limit"], b["remaining"]) for b in buckets] == [(4, 0)]
+        elif policy == "open":
+            assert all(r is not None and r.allowed and r.backend == "open" for r in reservations)
+            with pytest.raises(QuotaUnavailable):
+                await quota.usage("acme")
+        else:
+            assert all(r is None for r in reservations)
+            with pytest.raises(QuotaUnavailable) as caught:
+                await quota.usage("acme")
+            assert isinstance(caught.value, Unavailable)
+            assert (caught.value.status, caught.value.code) == (503, "unavailable")
+            assert caught.value.message == "the quota backend is unavailable"
+        # Settling and releasing during the outage never raise.
+        await quota.settle(before, 100)
+        await quota.release_stream(before)
+
+        own_redis.restart()
+        await asyncio.sleep(COOLDOWN + 0.05)
+        after, took = await timed_reserve(quota, "after")
+        assert after is not None and after.allowed and after.backend == "redis"
+        assert took < 1.0
+        assert readiness(quota) == "ok"
+
+
+async def test_a_hung_redis_costs_one_budget_per_call_until_the_breaker_opens(
+    own_redis: RedisServer,
+) -> None:
+    config, tenants = redis_quota(own_redis, "local", rpm=1000)
+    async with open_quota(
+        config, tenants, lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
+    ) as quota:
+        assert (await quota.reserve("acme", "warm", tokens=0, stream=False)).backend == "redis"
+        own_redis.freeze()
+        try:
+            outcomes = [await timed_reserve(quota, f"r{i}") for i in range(10)]
+            durations = [took for _, took in outcomes]
+            assert all(took < BUDGET_MS / 1000 + SLACK for took in durations)
+            # The first three waited for the budget; the breaker spared the rest the wait.
+            assert all(took >= BUDGET_MS / 1000 * 0.9 for took in durations[:3])
+            assert all(took < BUDGET_MS / 1000 / 2 for took in durations[3:])
+            assert all(r is not None and r.backend == "local" for r, _ in outcomes)
+            assert quota.backend_errors == 3
+        finally:
+            own_redis.thaw()
+        await asyncio.sleep(COOLDOWN + 0.05)
+        after = await quota.reserve("acme", "after", tokens=0, stream=False)
+        assert (after.backend, readiness(quota)) == ("redis", "ok")
+
+
+async def test_scripts_flushed_from_the_server_are_loaded_again(redis_server: RedisServer) -> None:
+    command(redis_server.port, "FLUSHALL")
+    config, tenants = redis_quota(redis_server, "closed", rpm=100, tpm=1000)
+    async with open_quota(config, tenants, lease_ttl=60) as quota:
+        first = await quota.reserve("acme", "r1", tokens=100, stream=False)
+        command(redis_server.port, "SCRIPT", "FLUSH")
+        second = await quota.reserve("acme", "r2", tokens=100, stream=False)
+        assert second.allowed and second.backend == "redis"
+        assert remaining(second, REQUESTS_PER_MINUTE) == 98
+        command(redis_server.port, "SCRIPT", "FLUSH")
+        await quota.settle(first, 100)
+        command(redis_server.port, "SCRIPT", "FLUSH")
+        assert (await quota.usage("acme"))["tokens_today"] == 100
+        assert quota.backend_errors == 0
+
+
+async def test_every_key_of_a_tenant_shares_its_hash_tag_and_expires(
+    redis_server: RedisServer,
+) -> None:
+    command(redis_server.port, "FLUSHALL")
+    config, tenants = redis_quota(redis_server, "closed", rpm=60, tpm=6000, streams=2)
+    async with open_quota(config, tenants, lease_ttl=60) as quota:
+        reservation = await quota.reserve("acme", "r1", tokens=600, stream=True)
+        await quota.settle(reservation, 600)
+    with redis.Redis(port=redis_server.port, decode_responses=True) as admin:
+        keys = sorted(admin.keys("*"))
+        assert [key.split(":")[2] for key in keys] == ["rpm", "settled", "streams", "today", "tpm"]
+        assert keys[1].startswith(f"tg:{{acme}}:settled:r1:{reservation.reservation_id}")
+        assert len({key_slot(key.encode()) for key in keys}) == 1
+        ttl = {key: admin.pttl(key) / 1000 for key in keys}
+    assert all(seconds > 0 for seconds in ttl.values())
+    assert ttl[keys[1]] == pytest.approx(60, abs=1)
+    assert ttl["tg:{acme}:rpm"] == pytest.approx(1.0, abs=0.1)  # one request refills in 1 s
+    assert ttl["tg:{acme}:tpm"] == pytest.approx(6.0, abs=0.1)
+    assert ttl["tg:{acme}:streams"] == pytest.approx(60, abs=1)
+
+
+async def test_no_url_or_password_reaches_an_error_or_a_log(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dead = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
+    config = Quota(backend="redis", redis_url=(Secret(dead),), on_backend_error="closed")
+    async with open_quota(config, {"acme": tenant("acme", limits(rpm=1))}, lease_ttl=60) as quota:
+        assert readiness(quota) == "degraded"  # the start-up check found it down
+        with pytest.raises(QuotaUnavailable) as caught:
+            await quota.reserve("acme", "r1", tokens=0, stream=False)
+    assert "hunter2secret" not in str(caught.value)
+    with pytest.raises(ConfigError) as bad:
+        connect(Quota(backend="redis", redis_url=(Secret("redis://:hunter2secret@h:port/0"),)))
+    assert "hunter2secret" not in str(bad.value)
+    printed = capsys.readouterr()
+    assert "hunter2secret" not in printed.out + printed.err
+    assert "quota backend failed" in printed.out + printed.err
+
+
+# --- Redis Cluster -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+async def test_two_replicas_share_limits_on_a_cluster(cluster: RedisClusterServers) -> None:
+    config = Quota(
+        backend="redis",
+        redis_url=tuple(Secret(url) for url in cluster.urls),
+        on_backend_error="closed",
+        timeout_ms=2000,
+    )
+    tenants = {"acme": tenant("acme", limits(rpm=30, tpm=10_000, streams=1))}
+    async with (
+        open_quota(config, tenants, lease_ttl=60) as one,
+        open_quota(config, tenants, lease_ttl=60) as two,
+    ):
+        results = await asyncio.gather(
+            *(
+                (one if i % 2 else two).reserve("acme", f"r{i}", tokens=10, stream=False)
+                for i in range(90)
+            )
+        )
+        assert sum(r.allowed for r in results) == 30
+        assert {r.backend for r in results} == {"redis"}
+
+        stream = await one.reserve("acme", "s1", tokens=0, stream=False)
+        assert not stream.allowed  # requests per minute are spent on both replicas
+
+        # The same settle through either replica counts once.
+        settled = next(r for r in results if r.allowed)
+        await one.settle(settled, 50)
+        await two.settle(settled, 50)
+        assert (await two.usage("acme"))["tokens_today"] == 50
+        assert one.backend_errors == two.backend_errors == 0
+
+    holders = []
+    for url in cluster.urls:
+        with redis.Redis.from_url(url, decode_responses=True) as node:
+            found = node.keys("tg:{acme}:*")
+            if found:
+                holders.append(found)
+    assert len(holders) == 1  # one slot, so one node
+    assert len({key_slot(key.encode()) for key in holders[0]}) == 1
+
+
+@pytest.mark.timeout(120)
+async def test_stream_leases_are_shared_by_replicas_on_a_cluster(
+    cluster: RedisClusterServers,
+) -> None:
+    config = Quota(
+        backend="redis",
+        redis_url=tuple(Secret(url) for url in cluster.urls),
+        on_backend_error="closed",
+        timeout_ms=2000,
+    )
+    tenants = {"globex": tenant("globex", limits(streams=1))}
+    async with (
+        open_quota(config, tenants, lease_ttl=60) as one,
+        open_quota(config, tenants, lease_ttl=60) as two,
+    ):
+        held = await one.reserve("globex", "a", tokens=0, stream=True)
+        assert held.allowed and held.stream_lease is not None
+        refused = await two.reserve("globex", "b", tokens=0, stream=True)
+        assert refused.rejected_by == CONCURRENT_STREAMS
+        await two.release_stream(held)  # any replica may release it
+        assert (await two.reserve("globex", "c", tokens=0, stream=True)).allowed

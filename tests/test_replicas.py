@@ -1,0 +1,84 @@
+"""Several gateway processes sharing one Redis hold a tenant's limits exactly between them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, free_port, gateway_yaml
+from tests.processes import start, stop, wait_healthy
+from tests.redis_servers import RedisServer
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+async def two_replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[str]]:
+    """A simulator and two `thinnest-gateway serve` processes on one Redis."""
+    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
+    sim_port = free_port()
+    sim_log = tmp_path / "simulator.log"
+    sim_config = tmp_path / "sim.yaml"
+    sim_config.write_text("rate_limit: {per_minute: 100000, per_day: 1000000}\n")
+    processes = [
+        await start(
+            "simulate", "--port", str(sim_port), "--config", str(sim_config), env=env, log=sim_log
+        )
+    ]
+    urls = []
+    try:
+        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", processes[0], sim_log)
+        for replica in range(2):
+            port = free_port()
+            config = tmp_path / f"gw{replica}.yaml"
+            text = gateway_yaml(f"http://127.0.0.1:{sim_port}").replace(
+                "    agents: [ag_support]\n",
+                "    agents: [ag_support]\n    limits: {requests: {per_minute: 50}}\n",
+                1,
+            )
+            # timeout_ms 1000, not the default 50: a cold burst of 100 admissions per process
+            # on 2 cores queues longer than 50 ms on the event loop and the connection pool,
+            # the breaker opens and the local fallback over-admits (134 of 200 measured).
+            # Known open problem of the quota issue; this test pins exactness across replicas.
+            config.write_text(
+                text
+                + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+                + f"quota: {{backend: redis, redis_url: '{redis_server.url}', timeout_ms: 1000}}\n"
+                + "logging: {level: warning}\n"
+            )
+            log = tmp_path / f"gw{replica}.log"
+            process = await start("serve", "--config", str(config), env=env, log=log)
+            processes.append(process)
+            await wait_healthy(f"http://127.0.0.1:{port}/healthz", process, log)
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls
+    finally:
+        for process in processes:
+            await stop(process)
+
+
+@pytest.mark.timeout(120)
+async def test_200_requests_over_two_replicas_admit_exactly_50(two_replicas: list[str]) -> None:
+    headers = {"Authorization": f"Bearer {ACME_KEY}"}
+
+    async def one(session: aiohttp.ClientSession, url: str) -> int:
+        async with session.post(
+            f"{url}/v1/agents/ag_support/chat", json={"message": "Hi"}, headers=headers
+        ) as response:
+            await response.read()
+            return response.status
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        statuses = await asyncio.gather(*(one(session, two_replicas[i % 2]) for i in range(200)))
+    assert Counter(statuses) == {200: 50, 429: 150}
