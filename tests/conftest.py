@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,13 +25,6 @@ GLOBEX = {"Authorization": f"Bearer {GLOBEX_KEY}"}
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def gateway_yaml(upstream_url: str, extra: str = "") -> str:

@@ -15,8 +15,9 @@ import yaml
 from gateway.__main__ import main
 from gateway.auth import hash_key
 from gateway.config import parse_config
-from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, free_port, gateway_yaml
+from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import start, stop, wait_healthy
+from tests.redis_servers import free_port
 
 
 def test_keys_new_prints_a_key_once_and_an_entry_with_only_its_hash(

@@ -19,9 +19,9 @@ from tests.conftest import (
     GLOBEX_KEY,
     PLATFORM_KEY,
     SUPPORT_KEY,
-    free_port,
     gateway_yaml,
 )
+from tests.redis_servers import free_port
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]

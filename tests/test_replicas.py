@@ -11,9 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, free_port, gateway_yaml
+from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import start, stop, wait_healthy
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisServer, free_port
 
 
 @pytest.fixture
