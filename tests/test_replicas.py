@@ -46,14 +46,10 @@ async def two_replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterat
                 "    agents: [ag_support]\n    limits: {requests: {per_minute: 50}}\n",
                 1,
             )
-            # timeout_ms 1000, not the default 50: a cold burst of 100 admissions per process
-            # on 2 cores queues longer than 50 ms on the event loop and the connection pool,
-            # the breaker opens and the local fallback over-admits (134 of 200 measured).
-            # Known open problem of the quota issue; this test pins exactness across replicas.
             config.write_text(
                 text
                 + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
-                + f"quota: {{backend: redis, redis_url: '{redis_server.url}', timeout_ms: 1000}}\n"
+                + f"quota: {{backend: redis, redis_url: '{redis_server.url}'}}\n"
                 + "logging: {level: warning}\n"
             )
             log = tmp_path / f"gw{replica}.log"
