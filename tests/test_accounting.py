@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import random
 import time
 from typing import Any
 
@@ -198,3 +201,49 @@ async def test_json_requests_need_no_stream_lease(make_gateway: Any, simulator_u
         *(gateway.post(CHAT, json={"message": "Hi"}, headers=ACME) for _ in range(5))
     )
     assert [r.status for r in results] == [200] * 5
+
+
+async def test_tokens_charged_equal_tokens_reported_over_a_mix_of_streams(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    """Completed, abandoned and upstream-dropped streams: every reported token is charged;
+    only a stream upstream never finished is charged by estimate (its text / 4)."""
+    gateway = await make_limited(make_gateway, "{tokens: {per_day: 10000000}}", url=simulator_url)
+    rng = random.Random(7)
+    expected = drains = 0
+    kinds = [rng.choice(["completed", "abandoned", "dropped"]) for _ in range(24)]
+    assert min(kinds.count(k) for k in ("completed", "abandoned", "dropped")) >= 4
+    for i, kind in enumerate(kinds):
+        body = {"message": f"Question {i}: " + "tell me more " * rng.randint(1, 40), "stream": True}
+        if kind == "completed":
+            expected += await tokens_reported(simulator, body)
+            response = await gateway.post(CHAT, json=body, headers=ACME)
+            assert events_of(await response.read())[-1]["type"] == "done"
+        elif kind == "abandoned":
+            expected += await tokens_reported(simulator, body)
+            await simulator.post("/_sim/faults", json={"kind": "hold_stream", "times": 1})
+            response = await gateway.post(CHAT, json=body, headers=ACME)
+            await response.content.readuntil(b"\n\n")
+            response.close()
+            await simulator.post("/_sim/release")
+            drains += 1
+            async with asyncio.timeout(5):
+                await gateway.app[DRAINS].wait_finished(drains)
+        else:
+            await simulator.post(
+                "/_sim/faults", json={"kind": "drop_mid_stream", "after_events": 2, "times": 1}
+            )
+            response = await gateway.post(CHAT, json=body, headers=ACME)
+            received = events_of(await response.read())
+            assert received[-1]["type"] == "error"
+            text = "".join(e["content"] for e in received if e["type"] == "content")
+            expected += math.ceil(len(text) / 4)
+    assert (await usage_of(gateway))["tokens_today"] == expected
+
+
+def events_of(body: bytes) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.removeprefix(b"data: "))
+        for line in body.split(b"\n")
+        if line.startswith(b"data: ")
+    ]
