@@ -17,14 +17,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import yaml
 
 from bench.about import ProcessLog, RunInfo, machine
-from bench.load import Call, LoadTool, find_load_tool, wrk_version
+from bench.load import Call, LoadTool, find_load_tool, find_redis, wrk_version
 from bench.phases import Results, Runner, Settings, Target
-from bench.procs import Proc, ProcessFailed, ProcessSet, free_ports, wait_ready
+from bench.procs import Proc, ProcessFailed, ProcessSet, free_ports, wait_ready, wait_redis
 from bench.report import stdout_summary, write_markdown
-from bench.summary import DIRECT, FLOOR, GATEWAY, summarise
+from bench.summary import DIRECT, FLOOR, GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
@@ -36,6 +37,7 @@ CALLER_KEY = "gw_bench_key"
 # Long enough for the simulator to cut its reply into the most pieces it sends.
 MESSAGE = "How long does a benchmark of the thinnest gateway take on two shared cores? " * 2
 LOG_LINES_SHOWN = 5
+GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS)
 
 
 def _say(text: str) -> None:
@@ -50,14 +52,24 @@ def _executable(name: str) -> str:
     return found
 
 
-def _write_configs(workdir: Path, sim_port: int, gw_port: int, admin_port: int) -> None:
-    simulator = {
-        "agents": {AGENT: {"name": "Bench", "keys": [AGENT_KEY]}},
-        "platform_keys": [PLATFORM_KEY],
-        "rate_limit": {"per_minute": 100_000_000, "per_day": 1_000_000_000},
-        "chunk_interval": 0.0,
+# Far out of reach: every request reserves and settles, and none is refused.
+QUOTA_LIMITS = {
+    "requests": {"per_minute": 100_000_000, "per_day": 1_000_000_000},
+    "tokens": {"per_minute": 1_000_000_000, "per_day": 10_000_000_000},
+}
+
+
+def _gateway_config(
+    sim_port: int, gw_port: int, admin_port: int, quota: dict[str, str] | None
+) -> dict[str, object]:
+    """One gateway's YAML; `quota` None is quotas off (the tenant has no `limits`)."""
+    tenant: dict[str, object] = {
+        "keys": [{"name": "loadgen", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}],
+        "agents": [AGENT],
     }
-    gateway = {
+    if quota is not None:
+        tenant["limits"] = QUOTA_LIMITS
+    return {
         "listen": {"host": "127.0.0.1", "port": gw_port},
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "upstream": {
@@ -65,22 +77,34 @@ def _write_configs(workdir: Path, sim_port: int, gw_port: int, admin_port: int) 
             "api_key": "${BENCH_UPSTREAM_KEY}",
         },
         "agents": {AGENT: {}},
-        "quota": {"backend": "memory"},
-        "tenants": {
-            "bench": {
-                "keys": [
-                    {"name": "loadgen", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}
-                ],
-                "agents": [AGENT],
-            }
-        },
+        "quota": quota or {"backend": "memory"},
+        "tenants": {"bench": tenant},
         "logging": {"level": "warning", "format": "json"},
     }
+
+
+def _write_configs(workdir: Path, sim_port: int, gateways: dict[str, dict[str, object]]) -> None:
+    simulator = {
+        "agents": {AGENT: {"name": "Bench", "keys": [AGENT_KEY]}},
+        "platform_keys": [PLATFORM_KEY],
+        "rate_limit": {"per_minute": 100_000_000, "per_day": 1_000_000_000},
+        "chunk_interval": 0.0,
+    }
     (workdir / "simulator.yaml").write_text(yaml.safe_dump(simulator, sort_keys=False))
-    (workdir / "gateway.yaml").write_text(yaml.safe_dump(gateway, sort_keys=False))
+    for name, config in gateways.items():
+        (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def _target(name: str, port: int, key: str, proxy: Proc | None) -> Target:
+def _target(
+    name: str,
+    port: int,
+    key: str,
+    proxy: Proc | None,
+    *,
+    streams: bool = True,
+    helper: Proc | None = None,
+    redis_port: int | None = None,
+) -> Target:
     url = f"http://127.0.0.1:{port}/v1/agents/{AGENT}/chat"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
     return Target(
@@ -88,12 +112,15 @@ def _target(name: str, port: int, key: str, proxy: Proc | None) -> Target:
         call=Call(url, headers, json.dumps({"message": MESSAGE}).encode()),
         stream_call=Call(url, headers, json.dumps({"message": MESSAGE, "stream": True}).encode()),
         proxy=proxy,
+        streams=streams,
+        helper=helper,
+        redis_port=redis_port,
     )
 
 
 def _log_summary(log_dir: Path, stopped: dict[str, str]) -> list[ProcessLog]:
     summary = []
-    for name in ("simulator", "floor", "gateway"):
+    for name in ("simulator", "floor", *GATEWAYS, "redis"):
         path = log_dir / f"{name}.log"
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         ended = stopped.get(name, "never started")
@@ -102,14 +129,38 @@ def _log_summary(log_dir: Path, stopped: dict[str, str]) -> list[ProcessLog]:
 
 
 async def _measure(
-    workdir: Path, tool: LoadTool, settings: Settings
+    workdir: Path, tool: LoadTool, settings: Settings, redis_server: str
 ) -> tuple[Results, dict[str, str]]:
-    sim_port, gw_port, admin_port, floor_port = free_ports(4)
-    _write_configs(workdir, sim_port, gw_port, admin_port)
+    sim_port, floor_port, redis_port, *gw_ports = free_ports(3 + 2 * len(GATEWAYS))
+    quotas: dict[str, dict[str, str] | None] = {
+        GATEWAY: None,
+        MEMORY_QUOTAS: {"backend": "memory"},
+        REDIS_QUOTAS: {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
+    }
+    ports = {name: (gw_ports[2 * i], gw_ports[2 * i + 1]) for i, name in enumerate(GATEWAYS)}
+    _write_configs(
+        workdir,
+        sim_port,
+        {name: _gateway_config(sim_port, *ports[name], quotas[name]) for name in GATEWAYS},
+    )
     cli = _executable("thinnest-gateway")
     sim_url = f"http://127.0.0.1:{sim_port}"
     floor_url = f"http://127.0.0.1:{floor_port}"
     async with ProcessSet(workdir) as procs:
+        redis = await procs.start(
+            "redis",
+            [
+                redis_server,
+                "--port",
+                str(redis_port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--bind",
+                "127.0.0.1",
+            ],
+        )
         sim = await procs.start(
             "simulator",
             [
@@ -138,32 +189,67 @@ async def _measure(
             ],
             cwd=ROOT,
         )
-        gateway = await procs.start(
-            "gateway",
-            [cli, "serve", "--config", str(workdir / "gateway.yaml")],
-            env={"BENCH_UPSTREAM_KEY": PLATFORM_KEY},
-        )
-        waits = [
+        # Redis first: the Redis-quota gateway connects to it as it starts.
+        waits = [await wait_redis(redis, redis_port)]
+        gateways = {
+            name: await procs.start(
+                name,
+                [cli, "serve", "--config", str(workdir / f"{name}.yaml")],
+                env={"BENCH_UPSTREAM_KEY": PLATFORM_KEY},
+            )
+            for name in GATEWAYS
+        }
+        waits += [
             await wait_ready(sim, f"{sim_url}/healthz"),
             # The floor has no health route by design: any HTTP answer means it is serving.
             await wait_ready(floor, f"{floor_url}/", any_status=True),
-            await wait_ready(gateway, f"http://127.0.0.1:{gw_port}/healthz"),
         ]
-        _say(f"simulator, floor and gateway ready after {sum(waits):.1f} s; logs in {workdir}")
+        for name, gateway in gateways.items():
+            waits.append(await wait_ready(gateway, f"http://127.0.0.1:{ports[name][0]}/healthz"))
+        _say(
+            f"redis, simulator, floor and gateways ready after {sum(waits):.1f} s; "
+            f"logs in {workdir}"
+        )
         targets = [
             _target(DIRECT, sim_port, AGENT_KEY, None),
             _target(FLOOR, floor_port, PLATFORM_KEY, floor),
-            _target(GATEWAY, gw_port, CALLER_KEY, gateway),
+            _target(GATEWAY, ports[GATEWAY][0], CALLER_KEY, gateways[GATEWAY]),
+            _target(
+                MEMORY_QUOTAS,
+                ports[MEMORY_QUOTAS][0],
+                CALLER_KEY,
+                gateways[MEMORY_QUOTAS],
+                streams=False,
+            ),
+            _target(
+                REDIS_QUOTAS,
+                ports[REDIS_QUOTAS][0],
+                CALLER_KEY,
+                gateways[REDIS_QUOTAS],
+                streams=False,
+                helper=redis,
+                redis_port=redis_port,
+            ),
         ]
         runner = Runner(targets, sim, sim_url, settings, tool, workdir, _say)
         await runner.smoke()
+        await _check_quota_state(ports)
         _say("JSON requests (load) ...")
         await runner.load_phase()
+        await _check_quota_state(ports)
         _say("streams: time to first event ...")
         await runner.ttfe_phase()
         _say("streams: per-chunk delay under slow_drip ...")
         await runner.drip_phase()
     return runner.results, procs.stopped
+
+
+async def _check_quota_state(ports: dict[str, tuple[int, int]]) -> None:
+    """Each quota gateway's /readyz: a Redis gateway on its local fallback would say so here."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for name in (MEMORY_QUOTAS, REDIS_QUOTAS):
+            async with session.get(f"http://127.0.0.1:{ports[name][0]}/readyz") as response:
+                _say(f"{name} /readyz: HTTP {response.status} {await response.text()}")
 
 
 async def _main() -> None:
@@ -175,6 +261,7 @@ async def _main() -> None:
     clock = time.monotonic()
     settings = Settings()
     tool = await find_load_tool()
+    redis_server = await find_redis()
     if tool.note:
         _say(f"NOTE: {tool.note}; falling back to a Python load generator")
     tool_name = await wrk_version(tool) if tool.wrk else "Python aiohttp (fallback)"
@@ -182,11 +269,11 @@ async def _main() -> None:
     machine_info = machine(tool_name)
     workdir = Path(tempfile.mkdtemp(prefix="thinnest-bench-"))
     try:
-        results, stopped = await _measure(workdir, tool, settings)
+        results, stopped = await _measure(workdir, tool, settings, redis_server)
     except BaseException:
         _say(f"run did not finish; process logs kept in {workdir}")
         raise
-    names = [DIRECT, FLOOR, GATEWAY]
+    names = [DIRECT, FLOOR, *GATEWAYS]
     summary = summarise(results, names)
     info = RunInfo(
         started=started.strftime("%Y-%m-%d %H:%M"),

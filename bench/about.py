@@ -77,12 +77,22 @@ def method(info: RunInfo) -> list[str]:
     return [
         "## Method",
         "",
-        "- **Three paths**, each a separate process on loopback: *direct* (client → "
+        "- **Five paths**, each a separate process on loopback: *direct* (client → "
         "simulator), *floor* (client → `bench/floor.py` → simulator: one aiohttp route, one "
-        "shared ClientSession, bodies relayed with `iter_any()`, nothing else) and *gateway* "
-        "(client → `thinnest-gateway serve`, memory quota backend, log level warning → "
-        "simulator). The simulator (`thinnest-gateway simulate`) sends stream events with no "
-        "pause and has its rate limits set out of reach.",
+        "shared ClientSession, bodies relayed with `iter_any()`, nothing else) and three "
+        "gateways (client → `thinnest-gateway serve`, log level warning → simulator), one "
+        "configuration but for the tenant's quotas: *quotas off* (the tenant has no `limits`, "
+        "so no quota work at all), *memory quotas* (limits far out of reach, "
+        "`quota.backend: memory`) and *Redis quotas* (the same limits, `quota.backend: redis` "
+        'on a private `redis-server --save "" --appendonly no` the harness starts on a free '
+        "loopback port). With the limits out of reach every request reserves and settles and "
+        "none is refused. The simulator (`thinnest-gateway simulate`) sends stream events "
+        "with no pause and has its rate limits set out of reach.",
+        "- **The quota paths are measured in the JSON phase only** (throughput, latency, CPU "
+        "per request), alternating with the other three in every round; the streaming phases "
+        "measure direct, floor and quotas off, to keep the run short. For the Redis path, "
+        "Redis's own CPU per request is read the same way as the proxy's and counted in its "
+        "whole-path CPU, and `INFO stats` gives the Redis commands per request.",
         f"- **Rounds**: {s.rounds}. Each round measures every path back to back, starting "
         "with a different path each round; each phase begins with an untimed warm-up. "
         "Ratios and differences are taken within a round, then summarised over rounds.",

@@ -9,7 +9,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -53,6 +53,8 @@ class LoadResult:
     p99_ms: float
     errors: int
     """Socket errors, timeouts and non-2xx/3xx answers."""
+    error_kinds: Mapping[str, int] = field(default_factory=dict)
+    """The errors by kind (wrk's connect, read, write, status, timeout), the non-zero ones."""
 
     @property
     def rps(self) -> float:
@@ -111,6 +113,25 @@ async def find_load_tool() -> LoadTool:
     return LoadTool(None, f"`apt-get install -y wrk` failed (exit {code}: {last[0]})")
 
 
+async def find_redis() -> str:
+    """redis-server, installing it with apt-get if missing (the Redis quota path needs it)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise RuntimeError("redis-server is not installed and apt-get cannot run here (not root)")
+    print("bench: redis-server is missing; installing it with apt-get ...", flush=True)
+    code, out = await _run("apt-get", "install", "-y", "-q", "redis-server", limit=APT_TIMEOUT)
+    if code != 0:
+        await _run("apt-get", "update", "-q", limit=APT_TIMEOUT)
+        code, out = await _run("apt-get", "install", "-y", "-q", "redis-server", limit=APT_TIMEOUT)
+    found = shutil.which("redis-server")
+    if found is None:
+        last = out.strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"`apt-get install -y redis-server` failed (exit {code}: {last[0]})")
+    return found
+
+
 async def wrk_version(tool: LoadTool) -> str:
     if tool.wrk is None:
         return "-"
@@ -142,13 +163,14 @@ async def run_load(
     if code != 0 or summary is None:
         raise RuntimeError(f"wrk failed (exit {code}):\n{out[-2000:]}")
     got = json.loads(summary)
-    errors = sum(got[name] for name in ("connect", "read", "write", "status", "timeout"))
+    kinds = {name: got[name] for name in ("connect", "read", "write", "status", "timeout")}
     return LoadResult(
         requests=got["requests"],
         seconds=got["duration_us"] / 1e6,
         p50_ms=got["p50_us"] / 1e3,
         p99_ms=got["p99_us"] / 1e3,
-        errors=errors,
+        errors=sum(kinds.values()),
+        error_kinds={name: count for name, count in kinds.items() if count},
     )
 
 
@@ -156,6 +178,7 @@ async def _python_load(call: Call, connections: int, seconds: float) -> LoadResu
     """The fallback: far slower than wrk, so it measures its own limit as much as the target's."""
     latencies: list[float] = []
     errors = 0
+    kinds: dict[str, int] = {}
     timeout = aiohttp.ClientTimeout(total=5.0)
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -163,14 +186,17 @@ async def _python_load(call: Call, connections: int, seconds: float) -> LoadResu
         async def worker(deadline: float) -> None:
             nonlocal errors
             while (start := time.perf_counter()) < deadline:
+                kind = ""
                 try:
                     async with session.post(call.url, data=call.body, headers=call.headers) as r:
                         await r.read()
-                        failed = r.status >= 400
-                except (aiohttp.ClientError, TimeoutError):
-                    failed = True
+                        kind = f"HTTP {r.status}" if r.status >= 400 else ""
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    kind = type(exc).__name__
                 latencies.append(time.perf_counter() - start)
-                errors += failed
+                if kind:
+                    errors += 1
+                    kinds[kind] = kinds.get(kind, 0) + 1
 
         started = time.perf_counter()
         deadline = started + seconds
@@ -182,4 +208,5 @@ async def _python_load(call: Call, connections: int, seconds: float) -> LoadResu
         p50_ms=percentile(latencies, 50) * 1e3,
         p99_ms=percentile(latencies, 99) * 1e3,
         errors=errors,
+        error_kinds=kinds,
     )

@@ -12,7 +12,7 @@ from typing import TypeVar
 import aiohttp
 
 from bench.load import Call, LoadResult, LoadTool, run_load, write_lua
-from bench.procs import Proc
+from bench.procs import Proc, redis_commands
 from bench.streams import StreamTiming, problems, run_streams, stream_once
 
 T = TypeVar("T")
@@ -38,6 +38,12 @@ class Target:
     stream_call: Call
     proxy: Proc | None
     """The process between caller and simulator; None when calling the simulator directly."""
+    streams: bool = True
+    """False: measured in the JSON load phase only (the quota paths, to keep the run short)."""
+    helper: Proc | None = None
+    """A process the proxy calls on every request (Redis); its CPU is on the path too."""
+    redis_port: int | None = None
+    """The helper's Redis port, to count the commands each request costs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +52,19 @@ class LoadRound:
     proxy_cpu_us: float
     """CPU microseconds per request of the proxy process (NaN going direct)."""
     sim_cpu_us: float
+    helper_cpu_us: float = math.nan
+    """CPU microseconds per request of the helper process (NaN without one)."""
+    redis_commands: float = math.nan
+    """Redis commands processed per request, those its scripts ran included (NaN without Redis)."""
+    redis_scripts: float = math.nan
+    """EVAL/EVALSHA calls per request: round trips to Redis (NaN without Redis)."""
 
 
 @dataclass(slots=True)
 class Results:
     load: dict[str, list[LoadRound]] = field(default_factory=dict)
+    load_problems: dict[str, list[str]] = field(default_factory=dict)
+    """Per target, what went wrong in rounds with errors: wrk's error kinds and a probe."""
     ttfe: dict[str, list[list[StreamTiming]]] = field(default_factory=dict)
     drip: dict[str, list[list[StreamTiming]]] = field(default_factory=dict)
 
@@ -84,8 +98,13 @@ class Runner:
     def _check_alive(self) -> None:
         self.simulator.check_alive()
         for target in self.targets:
-            if target.proxy is not None:
-                target.proxy.check_alive()
+            for proc in (target.proxy, target.helper):
+                if proc is not None:
+                    proc.check_alive()
+
+    @property
+    def stream_targets(self) -> list[Target]:
+        return [target for target in self.targets if target.streams]
 
     async def smoke(self) -> None:
         """One JSON and one streamed request per target, so nothing below measures errors."""
@@ -96,6 +115,8 @@ class Runner:
                     text = await r.text()
                     if r.status != 200 or '"response"' not in text:
                         raise RuntimeError(f"{target.name}: {call.url} answered {r.status}: {text}")
+                if not target.streams:
+                    continue
                 timing = await stream_once(session, target.stream_call)
                 if timing.problem:
                     raise RuntimeError(f"{target.name}: stream failed: {timing.problem}")
@@ -110,22 +131,60 @@ class Runner:
             )
         for round_no in range(s.rounds):
             for target in rotated(self.targets, round_no):
-                proxy_before = target.proxy.cpu_seconds() if target.proxy else math.nan
-                sim_before = self.simulator.cpu_seconds()
-                result = await run_load(
-                    self.tool, target.call, s.connections, s.seconds, luas[target.name]
-                )
-                sim_cpu = self.simulator.cpu_seconds() - sim_before
-                proxy_cpu = target.proxy.cpu_seconds() - proxy_before if target.proxy else math.nan
-                self._check_alive()
-                done = max(result.requests, 1)
-                measured = LoadRound(result, proxy_cpu / done * 1e6, sim_cpu / done * 1e6)
+                measured = await self._load_round(target, luas[target.name])
                 self.results.load.setdefault(target.name, []).append(measured)
+                result = measured.result
                 self.say(
-                    f"JSON round {round_no + 1}/{s.rounds} {target.name:8}: "
+                    f"JSON round {round_no + 1}/{s.rounds} {target.name:14}: "
                     f"{result.rps:7.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
                     f"p99 {result.p99_ms:6.2f} ms  errors {result.errors}"
+                    + (f" {dict(result.error_kinds)}" if result.errors else "")
                 )
+                if result.errors:
+                    problem = f"round {round_no + 1}: {await self._probe(target)}"
+                    self.results.load_problems.setdefault(target.name, []).append(problem)
+                    self.say(f"  {target.name}: {problem}")
+
+    async def _load_round(self, target: Target, lua: Path) -> LoadRound:
+        s = self.settings
+
+        def cpu(proc: Proc | None) -> float:
+            return proc.cpu_seconds() if proc else math.nan
+
+        proxy_before, helper_before = cpu(target.proxy), cpu(target.helper)
+        sim_before = self.simulator.cpu_seconds()
+        redis_before = await redis_commands(target.redis_port) if target.redis_port else (0, 0)
+        result = await run_load(self.tool, target.call, s.connections, s.seconds, lua)
+        sim_cpu = self.simulator.cpu_seconds() - sim_before
+        proxy_cpu = cpu(target.proxy) - proxy_before
+        helper_cpu = cpu(target.helper) - helper_before
+        redis_after = await redis_commands(target.redis_port) if target.redis_port else (0, 0)
+        # The two INFO calls made before the round count as commands too.
+        redis_ops = redis_after[0] - redis_before[0] - 2 if target.redis_port else math.nan
+        redis_scripts = redis_after[1] - redis_before[1] if target.redis_port else math.nan
+        self._check_alive()
+        done = max(result.requests, 1)
+        return LoadRound(
+            result,
+            proxy_cpu / done * 1e6,
+            sim_cpu / done * 1e6,
+            helper_cpu / done * 1e6,
+            redis_ops / done,
+            redis_scripts / done,
+        )
+
+    async def _probe(self, target: Target) -> str:
+        """One more request after a round with errors: what does the path answer now?"""
+        call = target.call
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.post(call.url, data=call.body, headers=call.headers) as r,
+            ):
+                text = (await r.text())[:300]
+                return f"a probe request then got HTTP {r.status}: {text}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"a probe request then failed: {type(exc).__name__}: {exc}"
 
     async def ttfe_phase(self) -> None:
         s = self.settings
@@ -166,7 +225,7 @@ class Runner:
     ) -> None:
         """Each round, every target in turn; or with `together`, all targets at once."""
         for round_no in range(self.settings.rounds):
-            order = rotated(self.targets, round_no)
+            order = rotated(self.stream_targets, round_no)
             batches = [order] if together else [[target] for target in order]
             for batch in batches:
                 measured = await asyncio.gather(

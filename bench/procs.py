@@ -173,3 +173,67 @@ async def wait_ready(
         f"{proc.name} (pid {proc.pid}) not ready at {url} after {within:.0f} s "
         f"({last_error}); its log {proc.log} ends:\n{tail(proc.log)}"
     )
+
+
+async def redis_call(port: int, *args: str, limit: float = 2.0) -> str:
+    """One Redis command over a fresh connection; its simple or bulk string reply."""
+    request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), limit)
+    try:
+        writer.write(request.encode())
+        await writer.drain()
+        head = (await asyncio.wait_for(reader.readline(), limit)).decode().rstrip("\r\n")
+        if head.startswith("$"):
+            size = int(head[1:])
+            body = await asyncio.wait_for(reader.readexactly(size + 2), limit)
+            return body[:-2].decode(errors="replace")
+        if head.startswith(("+", ":")):
+            return head[1:]
+        raise ProcessFailed(f"redis on port {port} answered {' '.join(args)} with {head!r}")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def redis_commands(port: int) -> tuple[int, int]:
+    """Commands the Redis server has processed since it started, and how many were scripts.
+
+    The first counts the commands Lua scripts run too; the second is EVAL/EVALSHA calls, the
+    round trips a client made to run a script.
+    """
+    stats, commands = (
+        await redis_call(port, "INFO", "stats"),
+        await redis_call(port, "INFO", "commandstats"),
+    )
+    total = scripts = -1
+    for line in stats.splitlines():
+        name, _, value = line.partition(":")
+        if name == "total_commands_processed":
+            total = int(value)
+    scripts = 0
+    for line in commands.splitlines():
+        name, _, value = line.partition(":")
+        if name in ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_evalsha_ro", "cmdstat_eval_ro"):
+            scripts += int(value.split(",")[0].removeprefix("calls="))
+    if total < 0:
+        raise ProcessFailed(f"redis on port {port}: no total_commands_processed in INFO stats")
+    return total, scripts
+
+
+async def wait_redis(proc: Proc, port: int, *, within: float = 30.0) -> float:
+    """PING until PONG; seconds it took. Fails fast, with the log's tail, if Redis exits."""
+    started = time.monotonic()
+    last_error = "no answer yet"
+    while time.monotonic() < started + within:
+        proc.check_alive()
+        try:
+            if await redis_call(port, "PING", limit=1.0) == "PONG":
+                return time.monotonic() - started
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ProcessFailed) as exc:
+            last_error = f"{type(exc).__name__}: {exc}"
+        await asyncio.sleep(0.05)
+    raise ProcessFailed(
+        f"{proc.name} (pid {proc.pid}) did not answer PING on port {port} after {within:.0f} s "
+        f"({last_error}); its log {proc.log} ends:\n{tail(proc.log)}"
+    )

@@ -8,15 +8,28 @@ from types import MappingProxyType
 
 from bench.about import RunInfo, method
 from bench.stats import EN_DASH, Spread
-from bench.summary import DIRECT, FLOOR, GATEWAY, Comparison, Summary
+from bench.summary import (
+    DIRECT,
+    FLOOR,
+    GATEWAY,
+    MEMORY_QUOTAS,
+    REDIS_QUOTAS,
+    Comparison,
+    Summary,
+)
 
 TIMES = "\u00d7"
 LABELS: Mapping[str, str] = MappingProxyType(
     {
         DIRECT: "direct (simulator)",
         FLOOR: "floor proxy",
-        GATEWAY: "gateway",
+        GATEWAY: "gateway, quotas off",
+        MEMORY_QUOTAS: "gateway, memory quotas",
+        REDIS_QUOTAS: "gateway, Redis quotas",
     }
+)
+SHORT: Mapping[str, str] = MappingProxyType(
+    {MEMORY_QUOTAS: "memory quotas", REDIS_QUOTAS: "Redis quotas"}
 )
 
 
@@ -43,7 +56,7 @@ def headlines(summary: Summary) -> list[str]:
     vf = summary.gateway_vs_floor
     if gw and fl and vf:
         lines += [
-            f"JSON req/s: gateway = {gw.rps_ratio.median:.2f}{TIMES} direct, "
+            f"JSON req/s: gateway (quotas off) = {gw.rps_ratio.median:.2f}{TIMES} direct, "
             f"{vf.rps_ratio.median:.2f}{TIMES} floor "
             f"(floor = {fl.rps_ratio.median:.2f}{TIMES} direct)",
             f"JSON latency p50: gateway {gw.p50_delta_ms.median:+.2f} ms over direct, "
@@ -61,8 +74,36 @@ def headlines(summary: Summary) -> list[str]:
             f"{summary.chunk_delay[FLOOR].p99_ms.median:+.2f} ms; direct's own jitter p99 "
             f"{summary.chunk_delay[DIRECT].p99_ms.median:+.2f} ms",
         ]
+    quotas = [
+        f"{SHORT[n]} {c.rps_ratio.median:.2f}{TIMES} req/s, "
+        f"{c.cpu_ratio.median:.2f}{TIMES} gateway CPU per request "
+        f"({summary.load[n].proxy_cpu_us.median:.0f} vs "
+        f"{summary.load[GATEWAY].proxy_cpu_us.median:.0f} µs), "
+        f"p50 {c.p50_delta_ms.median:+.2f} ms"
+        for n, c in summary.vs_quotas_off.items()
+    ]
+    if quotas:
+        floor = [
+            f"{SHORT[n]} {c.rps_ratio.median:.2f}{TIMES} the floor's req/s"
+            for n, c in summary.quotas_vs_floor.items()
+        ]
+        redis = summary.load.get(REDIS_QUOTAS)
+        redis_note = (
+            f"; Redis itself spent {redis.helper_cpu_us.median:.0f} µs CPU per request on "
+            f"{redis.redis_scripts.median:.1f} script calls"
+            if redis is not None
+            else ""
+        )
+        lines.append(
+            "Quotas on (JSON only), against the gateway with quotas off: "
+            + "; ".join(quotas)
+            + (f" ({', '.join(floor)})" if floor else "")
+            + redis_note
+        )
     failures = [
-        f"{name}: {figures.errors} of {figures.requests} JSON requests failed"
+        f"{name}: {figures.errors} of {figures.requests} JSON requests failed "
+        f"({', '.join(f'{k} {v}' for k, v in figures.error_kinds.items())})"
+        + (f"; {figures.problems[0]}" if figures.problems else "")
         for name, figures in summary.load.items()
         if figures.errors
     ] + [
@@ -80,7 +121,11 @@ def _comparison_rows(name: str, c: Comparison) -> list[list[str]]:
         [name, "JSON latency p50", _ms(c.p50_delta_ms)],
         [name, "JSON latency p99", _ms(c.p99_delta_ms)],
         [name, "proxy process CPU per request", _x(c.cpu_ratio)],
-        [name, "CPU per request, whole path (proxy + simulator)", _x(c.path_cpu_ratio)],
+        [
+            name,
+            "CPU per request, whole path (proxy + simulator, + Redis for Redis quotas)",
+            _x(c.path_cpu_ratio),
+        ],
         [name, "time to first event p50", _ms(c.ttfe_p50_delta_ms)],
         [name, "time to first event p99", _ms(c.ttfe_p99_delta_ms)],
         [name, "added per-chunk delay p50", _ms(c.chunk_p50_delta_ms)],
@@ -91,9 +136,18 @@ def _comparison_rows(name: str, c: Comparison) -> list[list[str]]:
 
 
 def tables(summary: Summary) -> dict[str, list[str]]:
-    names = summary.targets
+    names = summary.stream_targets
     load = _table(
-        ["path", "req/s", "p50", "p99", "proxy CPU µs/req", "simulator CPU µs/req", "errors"],
+        [
+            "path",
+            "req/s",
+            "p50",
+            "p99",
+            "proxy CPU µs/req",
+            "simulator CPU µs/req",
+            "Redis CPU µs/req",
+            "errors",
+        ],
         [
             [
                 LABELS[n],
@@ -102,9 +156,10 @@ def tables(summary: Summary) -> dict[str, list[str]]:
                 _ms(summary.load[n].p99_ms, False),
                 summary.load[n].proxy_cpu_us.fmt(0) if n != DIRECT else "-",
                 summary.load[n].sim_cpu_us.fmt(0),
+                summary.load[n].helper_cpu_us.fmt(0) if n == REDIS_QUOTAS else "-",
                 f"{summary.load[n].errors} / {summary.load[n].requests}",
             ]
-            for n in names
+            for n in summary.targets
         ],
     )
     ttfe = _table(
@@ -136,9 +191,47 @@ def tables(summary: Summary) -> dict[str, list[str]]:
     )
     rows = [row for n, c in summary.vs_direct.items() for row in _comparison_rows(LABELS[n], c)]
     if summary.gateway_vs_floor is not None:
-        rows += _comparison_rows("gateway vs floor", summary.gateway_vs_floor)
+        rows += _comparison_rows("gateway, quotas off vs floor", summary.gateway_vs_floor)
+    for n, c in summary.vs_quotas_off.items():
+        rows += _comparison_rows(f"{SHORT[n]} vs quotas off", c)
+    for n, c in summary.quotas_vs_floor.items():
+        rows += _comparison_rows(f"{SHORT[n]} vs floor", c)
     ratios = _table(["compared", "figure", "ratio or difference, per round"], rows)
     return {"load": load, "ttfe": ttfe, "chunks": chunks, "ratios": ratios}
+
+
+def quota_notes(summary: Summary) -> list[str]:
+    """What the quota rows measured, and whether they answered 200 throughout."""
+    quota_paths = [n for n in (MEMORY_QUOTAS, REDIS_QUOTAS) if n in summary.load]
+    if not quota_paths:
+        return []
+    notes = [
+        "The two quota paths run the same gateway configuration as *quotas off*, with the "
+        "tenant's `limits` set far out of reach (requests 100,000,000/min and 1,000,000,000/day; "
+        "tokens 1,000,000,000/min and 10,000,000,000/day), so every request makes a real "
+        "reservation and settles it, and none is refused. They are measured in the JSON phase "
+        "only; the streaming tables below have no quota rows."
+    ]
+    for n in quota_paths:
+        figures = summary.load[n]
+        if figures.errors:
+            kinds = ", ".join(f"{k} {v}" for k, v in figures.error_kinds.items())
+            notes.append(
+                f"**{LABELS[n]}: {figures.errors} of {figures.requests} requests failed "
+                f"({kinds}).** " + " ".join(figures.problems)
+            )
+        else:
+            notes.append(f"{LABELS[n]}: 0 errors in {figures.requests} requests (no 429).")
+    redis = summary.load.get(REDIS_QUOTAS)
+    if redis is not None:
+        notes.append(
+            f"Redis quotas, per request over the timed rounds (from Redis's `INFO`): "
+            f"{redis.redis_scripts.fmt(2)} script calls (EVALSHA round trips: reserve and "
+            f"settle) running {redis.redis_commands.fmt(1)} Redis commands in all, those "
+            "inside the scripts included. So the Redis path did go to Redis, not to the "
+            "gateway's local fallback."
+        )
+    return notes
 
 
 def stdout_summary(summary: Summary) -> str:
@@ -146,7 +239,9 @@ def stdout_summary(summary: Summary) -> str:
     return "\n".join(
         ["", f"== thinnest-gateway benchmark: medians over rounds (min{EN_DASH}max) ==", ""]
         + [f"* {line}" for line in headlines(summary)]
-        + ["", "JSON (non-streaming):", *parts["load"], "", "Time to first event:"]
+        + ["", "JSON (non-streaming):", *parts["load"], ""]
+        + [f"* {note}" for note in quota_notes(summary)]
+        + ["", "Time to first event:"]
         + [*parts["ttfe"], "", "Per-chunk delay under slow_drip:", *parts["chunks"], ""]
     )
 
@@ -176,7 +271,8 @@ def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
         "make bench        # or: .venv/bin/python -m bench",
         "```",
         "",
-        "It starts the simulator, the floor proxy and the gateway on free loopback ports, "
+        "It starts the simulator, the floor proxy, three gateways (quotas off, memory quotas, "
+        "Redis quotas) and a private `redis-server` on free loopback ports, "
         "measures, stops them and rewrites this file.",
         "",
         "## Machine",
@@ -193,6 +289,7 @@ def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
         "",
         *parts["load"],
         "",
+        *(line for note in quota_notes(summary) for line in (note, "")),
         "### Streaming: time to first event",
         "",
         *parts["ttfe"],
@@ -209,7 +306,8 @@ def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
         "",
         "### Processes and their logs",
         "",
-        "The gateway logs at level warning, so any line of its is a warning or an error.",
+        "The gateways log at level warning, so any line of theirs is a warning or an error "
+        "(a Redis failure would show here as `quota backend failed`).",
         "",
         *(logs or ["- (none)"]),
         "",
@@ -222,7 +320,8 @@ def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
         "busy the other cores were than req/s does, but it too moves between runs (CPU "
         "steal, clock speed), so compare it within a run as well. The floor is what "
         "any aiohttp proxy pays; the distance from the floor to the gateway is the price of "
-        "the gateway's own work (auth, validation, logging, SSE scanning).",
+        "the gateway's own work (auth, validation, logging, SSE scanning); the distance from "
+        "*quotas off* to the quota rows is the price of the quota reserve and settle.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,9 @@ from bench.streams import (
 )
 
 DIRECT, FLOOR, GATEWAY = "direct", "floor", "gateway"
+MEMORY_QUOTAS, REDIS_QUOTAS = "gateway-memq", "gateway-redisq"
+QUOTA_PATHS = (MEMORY_QUOTAS, REDIS_QUOTAS)
+"""The gateway with quotas on: measured in the JSON load phase only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +35,14 @@ class LoadFigures:
     p99_ms: Spread
     proxy_cpu_us: Spread
     sim_cpu_us: Spread
+    helper_cpu_us: Spread
+    """Redis's CPU per request (NaN for paths without it)."""
+    redis_commands: Spread
+    redis_scripts: Spread
     requests: int
     errors: int
+    error_kinds: dict[str, int]
+    problems: list[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +74,8 @@ class Comparison:
 @dataclass(frozen=True, slots=True)
 class Summary:
     targets: list[str]
+    stream_targets: list[str]
+    """The targets measured in the streaming phases too."""
     load: dict[str, LoadFigures]
     ttfe: dict[str, StreamFigures]
     chunk_delay: dict[str, StreamFigures]
@@ -75,17 +86,29 @@ class Summary:
     """Raw inter-event gaps under slow_drip, for context."""
     vs_direct: dict[str, Comparison]
     gateway_vs_floor: Comparison | None
+    vs_quotas_off: dict[str, Comparison]
+    """Each quota path against the gateway with quotas off."""
+    quotas_vs_floor: dict[str, Comparison]
 
 
-def _load_figures(rounds: Sequence[LoadRound]) -> LoadFigures:
+def _load_figures(rounds: Sequence[LoadRound], problems: Sequence[str]) -> LoadFigures:
+    kinds: dict[str, int] = {}
+    for r in rounds:
+        for kind, count in r.result.error_kinds.items():
+            kinds[kind] = kinds.get(kind, 0) + count
     return LoadFigures(
         rps=Spread.of([r.result.rps for r in rounds]),
         p50_ms=Spread.of([r.result.p50_ms for r in rounds]),
         p99_ms=Spread.of([r.result.p99_ms for r in rounds]),
         proxy_cpu_us=Spread.of([r.proxy_cpu_us for r in rounds]),
         sim_cpu_us=Spread.of([r.sim_cpu_us for r in rounds]),
+        helper_cpu_us=Spread.of([r.helper_cpu_us for r in rounds]),
+        redis_commands=Spread.of([r.redis_commands for r in rounds]),
+        redis_scripts=Spread.of([r.redis_scripts for r in rounds]),
         requests=sum(r.result.requests for r in rounds),
         errors=sum(r.result.errors for r in rounds),
+        error_kinds=kinds,
+        problems=list(problems),
     )
 
 
@@ -109,7 +132,7 @@ PerRound = Callable[[float], list[float]]
 
 
 def _ttfe(results: Results, name: str) -> PerRound:
-    return lambda pct: [_ms(ttfes(timings), pct) for timings in results.ttfe[name]]
+    return lambda pct: [_ms(ttfes(timings), pct) for timings in results.ttfe.get(name, [])]
 
 
 def _gap(results: Results, name: str) -> PerRound:
@@ -121,7 +144,7 @@ def _chunk(results: Results, name: str) -> PerRound:
     direct = results.drip[DIRECT]
     return lambda pct: [
         _ms(added_delays(timings, reference_offsets(direct[index])), pct)
-        for index, timings in enumerate(results.drip[name])
+        for index, timings in enumerate(results.drip.get(name, []))
     ]
 
 
@@ -158,7 +181,9 @@ def _compare(results: Results, name: str, base: str) -> Comparison:
         p50_delta_ms=_minus(*load(lambda r: r.result.p50_ms)),
         p99_delta_ms=_minus(*load(lambda r: r.result.p99_ms)),
         cpu_ratio=_ratio(*load(lambda r: r.proxy_cpu_us)),
-        path_cpu_ratio=_ratio(*load(lambda r: r.sim_cpu_us + _or_zero(r.proxy_cpu_us))),
+        path_cpu_ratio=_ratio(
+            *load(lambda r: r.sim_cpu_us + _or_zero(r.proxy_cpu_us) + _or_zero(r.helper_cpu_us))
+        ),
         ttfe_p50_delta_ms=_minus(_ttfe(results, name)(50), _ttfe(results, base)(50)),
         ttfe_p99_delta_ms=_minus(_ttfe(results, name)(99), _ttfe(results, base)(99)),
         chunk_p50_delta_ms=_minus(_chunk(results, name)(50), _chunk(results, base)(50)),
@@ -167,20 +192,36 @@ def _compare(results: Results, name: str, base: str) -> Comparison:
 
 
 def summarise(results: Results, targets: Sequence[str]) -> Summary:
+    streamed = [name for name in targets if name in results.ttfe]
+    quota_paths = [name for name in QUOTA_PATHS if name in targets]
     return Summary(
         targets=list(targets),
-        load={name: _load_figures(results.load[name]) for name in targets},
-        ttfe={name: _stream_figures(results.ttfe[name], _ttfe(results, name)) for name in targets},
+        stream_targets=streamed,
+        load={
+            name: _load_figures(results.load[name], results.load_problems.get(name, []))
+            for name in targets
+        },
+        ttfe={name: _stream_figures(results.ttfe[name], _ttfe(results, name)) for name in streamed},
         chunk_delay={
-            name: _stream_figures(results.drip[name], _chunk(results, name)) for name in targets
+            name: _stream_figures(results.drip[name], _chunk(results, name)) for name in streamed
         },
         gap_change={
             name: _stream_figures(results.drip[name], _gap_change(results, name))
-            for name in targets
+            for name in streamed
         },
-        gap={name: _stream_figures(results.drip[name], _gap(results, name)) for name in targets},
+        gap={name: _stream_figures(results.drip[name], _gap(results, name)) for name in streamed},
         vs_direct={name: _compare(results, name, DIRECT) for name in targets if name != DIRECT},
         gateway_vs_floor=(
             _compare(results, GATEWAY, FLOOR) if {GATEWAY, FLOOR} <= set(targets) else None
+        ),
+        vs_quotas_off=(
+            {name: _compare(results, name, GATEWAY) for name in quota_paths}
+            if GATEWAY in targets
+            else {}
+        ),
+        quotas_vs_floor=(
+            {name: _compare(results, name, FLOOR) for name in quota_paths}
+            if FLOOR in targets
+            else {}
         ),
     )
