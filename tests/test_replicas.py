@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
@@ -13,18 +14,23 @@ import pytest
 
 from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import start, stop, wait_healthy
-from tests.redis_servers import RedisServer, free_port
+from tests.redis_servers import RedisClusterServers, RedisServer, free_port
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def redis_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[str]]:
+    """One Redis, or a 3-master Redis Cluster (its nodes listed as the gateway's URLs)."""
+    if request.param == "redis":
+        with RedisServer(tmp_path / "redis") as server:
+            yield [server.url]
+    else:
+        with RedisClusterServers(tmp_path / "cluster") as cluster:
+            yield cluster.urls
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-async def two_replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterator[list[str]]:
-    """A simulator and two `thinnest-gateway serve` processes on one Redis."""
+async def two_replicas(tmp_path: Path, redis_urls: list[str]) -> AsyncIterator[list[str]]:
+    """A simulator and two `thinnest-gateway serve` processes sharing one Redis or cluster."""
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     sim_port = free_port()
     sim_log = tmp_path / "simulator.log"
@@ -49,7 +55,7 @@ async def two_replicas(tmp_path: Path, redis_server: RedisServer) -> AsyncIterat
             config.write_text(
                 text
                 + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
-                + f"quota: {{backend: redis, redis_url: '{redis_server.url}'}}\n"
+                + f"quota: {{backend: redis, redis_url: {json.dumps(redis_urls)}}}\n"
                 + "logging: {level: warning}\n"
             )
             log = tmp_path / f"gw{replica}.log"
