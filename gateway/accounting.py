@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import aiohttp
 import structlog
@@ -20,7 +20,7 @@ from aiohttp import ClientResponse
 
 from gateway.errors import RateLimited
 from gateway.logs import AccessRecord
-from gateway.quota import QuotaService, Reservation
+from gateway.quota import BucketState, QuotaService, QuotaUnavailable, Reservation
 from gateway.sse import SSEScanner
 from gateway.usage import StreamTally
 
@@ -34,10 +34,10 @@ def estimate_tokens(text_chars: int) -> int:
     return math.ceil(text_chars / CHARS_PER_TOKEN)
 
 
-def rate_limit_headers(reservation: Reservation) -> dict[str, str]:
+def rate_limit_headers(buckets: Sequence[BucketState]) -> dict[str, str]:
     """The caller's own limits: its requests-per-minute bucket and its tightest token bucket."""
     headers: dict[str, str] = {}
-    requests = next((b for b in reservation.buckets if b.name == REQUESTS_PER_MINUTE), None)
+    requests = next((b for b in buckets if b.name == REQUESTS_PER_MINUTE), None)
     if requests is not None:
         remaining = max(requests.remaining, 0)
         reset = math.ceil(requests.reset)
@@ -47,14 +47,17 @@ def rate_limit_headers(reservation: Reservation) -> dict[str, str]:
         headers["X-RateLimit-Reset"] = str(math.ceil(time.time() + requests.reset))
         headers["RateLimit-Policy"] = f'"requests";q={requests.limit};w=60'
         headers["RateLimit"] = f'"requests";r={remaining};t={reset}'
-    tokens = [b for b in reservation.buckets if b.name.startswith("tokens")]
+    tokens = [b for b in buckets if b.name.startswith("tokens")]
     if tokens:
         headers["X-RateLimit-Remaining-Tokens"] = str(max(min(b.remaining for b in tokens), 0))
     return headers
 
 
 def refusal(reservation: Reservation) -> RateLimited:
-    headers = {**rate_limit_headers(reservation), "Retry-After": str(reservation.retry_after)}
+    headers = {
+        **rate_limit_headers(reservation.buckets),
+        "Retry-After": str(reservation.retry_after),
+    }
     return RateLimited(
         f"rate limit exceeded: {reservation.rejected_by}; retry in {reservation.retry_after} s",
         headers=headers,
@@ -151,6 +154,21 @@ class Drains:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def current_limits(quota: QuotaService, tenant: str) -> dict[str, str]:
+    """Rate-limit headers for a response that took nothing from the buckets (one read)."""
+    try:
+        return usage_headers(await quota.usage(tenant))
+    except QuotaUnavailable:
+        return {}
+
+
+def usage_headers(usage: Mapping[str, object]) -> dict[str, str]:
+    """Rate-limit headers from a `QuotaService.usage()` report."""
+    buckets = usage["buckets"]
+    assert isinstance(buckets, list)
+    return rate_limit_headers([BucketState(**bucket) for bucket in buckets])
 
 
 async def settle_stream(account: Account, tally: StreamTally) -> None:

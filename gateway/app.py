@@ -12,7 +12,7 @@ import structlog
 from aiohttp import hdrs, web
 
 from gateway import errors
-from gateway.accounting import Drains
+from gateway.accounting import Drains, usage_headers
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.logs import AccessRecord, access_logger
@@ -165,7 +165,8 @@ async def usage(request: web.Request) -> web.Response:
     """The calling tenant's own buckets and tokens used today."""
     caller = request.app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     request[ACCESS].tenant, request[ACCESS].key_name = caller.tenant.name, caller.key_name
-    return web.json_response(await request.app[QUOTA].usage(caller.tenant.name))
+    body = await request.app[QUOTA].usage(caller.tenant.name)
+    return web.json_response(body, headers=usage_headers(body))
 
 
 def serve(config: Config) -> None:

@@ -15,6 +15,7 @@ from aiohttp import ClientResponse, hdrs, web
 
 from gateway.accounting import (
     Account,
+    current_limits,
     estimate_tokens,
     rate_limit_headers,
     refusal,
@@ -45,10 +46,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     caller = app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     record.tenant, record.key_name = caller.tenant.name, caller.key_name
     upstream = app[UPSTREAM]
-    agent_id = _agent_for(request.match_info["agent_id"], caller, upstream)
-    record.agent = agent_id
-
-    chat_request = await read_chat_request(request, app[CONFIG].limits.max_body_bytes)
+    try:
+        agent_id = _agent_for(request.match_info["agent_id"], caller, upstream)
+        record.agent = agent_id
+        chat_request = await read_chat_request(request, app[CONFIG].limits.max_body_bytes)
+    except GatewayError:
+        # Refused before admission: costs nothing, but still tells the caller where it stands.
+        record.extra_headers.update(await current_limits(app[QUOTA], caller.tenant.name))
+        raise
 
     account = await _reserve(request, caller, chat_request)
     try:
@@ -82,7 +87,7 @@ async def _reserve(request: web.Request, caller: Caller, chat: ChatRequest) -> A
         caller.tenant.name, record.request_id, tokens=estimate, stream=wants_stream
     )
     record.quota_backend = reservation.backend
-    record.extra_headers.update(rate_limit_headers(reservation))
+    record.extra_headers.update(rate_limit_headers(reservation.buckets))
     if not reservation.allowed:
         record.quota, record.quota_limit = "rejected", reservation.rejected_by
         raise refusal(reservation)

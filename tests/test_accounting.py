@@ -56,7 +56,7 @@ async def usage_of(gateway: Client) -> dict[str, Any]:
     return body
 
 
-async def test_admitted_requests_carry_the_callers_own_limits(
+async def test_every_response_to_a_known_caller_carries_its_own_limits(
     make_gateway: Any, simulator: Sim, simulator_url: str
 ) -> None:
     gateway = await make_limited(make_gateway, "{requests: {per_minute: 5}}", url=simulator_url)
@@ -65,12 +65,16 @@ async def test_admitted_requests_carry_the_callers_own_limits(
     await simulator.post("/_sim/faults", json={"kind": "error", "status": 500, "times": 1})
     failed = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
     streamed = await gateway.post(CHAT, json={"message": "Hi", "stream": True}, headers=ACME)
+    usage = await gateway.get("/v1/usage", headers=ACME)
     assert [first.status, invalid.status, failed.status, streamed.status] == [200, 400, 500, 200]
     assert first.headers["X-RateLimit-Limit"] == "5"
     assert first.headers["X-RateLimit-Remaining"] == "4"
-    # A request refused before admission (400) costs nothing; an upstream failure does.
+    # A request refused before admission (400) costs nothing, and still says where it stands;
+    # an upstream failure costs a request.
+    assert invalid.headers["X-RateLimit-Remaining"] == "4"
     assert failed.headers["X-RateLimit-Remaining"] == "3"
     assert streamed.headers["X-RateLimit-Remaining"] == "2"
+    assert usage.headers["X-RateLimit-Remaining"] == "2"
     assert int(first.headers["X-RateLimit-Reset"]) >= int(time.time())
     assert first.headers["RateLimit-Policy"] == '"requests";q=5;w=60'
     assert first.headers["RateLimit"].startswith('"requests";r=4;t=')
