@@ -1,4 +1,4 @@
-"""The chat handler: authenticate → validate → (reserve quota) → forward → stream → settle.
+"""The chat handler: authenticate → validate → reserve quota → forward → stream → settle.
 
 JSON answers pass back with upstream's status and body unchanged. Event streams pass back
 chunk by chunk as they arrive, unchanged; an SSE scanner reads the same bytes alongside to
