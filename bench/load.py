@@ -93,42 +93,37 @@ async def _run(*argv: str, limit: float) -> tuple[int, str]:
     return process.returncode or 0, out.decode(errors="replace")
 
 
-async def find_load_tool() -> LoadTool:
-    """wrk, installing it with apt-get if missing; else the Python fallback, with why."""
-    found = shutil.which("wrk")
+async def _installed(program: str, package: str) -> tuple[str | None, str]:
+    """`program`'s path, installing `package` with apt-get if missing; else None and why."""
+    found = shutil.which(program)
     if found:
-        return LoadTool(found, "")
+        return found, ""
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return LoadTool(None, "wrk is not installed and apt-get cannot run here (not root)")
-    print("bench: wrk is missing; installing it with apt-get ...", flush=True)
-    code, out = await _run("apt-get", "install", "-y", "-q", "wrk", limit=APT_TIMEOUT)
+        return None, f"{program} is not installed and apt-get cannot run here (not root)"
+    print(f"bench: {program} is missing; installing it with apt-get ...", flush=True)
+    code, out = await _run("apt-get", "install", "-y", "-q", package, limit=APT_TIMEOUT)
     if code != 0:
         # A fresh machine may have no package lists yet.
         await _run("apt-get", "update", "-q", limit=APT_TIMEOUT)
-        code, out = await _run("apt-get", "install", "-y", "-q", "wrk", limit=APT_TIMEOUT)
-    found = shutil.which("wrk")
+        code, out = await _run("apt-get", "install", "-y", "-q", package, limit=APT_TIMEOUT)
+    found = shutil.which(program)
     if found:
-        return LoadTool(found, "")
+        return found, ""
     last = out.strip().splitlines()[-1:] or ["no output"]
-    return LoadTool(None, f"`apt-get install -y wrk` failed (exit {code}: {last[0]})")
+    return None, f"`apt-get install -y {package}` failed (exit {code}: {last[0]})"
+
+
+async def find_load_tool() -> LoadTool:
+    """wrk, installing it with apt-get if missing; else the Python fallback, with why."""
+    wrk, why = await _installed("wrk", "wrk")
+    return LoadTool(wrk, why)
 
 
 async def find_redis() -> str:
     """redis-server, installing it with apt-get if missing (the Redis quota path needs it)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise RuntimeError("redis-server is not installed and apt-get cannot run here (not root)")
-    print("bench: redis-server is missing; installing it with apt-get ...", flush=True)
-    code, out = await _run("apt-get", "install", "-y", "-q", "redis-server", limit=APT_TIMEOUT)
-    if code != 0:
-        await _run("apt-get", "update", "-q", limit=APT_TIMEOUT)
-        code, out = await _run("apt-get", "install", "-y", "-q", "redis-server", limit=APT_TIMEOUT)
-    found = shutil.which("redis-server")
+    found, why = await _installed("redis-server", "redis-server")
     if found is None:
-        last = out.strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"`apt-get install -y redis-server` failed (exit {code}: {last[0]})")
+        raise RuntimeError(why)
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,6 +47,15 @@ tenants:
     agents: ["*"]
 {extra}
 """
+
+
+def sse_events(body: bytes) -> list[dict[str, Any]]:
+    """The JSON payloads of a stream's `data:` lines (the simulator sends one per event)."""
+    return [
+        json.loads(line.removeprefix(b"data: "))
+        for line in body.split(b"\n")
+        if line.startswith(b"data: ")
+    ]
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
 import time
@@ -14,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_config
 from gateway.state import DRAINS
-from tests.conftest import ACME, SUPPORT_KEY, gateway_yaml
+from tests.conftest import ACME, SUPPORT_KEY, gateway_yaml, sse_events
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]
@@ -222,7 +221,7 @@ async def test_tokens_charged_equal_tokens_reported_over_a_mix_of_streams(
         if kind == "completed":
             expected += await tokens_reported(simulator, body)
             response = await gateway.post(CHAT, json=body, headers=ACME)
-            assert events_of(await response.read())[-1]["type"] == "done"
+            assert sse_events(await response.read())[-1]["type"] == "done"
         elif kind == "abandoned":
             expected += await tokens_reported(simulator, body)
             await simulator.post("/_sim/faults", json={"kind": "hold_stream", "times": 1})
@@ -238,16 +237,8 @@ async def test_tokens_charged_equal_tokens_reported_over_a_mix_of_streams(
                 "/_sim/faults", json={"kind": "drop_mid_stream", "after_events": 2, "times": 1}
             )
             response = await gateway.post(CHAT, json=body, headers=ACME)
-            received = events_of(await response.read())
+            received = sse_events(await response.read())
             assert received[-1]["type"] == "error"
             text = "".join(e["content"] for e in received if e["type"] == "content")
             expected += math.ceil(len(text) / 4)
     assert (await usage_of(gateway))["tokens_today"] == expected
-
-
-def events_of(body: bytes) -> list[dict[str, Any]]:
-    return [
-        json.loads(line.removeprefix(b"data: "))
-        for line in body.split(b"\n")
-        if line.startswith(b"data: ")
-    ]

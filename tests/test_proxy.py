@@ -20,6 +20,7 @@ from tests.conftest import (
     PLATFORM_KEY,
     SUPPORT_KEY,
     gateway_yaml,
+    sse_events,
 )
 from tests.redis_servers import free_port
 
@@ -37,14 +38,6 @@ async def upstream_requests(simulator: Sim) -> list[dict[str, Any]]:
     response = await simulator.get("/_sim/requests")
     requests: list[dict[str, Any]] = await response.json()
     return requests
-
-
-def events(body: bytes) -> list[dict[str, Any]]:
-    return [
-        json.loads(line.removeprefix(b"data: "))
-        for line in body.split(b"\n")
-        if line.startswith(b"data: ")
-    ]
 
 
 # --- pass-through ----------------------------------------------------------------------
@@ -79,7 +72,7 @@ async def test_stream_passes_through_byte_for_byte(gateway: Client, simulator: S
     assert "Content-Encoding" not in through.headers
     received = await through.read()
     assert received == (await direct.read()).replace(b"s_2", b"s_1")
-    kinds = [event["type"] for event in events(received)]
+    kinds = [event["type"] for event in sse_events(received)]
     assert kinds[-1] == "done" and kinds.count("content") >= 3
 
 
@@ -88,7 +81,7 @@ async def test_accept_header_alone_asks_for_a_stream(gateway: Client) -> None:
         CHAT, json={"message": "Hi"}, headers={**ACME, "Accept": "text/event-stream"}
     )
     assert response.content_type == "text/event-stream"
-    assert events(await response.read())[-1]["type"] == "done"
+    assert sse_events(await response.read())[-1]["type"] == "done"
 
 
 async def test_first_event_arrives_while_upstream_holds_the_rest(
@@ -97,11 +90,11 @@ async def test_first_event_arrives_while_upstream_holds_the_rest(
     await add_fault(simulator, "hold_stream", after_events=1)
     response = await gateway.post(CHAT, json={"message": "Hi there", "stream": True}, headers=ACME)
     first = await asyncio.wait_for(response.content.readuntil(b"\n\n"), timeout=5)
-    assert events(first)[0]["type"] == "content"
+    assert sse_events(first)[0]["type"] == "content"
     held = await (await simulator.get("/_sim/held")).json()
     assert held["held"] == 1, "the simulator must still be holding the rest of the stream"
     await simulator.post("/_sim/release")
-    rest = events(await response.read())
+    rest = sse_events(await response.read())
     assert rest[-1]["type"] == "done"
 
 
@@ -341,7 +334,7 @@ async def test_stream_broken_mid_way_ends_with_an_error_event(
         CHAT, json={"message": "Tell me more", "stream": True}, headers=ACME
     )
     assert response.status == 200
-    received = events(await response.read())
+    received = sse_events(await response.read())
     assert [e["type"] for e in received] == ["content", "content", "error"]
     assert received[-1]["code"] == "upstream_unavailable"
 
@@ -354,7 +347,7 @@ async def test_stream_that_goes_quiet_ends_with_a_timeout_event(
     )
     await add_fault(simulator, "hold_stream", after_events=1)
     response = await gateway.post(CHAT, json={"message": "Hi", "stream": True}, headers=ACME)
-    received = events(await response.read())
+    received = sse_events(await response.read())
     assert [e["type"] for e in received] == ["content", "error"]
     assert received[-1]["code"] == "upstream_timeout"
     await simulator.post("/_sim/release")
