@@ -20,9 +20,10 @@ from aiohttp import ClientResponse
 
 from gateway.errors import RateLimited
 from gateway.logs import AccessRecord
+from gateway.metrics import Metrics
 from gateway.quota import BucketState, QuotaService, QuotaUnavailable, Reservation
 from gateway.sse import SSEScanner
-from gateway.usage import StreamTally
+from gateway.usage import StreamTally, Usage
 
 log = structlog.get_logger("gateway.accounting")
 
@@ -67,24 +68,40 @@ def refusal(reservation: Reservation) -> RateLimited:
 class Account:
     """One admitted request's quota: settled exactly once, lease released with it."""
 
-    __slots__ = ("_quota", "_record", "_settled", "detached", "reservation")
+    __slots__ = ("_metrics", "_quota", "_record", "_settled", "detached", "reservation")
 
-    def __init__(self, quota: QuotaService, reservation: Reservation, record: AccessRecord):
+    def __init__(
+        self,
+        quota: QuotaService,
+        reservation: Reservation,
+        record: AccessRecord,
+        metrics: Metrics,
+    ) -> None:
         self._quota = quota
         self._record = record
+        self._metrics = metrics
         self._settled = False
         self.reservation = reservation
         # True once a drain owns the upstream response and will settle this account itself.
         self.detached = False
 
-    async def settle(self, tokens: int, *, estimated: bool = False) -> None:
+    async def settle(self, tokens: int, *, usage: Usage | None = None) -> None:
+        """Charge `usage.total` when upstream reported it, else the estimate `tokens`."""
         if self._settled:
             return
         self._settled = True
-        self._record.tokens_charged = tokens
-        self._record.tokens_estimated = estimated
+        record = self._record
+        charged = usage.total if usage is not None else tokens
+        record.tokens_charged = charged
+        record.tokens_estimated = usage is None and tokens > 0
+        self._metrics.settled(
+            self.reservation.tenant,
+            record.agent,
+            usage,
+            estimated=tokens if record.tokens_estimated else None,
+        )
         try:
-            await self._quota.settle(self.reservation, tokens)
+            await self._quota.settle(self.reservation, charged)
         finally:
             await self._quota.release_stream(self.reservation)
 
@@ -172,7 +189,4 @@ def usage_headers(usage: Mapping[str, object]) -> dict[str, str]:
 
 
 async def settle_stream(account: Account, tally: StreamTally) -> None:
-    if tally.usage is not None:
-        await account.settle(tally.usage.total)
-    else:
-        await account.settle(estimate_tokens(tally.content_chars), estimated=True)
+    await account.settle(estimate_tokens(tally.content_chars), usage=tally.usage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,6 +17,8 @@ from gateway.accounting import Drains, usage_headers
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.logs import AccessRecord, access_logger
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics, SampledCollector
 from gateway.proxy import chat
 from gateway.quota import open_quota
 from gateway.state import (
@@ -23,8 +26,10 @@ from gateway.state import (
     CLOCK,
     CONFIG,
     DRAINS,
+    GATEWAY,
     KEYRING,
     LIFECYCLE,
+    METRICS,
     QUOTA,
     UPSTREAM,
     Lifecycle,
@@ -52,6 +57,7 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
     app[CLOCK] = clock
     app[KEYRING] = KeyRing(config.tenants)
     app[LIFECYCLE] = Lifecycle()
+    app[METRICS] = Metrics(config)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_quota)
     app.router.add_post("/v1/agents/{agent_id}/chat", chat)
@@ -81,9 +87,13 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
         config.quota, config.tenants, clock=app[CLOCK], lease_ttl=lease_ttl, settled_ttl=60
     ) as quota:
         app[QUOTA] = quota
-        app[DRAINS] = Drains(config.quota.drain_timeout, MAX_CONCURRENT_DRAINS)
+        drains = app[DRAINS] = Drains(config.quota.drain_timeout, MAX_CONCURRENT_DRAINS)
+        sampled = SampledCollector(lambda: quota.backend_errors, drains.__len__)
+        registry = app[METRICS].registry
+        registry.register(sampled)
         yield
-        await app[DRAINS].close()
+        await drains.close()
+        registry.unregister(sampled)
 
 
 async def _start_draining(app: web.Application) -> None:
@@ -99,38 +109,54 @@ def _request_id(request: web.Request) -> str:
 
 @web.middleware
 async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, error rendering and the one access line: the edge of every request."""
-    clock = request.app[CLOCK]
-    record = AccessRecord(_request_id(request), request.method, request.path, clock())
+    """Request id, error rendering, the access line and metrics: the edge of every request."""
+    record = AccessRecord(_request_id(request), request.method, request.path, request.app[CLOCK]())
     request[ACCESS] = record
+    inflight = request.app[METRICS].inflight
+    inflight.inc()
     try:
-        response = await handler(request)
+        response = await _answer(request, handler, record)
     except asyncio.CancelledError:
         # aiohttp cancels the handler when the caller disconnects: still one access line.
         record.client_closed = True
         record.status = 499  # nginx's "client closed request": nothing was sent in full
-        access_logger.info("request", **record.fields(clock()))
+        _finished(request, record)
         raise
-    except errors.GatewayError as exc:
-        record.error = exc.code
-        response = errors.render(exc, record.request_id)
-    except web.HTTPException as exc:
-        error = _from_http(exc)
-        record.error = error.code
-        response = errors.render(error, record.request_id)
-    except Exception:
-        access_logger.exception("unhandled error", request_id=record.request_id)
-        error = errors.GatewayError("the gateway failed on this request; it has been logged")
-        record.error = error.code
-        response = errors.render(error, record.request_id)
+    finally:
+        inflight.dec()
     if not response.prepared:
         for name, value in record.extra_headers.items():
             response.headers.setdefault(name, value)
         response.headers["X-Request-ID"] = record.request_id
     record.status = response.status
-    log = access_logger.debug if request.path in _QUIET_PATHS else access_logger.info
-    log("request", **record.fields(clock()))
+    _finished(request, record)
     return response
+
+
+async def _answer(
+    request: web.Request, handler: Handler, record: AccessRecord
+) -> web.StreamResponse:
+    """The handler's response, or the rendering of whatever it raised."""
+    try:
+        return await handler(request)
+    except errors.GatewayError as exc:
+        error = exc
+    except web.HTTPException as exc:
+        error = _from_http(exc)
+    except Exception:
+        access_logger.exception("unhandled error", request_id=record.request_id)
+        error = errors.GatewayError("the gateway failed on this request; it has been logged")
+    record.error = error.code
+    return errors.render(error, record.request_id)
+
+
+def _finished(request: web.Request, record: AccessRecord) -> None:
+    finished = request.app[CLOCK]()
+    if request.path in _QUIET_PATHS:
+        access_logger.debug("request", **record.fields(finished))
+        return
+    access_logger.info("request", **record.fields(finished))
+    request.app[METRICS].finished(record, finished - record.started)
 
 
 def _from_http(exc: web.HTTPException) -> errors.GatewayError:
@@ -150,15 +176,39 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if request.app[LIFECYCLE].draining:
+    return web.json_response(_readiness(request.app))
+
+
+def _readiness(app: web.Application) -> dict[str, str]:
+    if app[LIFECYCLE].draining:
         raise errors.Unavailable("the gateway is shutting down")
-    return web.json_response(
-        {
-            "status": "ready",
-            "quota_backend": request.app[CONFIG].quota.backend,
-            "quota_state": request.app[QUOTA].state,
-        }
-    )
+    return {
+        "status": "ready",
+        "quota_backend": app[CONFIG].quota.backend,
+        "quota_state": app[QUOTA].state,
+    }
+
+
+def create_admin_app(gateway: web.Application) -> web.Application:
+    """The admin listener's app: metrics and probes of `gateway`, kept off the caller port."""
+    admin = web.Application()
+    admin[GATEWAY] = gateway
+    admin.router.add_get("/metrics", metrics)
+    admin.router.add_get("/healthz", healthz)
+    admin.router.add_get("/readyz", admin_readyz)
+    return admin
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY][METRICS].exposition()
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE})
+
+
+async def admin_readyz(request: web.Request) -> web.Response:
+    try:
+        return web.json_response(_readiness(request.app[GATEWAY]))
+    except errors.GatewayError as exc:
+        return errors.render(exc, uuid.uuid4().hex)
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -171,17 +221,47 @@ async def usage(request: web.Request) -> web.Response:
 
 def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM; in-flight requests get `shutdown_grace` seconds to finish."""
-    structlog.get_logger("gateway").info(
-        "starting", listen=f"{config.listen.host}:{config.listen.port}", config=config.source
+    asyncio.run(_serve(config))
+
+
+async def _serve(config: Config) -> None:
+    log = structlog.get_logger("gateway")
+    app = create_app(config)
+    # A caller gone before upstream answered cancels the upstream request; a stream's caller
+    # gone mid-way hands the upstream response to a drain (see accounting.py).
+    runner = web.AppRunner(
+        app, access_log=None, handler_cancellation=True, shutdown_timeout=config.shutdown_grace
     )
-    web.run_app(
-        create_app(config),
-        host=config.listen.host,
-        port=config.listen.port,
-        access_log=None,
-        shutdown_timeout=config.shutdown_grace,
-        # A caller gone before upstream answered cancels the upstream request; a stream's
-        # caller gone mid-way hands the upstream response to a drain (see accounting.py).
-        handler_cancellation=True,
-        print=None,
-    )
+    admin_runner = web.AppRunner(create_admin_app(app), access_log=None, shutdown_timeout=1)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await admin_runner.setup()
+        await runner.setup()
+        await _listen(runner, config, "listen")
+        await _listen(admin_runner, config, "admin")
+        log.info(
+            "started",
+            listen=f"{config.listen.host}:{config.listen.port}",
+            admin=f"{config.admin.host}:{config.admin.port}",
+            config=config.source,
+        )
+        await stop.wait()
+        log.info("stopping", grace_seconds=config.shutdown_grace)
+    finally:
+        # The admin port outlives the caller port, so the drain can be watched.
+        await runner.cleanup()
+        await admin_runner.cleanup()
+
+
+async def _listen(runner: web.AppRunner, config: Config, section: str) -> None:
+    where = config.listen if section == "listen" else config.admin
+    try:
+        await web.TCPSite(runner, where.host, where.port).start()
+    except OSError as exc:
+        raise errors.ConfigError(
+            f"{config.source}: {section}: cannot listen on {where.host}:{where.port}: "
+            f"{exc.strerror}"
+        ) from None

@@ -70,6 +70,7 @@ class AccessRecord:
     stream: bool = False
     upstream_status: int | None = None
     upstream_ttfb: float | None = None
+    upstream_wait: float = 0.0  # seconds spent waiting on upstream: overhead is the rest
     usage: Usage | None = None
     usage_complete: bool = True
     quota: str | None = None  # "allowed" | "rejected"

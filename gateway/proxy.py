@@ -25,8 +25,9 @@ from gateway.auth import Caller
 from gateway.config import AGENT_ID_PATTERN
 from gateway.errors import AgentNotFound, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
+from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
 from gateway.sse import SSEScanner
-from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, QUOTA, UPSTREAM
+from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, METRICS, QUOTA, UPSTREAM
 from gateway.upstream import Deadline, UpstreamClient
 from gateway.usage import StreamTally, usage_from_json
 from gateway.validation import ChatRequest, read_chat_request
@@ -62,7 +63,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         sent = loop.time()
         headers = upstream.headers_for(agent_id, request.headers, record.request_id)
         response = await upstream.send(agent_id, chat_request.body, headers, deadline)
-        record.upstream_ttfb = loop.time() - sent
+        record.upstream_ttfb = record.upstream_wait = loop.time() - sent
         record.upstream_status = response.status
         try:
             if response.content_type == "text/event-stream":
@@ -92,7 +93,7 @@ async def _reserve(request: web.Request, caller: Caller, chat: ChatRequest) -> A
         record.quota, record.quota_limit = "rejected", reservation.rejected_by
         raise refusal(reservation)
     record.quota = "allowed"
-    return Account(quota, reservation, record)
+    return Account(quota, reservation, record, request.app[METRICS])
 
 
 def _agent_for(agent_id: str, caller: Caller, upstream: UpstreamClient) -> str:
@@ -122,14 +123,14 @@ async def _relay_body(
     account: Account,
     record: AccessRecord,
 ) -> web.Response:
+    loop = asyncio.get_running_loop()
+    reading = loop.time()
     body = await upstream.read_body(response, deadline)
+    record.upstream_wait += loop.time() - reading
     if response.status == 200:
         record.usage = usage_from_json(body)
-        if record.usage is not None:
-            await account.settle(record.usage.total)
-        else:
-            # Upstream answered but did not say what it cost: charge the answer's size.
-            await account.settle(estimate_tokens(len(body)), estimated=True)
+        # Upstream answered; when it did not say what it cost, the answer's size is charged.
+        await account.settle(estimate_tokens(len(body)), usage=record.usage)
     return web.Response(status=response.status, body=body, headers=_headers_from(response, record))
 
 
@@ -140,32 +141,56 @@ async def _relay_stream(
     deadline: Deadline,
     account: Account,
 ) -> web.StreamResponse:
-    record = request[ACCESS]
+    record, metrics = request[ACCESS], request.app[METRICS]
     record.stream = True
+    active = metrics.active_streams.labels(metrics.tenant_label(record.tenant))
+    active.inc()
+    try:
+        return await _pass_stream(request, response, upstream, deadline, account)
+    finally:
+        active.dec()
+
+
+async def _pass_stream(
+    request: web.Request,
+    response: ClientResponse,
+    upstream: UpstreamClient,
+    deadline: Deadline,
+    account: Account,
+) -> web.StreamResponse:
+    record, chunk_gap = request[ACCESS], request.app[METRICS].chunk_gap
     out = web.StreamResponse(
         status=response.status, headers={**_headers_from(response, record), **STREAM_HEADERS}
     )
     scanner, tally = SSEScanner(), StreamTally()
     failure: GatewayError | None = None
+    loop = asyncio.get_running_loop()
     try:
         await out.prepare(request)
         while True:
+            waiting = loop.time()
             try:
                 async with asyncio.timeout_at(deadline.within(upstream.timeouts.idle)):
                     chunk = await response.content.readany()
             except TimeoutError:
                 failure = UpstreamTimeout("the upstream API stopped sending this stream")
+                record.upstream_error = STREAM_TIMEOUT
                 break
             except aiohttp.ClientError as exc:
                 failure = UpstreamUnavailable(
                     f"the upstream stream broke off ({type(exc).__name__})"
                 )
+                record.upstream_error = STREAM_BROKEN
                 break
+            finally:
+                received = loop.time()
+                record.upstream_wait += received - waiting
             if not chunk:
                 break
             for event in scanner.feed(chunk):
                 tally.observe(event)
             await out.write(chunk)
+            chunk_gap.observe(loop.time() - received)
     except (ConnectionError, asyncio.CancelledError):
         # The caller left: a failed write, or aiohttp cancelling the handler on disconnect.
         record.client_closed = True
@@ -177,9 +202,9 @@ async def _relay_stream(
 
     if failure is None and not tally.done and not tally.errored:
         failure = UpstreamUnavailable("the upstream stream ended before its done event")
+        record.upstream_error = STREAM_INCOMPLETE
     try:
         if failure is not None:
-            record.upstream_error = failure.code
             # Close a half-sent event first, so ours is read as an event of its own.
             tail = b"" if scanner.at_boundary else b"\n\n"
             await out.write(tail + sse_error_event(failure))

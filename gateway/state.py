@@ -10,6 +10,7 @@ from gateway.accounting import Drains
 from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.logs import AccessRecord
+from gateway.metrics import Metrics
 from gateway.quota import QuotaService
 from gateway.upstream import UpstreamClient
 
@@ -18,6 +19,7 @@ KEYRING = web.AppKey("keyring", KeyRing)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 QUOTA = web.AppKey("quota", QuotaService)
 DRAINS = web.AppKey("drains", Drains)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 class Lifecycle:
@@ -31,5 +33,8 @@ class Lifecycle:
 
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+
+# On the admin app: the gateway app whose metrics and readiness it serves.
+GATEWAY = web.AppKey("gateway", web.Application)
 
 ACCESS = web.RequestKey("access", AccessRecord)

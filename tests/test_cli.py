@@ -85,6 +85,7 @@ async def processes(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     config.write_text(
         gateway_yaml(f"http://127.0.0.1:{sim_port}")
         + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\nshutdown_grace: 5\n"
+        + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
     )
     gateway = await start("serve", "--config", str(config), env=env, log=gw_log)
     try:

@@ -55,6 +55,7 @@ async def two_replicas(tmp_path: Path, redis_urls: list[str]) -> AsyncIterator[l
             config.write_text(
                 text
                 + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+                + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
                 + f"quota: {{backend: redis, redis_url: {json.dumps(redis_urls)}}}\n"
                 + "logging: {level: warning}\n"
             )

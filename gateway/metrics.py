@@ -1,0 +1,270 @@
+"""Prometheus metrics: one registry per app, names and labels as DESIGN.md fixes them.
+
+Label values come only from configuration (tenant names, configured agent ids), status codes
+and fixed enums, so no caller can grow the series count: an agent id nobody configured is
+`other`, a request nobody authenticated is tenant `none`.
+
+Histogram buckets span this traffic: the gateway's own time is sub-millisecond, upstream's
+first byte takes up to a minute, and a stream may run for ten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+from gateway.config import ALL_AGENTS, Config
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.logs import AccessRecord
+from gateway.quota.plan import (
+    CONCURRENT_STREAMS,
+    REQUESTS_PER_DAY,
+    REQUESTS_PER_MINUTE,
+    TOKENS_PER_DAY,
+    TOKENS_PER_MINUTE,
+)
+from gateway.usage import Usage
+
+NONE = "none"  # no tenant (unauthenticated) or no agent (a path that names none)
+OTHER = "other"  # an agent id that is not in the configuration
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Whole requests: a JSON answer in tens of ms to a stream of ten minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Upstream's first byte: a model's think time, bounded by timeouts.first_byte (60 s default).
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
+# The gateway's own share of a request: 100 µs … 1 s (past that something is wrong).
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+# One chunk from upstream read to written on: 10 µs … 50 ms.
+CHUNK_GAP_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.05)
+
+# Which upstream failure a request met (the `reason` label); set along the pipeline.
+STREAM_BROKEN = "stream_broken"
+STREAM_TIMEOUT = "stream_timeout"
+STREAM_INCOMPLETE = "stream_incomplete"
+UPSTREAM_REASONS = (
+    "unavailable",
+    "timeout",
+    "server_error",
+    "rate_limited",
+    STREAM_BROKEN,
+    STREAM_TIMEOUT,
+    STREAM_INCOMPLETE,
+)
+
+
+def limit_label(bucket_name: str) -> str:
+    """`tokens per minute` → `tokens_per_minute` (bucket names are a fixed set)."""
+    return bucket_name.replace(" ", "_")
+
+
+LIMITS = tuple(
+    limit_label(name)
+    for name in (
+        REQUESTS_PER_MINUTE,
+        REQUESTS_PER_DAY,
+        TOKENS_PER_MINUTE,
+        TOKENS_PER_DAY,
+        CONCURRENT_STREAMS,
+    )
+)
+
+
+def upstream_reason(record: AccessRecord) -> str | None:
+    """The `reason` an upstream failure is counted under, or None when upstream did fine."""
+    if record.upstream_error is not None:
+        return record.upstream_error
+    if record.error == UpstreamTimeout.code:
+        return "timeout"
+    if record.error == UpstreamUnavailable.code:
+        return "unavailable"
+    status = record.upstream_status
+    if status is not None and status >= 500:
+        return "server_error"
+    if status == 429:
+        return "rate_limited"
+    return None
+
+
+class Metrics:
+    """Every metric of one gateway app, and the label rules that keep their series bounded."""
+
+    def __init__(self, config: Config) -> None:
+        self.registry = CollectorRegistry()
+        self._tenants = frozenset(config.tenants)
+        self._agents = frozenset(config.agents) | {
+            agent for tenant in config.tenants.values() for agent in tenant.agents
+        } - {ALL_AGENTS}
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered on the caller port (health probes excluded), by status code.",
+            ["tenant", "agent", "code"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request, from its first byte in to its last byte out (streams included).",
+            ["tenant", "agent", "stream"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_ttfb = Histogram(
+            "gateway_upstream_ttfb_seconds",
+            "From sending a request upstream to its response headers.",
+            ["agent", "stream"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "The gateway's own time per request: its duration less the time spent waiting on "
+            "upstream (writes to the caller are included).",
+            ["stream"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "LLM tokens upstream reported (JSON usage/tokens_used, SSE done event).",
+            ["tenant", "agent", "kind"],
+            registry=r,
+        )
+        self.tokens_estimated = Counter(
+            "gateway_tokens_estimated",
+            "Tokens charged by estimate because upstream never reported them (chars / 4).",
+            ["tenant"],
+            registry=r,
+        )
+        self.quota_rejections = Counter(
+            "gateway_quota_rejections",
+            "Requests refused with 429 by a tenant limit.",
+            ["tenant", "limit"],
+            registry=r,
+        )
+        self.active_streams = Gauge(
+            "gateway_active_streams",
+            "Event streams being relayed to callers now.",
+            ["tenant"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Requests upstream failed: unreachable, timed out, 5xx, 429, or a stream cut short.",
+            ["reason"],
+            registry=r,
+        )
+        self.chunk_gap = Histogram(
+            "gateway_stream_chunk_gap_seconds",
+            "Time the gateway held a stream chunk: from reading it upstream to having written it.",
+            buckets=CHUNK_GAP_BUCKETS,
+            registry=r,
+        )
+        self.client_disconnects = Counter(
+            "gateway_client_disconnects",
+            "Callers that left before their answer was complete.",
+            ["tenant", "stage"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "gateway_inflight_requests", "Requests being handled now.", registry=r
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Configuration reloads (SIGHUP), by outcome.",
+            ["result"],
+            registry=r,
+        )
+        Gauge(
+            "gateway_build_info", "The running gateway's version.", ["version"], registry=r
+        ).labels(__version__).set(1)
+        self._zero_series()
+
+    def _zero_series(self) -> None:
+        """Series that alerts and rate() need to exist before the first event."""
+        for reason in UPSTREAM_REASONS:
+            self.upstream_errors.labels(reason)
+        for result in ("ok", "invalid"):
+            self.config_reloads.labels(result)
+        for tenant in self._tenants:
+            self.active_streams.labels(tenant)
+            self.tokens_estimated.labels(tenant)
+            for limit in LIMITS:
+                self.quota_rejections.labels(tenant, limit)
+            for stage in ("before_upstream", "streaming"):
+                self.client_disconnects.labels(tenant, stage)
+
+    def tenant_label(self, tenant: str | None) -> str:
+        return tenant if tenant in self._tenants else NONE
+
+    def agent_label(self, agent_id: str | None) -> str:
+        if agent_id is None:
+            return NONE
+        return agent_id if agent_id in self._agents else OTHER
+
+    def finished(self, record: AccessRecord, duration: float) -> None:
+        """Everything one request's end tells: counts, latencies, rejections, failures."""
+        tenant = self.tenant_label(record.tenant)
+        agent = self.agent_label(record.agent)
+        stream = "true" if record.stream else "false"
+        self.requests.labels(tenant, agent, str(record.status)).inc()
+        self.request_duration.labels(tenant, agent, stream).observe(duration)
+        if record.upstream_ttfb is not None:
+            self.upstream_ttfb.labels(agent, stream).observe(record.upstream_ttfb)
+            self.overhead.labels(stream).observe(max(duration - record.upstream_wait, 0.0))
+        if record.quota_limit is not None:
+            self.quota_rejections.labels(tenant, limit_label(record.quota_limit)).inc()
+        reason = upstream_reason(record)
+        if reason is not None:
+            self.upstream_errors.labels(reason).inc()
+        if record.client_closed and tenant != NONE:
+            stage = "streaming" if record.stream else "before_upstream"
+            self.client_disconnects.labels(tenant, stage).inc()
+
+    def settled(
+        self, tenant: str, agent: str | None, usage: Usage | None, estimated: int | None
+    ) -> None:
+        """Tokens of one settled request (a drain settles after the access line is written)."""
+        agent_label = self.agent_label(agent)
+        if usage is not None:
+            tokens = self.tokens
+            if usage.input is not None:
+                tokens.labels(tenant, agent_label, "input").inc(usage.input)
+            if usage.output is not None:
+                tokens.labels(tenant, agent_label, "output").inc(usage.output)
+            tokens.labels(tenant, agent_label, "total").inc(usage.total)
+        if estimated is not None:
+            self.tokens_estimated.labels(tenant).inc(estimated)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SampledCollector(Collector):
+    """Counts other parts already keep, read at scrape time rather than mirrored."""
+
+    def __init__(self, backend_errors: Callable[[], int], drains: Callable[[], int]) -> None:
+        self._backend_errors = backend_errors
+        self._drains = drains
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "gateway_quota_backend_errors",
+            "Quota backend (Redis) calls that failed or overran quota.timeout_ms.",
+            value=self._backend_errors(),
+        )
+        yield GaugeMetricFamily(
+            "gateway_stream_drains",
+            "Abandoned streams being read on in the background to charge their tokens.",
+            value=self._drains(),
+        )
