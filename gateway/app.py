@@ -42,6 +42,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A caller's own request id is kept when it is this sane; anything else is replaced, so a
 # hostile id never reaches logs or upstream headers.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# ...and one that looks like a key (ours, an agent's, a platform key) is replaced too: it would
+# be logged and sent upstream, and a caller pasting its key there must not leak it.
+_KEY_PREFIXES = ("gw_", "ak_", "thns_")
 # Abandoned streams read on at once to charge their tokens; past this, the charge is estimated.
 MAX_CONCURRENT_DRAINS = 1024
 _QUIET_PATHS = frozenset({"/healthz", "/readyz"})
@@ -102,7 +105,11 @@ async def _start_draining(app: web.Application) -> None:
 
 def _request_id(request: web.Request) -> str:
     offered = request.headers.get("X-Request-ID")
-    if offered is not None and _REQUEST_ID.fullmatch(offered):
+    if (
+        offered is not None
+        and _REQUEST_ID.fullmatch(offered)
+        and not offered.lower().startswith(_KEY_PREFIXES)
+    ):
         return offered
     return uuid.uuid4().hex
 

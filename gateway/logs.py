@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -19,8 +19,15 @@ from gateway.usage import Usage
 access_logger = structlog.get_logger("gateway.access")
 
 
-def configure_logging(config: Logging) -> None:
-    """Process-wide; called once by the CLI, never by create_app (tests own their logging)."""
+class LogStream(Protocol):
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
+    def isatty(self) -> bool: ...
+
+
+def configure_logging(config: Logging, stream: LogStream | None = None) -> None:
+    """Process-wide, to `stream` (default stderr); called by the CLI, never by create_app."""
+    out = sys.stderr if stream is None else stream
     level = logging.getLevelNamesMapping()[config.level.upper()]
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -30,7 +37,7 @@ def configure_logging(config: Logging) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if config.format == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
     structlog.configure(
         processors=[
@@ -43,7 +50,7 @@ def configure_logging(config: Logging) -> None:
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],

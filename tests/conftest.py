@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -12,9 +12,12 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import Clock, create_app
 from gateway.auth import hash_key
-from gateway.config import Config, parse_config
+from gateway.config import Config, Logging, parse_config
+from gateway.logs import configure_logging
 from gateway.simulator.app import create_simulator_app
 from gateway.simulator.config import RateLimitConfig, SimulatorConfig
+from gateway.state import CONFIG, GATEWAY
+from tests.secret_watch import SecretWatch
 
 # The simulator's default (demo) keys, standing in for real upstream secrets.
 PLATFORM_KEY = "thns_sk_demo_0001"
@@ -23,6 +26,23 @@ ACME_KEY = "gw_test_acme_billing_0001"
 GLOBEX_KEY = "gw_test_globex_web_0002"
 ACME = {"Authorization": f"Bearer {ACME_KEY}"}
 GLOBEX = {"Authorization": f"Bearer {GLOBEX_KEY}"}
+
+# Every key any test hands the gateway or the simulator (keys made by `keys new` aside).
+SECRETS_IN_PLAY = (
+    PLATFORM_KEY,
+    SUPPORT_KEY,
+    ACME_KEY,
+    GLOBEX_KEY,
+    "gw_demo_acme_billing_key_0001",  # config/demo.yaml
+    "gw_demo_globex_web_key_0002",
+    "gw_test_key_for_acme_billing",  # test_auth
+    "ak_support_1",  # test_simulator's upstream keys
+    "ak_sales_1",
+    "thns_sk_test_1",
+    "thns_sk_test_2",
+    "ak_from_file",  # test_config's ${file:} secret
+    "hunter2secret",  # test_quota's Redis password
+)
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
@@ -56,6 +76,29 @@ def sse_events(body: bytes) -> list[dict[str, Any]]:
         for line in body.split(b"\n")
         if line.startswith(b"data: ")
     ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secret_watch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecretWatch]:
+    """The whole run's logs and gateway responses, searched for every key in play."""
+    watch = SecretWatch(SECRETS_IN_PLAY)
+    configure_logging(Logging(level="debug", format="json"), stream=watch.log_stream())
+    yield watch
+    # The real processes' logs (gateway, simulator, Redis, Prometheus) are kept in tmp_path.
+    files = watch.search_files(sorted(tmp_path_factory.getbasetemp().rglob("*.log")))
+    assert not watch.found, f"keys leaked ({files} process logs searched): {watch.found}"
+
+
+@pytest.fixture
+def aiohttp_client(aiohttp_client: AiohttpClient, secret_watch: SecretWatch) -> AiohttpClient:
+    """pytest-aiohttp's, with every response of a gateway (caller or admin port) watched."""
+
+    async def make(app: Any, **kwargs: Any) -> TestClient[Any, Any]:
+        if isinstance(app, web.Application) and (CONFIG in app or GATEWAY in app):
+            kwargs.setdefault("trace_configs", [secret_watch.trace_config()])
+        return await aiohttp_client(app, **kwargs)
+
+    return make
 
 
 @pytest.fixture(autouse=True)

@@ -47,9 +47,10 @@ async def two_replicas(tmp_path: Path, redis_urls: list[str]) -> AsyncIterator[l
         for replica in range(2):
             port = free_port()
             config = tmp_path / f"gw{replica}.yaml"
+            # Per day: nothing refills while the burst runs, however slow the machine is.
             text = gateway_yaml(f"http://127.0.0.1:{sim_port}").replace(
                 "    agents: [ag_support]\n",
-                "    agents: [ag_support]\n    limits: {requests: {per_minute: 50}}\n",
+                "    agents: [ag_support]\n    limits: {requests: {per_day: 50}}\n",
                 1,
             )
             config.write_text(
