@@ -95,7 +95,7 @@ def aiohttp_client(aiohttp_client: AiohttpClient, secret_watch: SecretWatch) -> 
 
     async def make(app: Any, **kwargs: Any) -> TestClient[Any, Any]:
         if isinstance(app, web.Application) and (CONFIG in app or GATEWAY in app):
-            kwargs.setdefault("trace_configs", [secret_watch.trace_config()])
+            kwargs.setdefault("response_class", secret_watch.response_class())
         return await aiohttp_client(app, **kwargs)
 
     return make

@@ -1,9 +1,10 @@
 """Every key in play, searched for in everything the gateway says during the whole test run.
 
 The conftest routes all log output of the test process through `SecretWatch.log_stream()`,
-attaches `SecretWatch.trace_config()` to every client of a gateway (caller port and admin
-port), and at the end of the session also searches the log files of the real processes the
-tests started. A key found anywhere fails the run, naming where it was seen (never the key).
+gives every client of a gateway (caller port and admin port) the response class of
+`SecretWatch.response_class()`, and at the end of the session also searches the log files
+of the real processes the tests started. A key found anywhere fails the run, naming where
+it was seen (never the key).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import io
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any, cast
 
 import aiohttp
+from aiohttp.connector import Connection
+from aiohttp.streams import AsyncStreamIterator, StreamReader
 
 
 class SecretWatch:
@@ -22,7 +25,7 @@ class SecretWatch:
         self.secrets = tuple(sorted(set(secrets)))
         # A key split across two chunks is still seen: each chunk is searched with the
         # tail of the one before it.
-        self._overlap = max(len(secret) for secret in self.secrets) - 1
+        self.overlap = max(len(secret) for secret in self.secrets) - 1
         self.found: list[str] = []
         self.bytes_searched = 0
 
@@ -43,39 +46,68 @@ class SecretWatch:
     def log_stream(self) -> io.TextIOBase:
         return _LogStream(self)
 
-    def trace_config(self) -> aiohttp.TraceConfig:
-        """Searches response headers and every body chunk a client receives."""
-        trace = aiohttp.TraceConfig()
+    def response_class(self) -> type[aiohttp.ClientResponse]:
+        """For `ClientSession(response_class=...)`: searches the headers and every body byte
+        the test reads, however it reads them (read, readany, readuntil, iter_any, ...)."""
+        watch = self
 
-        async def on_start(
-            session: aiohttp.ClientSession,
-            context: SimpleNamespace,
-            params: aiohttp.TraceRequestStartParams,
-        ) -> None:
-            context.tail = b""
+        class WatchedResponse(aiohttp.ClientResponse):
+            async def start(self, connection: Connection) -> aiohttp.ClientResponse:
+                response = await super().start(connection)
+                where = f"response to {self.method} {self.url.path}"
+                watch.search(where, "\n".join(f"{k}: {v}" for k, v in self.headers.items()))
+                self.content = cast(StreamReader, _WatchedBody(self.content, watch, where))
+                return response
 
-        async def on_headers(
-            session: aiohttp.ClientSession,
-            context: SimpleNamespace,
-            params: aiohttp.TraceRequestEndParams,
-        ) -> None:
-            headers = "\n".join(f"{k}: {v}" for k, v in params.response.headers.items())
-            self.search(f"response headers of {params.method} {params.url.path}", headers)
+        return WatchedResponse
 
-        async def on_chunk(
-            session: aiohttp.ClientSession,
-            context: SimpleNamespace,
-            params: aiohttp.TraceResponseChunkReceivedParams,
-        ) -> None:
-            window = context.tail + params.chunk
-            self.search(f"response body of {params.method} {params.url.path}", window)
-            context.tail = window[-self._overlap :]
 
-        trace.on_request_start.append(on_start)
-        trace.on_request_end.append(on_headers)
-        trace.on_response_chunk_received.append(on_chunk)
-        trace.freeze()
-        return trace
+class _WatchedBody:
+    """A response body reader that hands what it returns to the watch (with the tail of what
+    came before, so a key split between two reads is still seen)."""
+
+    def __init__(self, inner: StreamReader, watch: SecretWatch, where: str) -> None:
+        self._inner = inner
+        self._watch = watch
+        self._where = where
+        self._tail = b""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _seen(self, data: bytes) -> bytes:
+        window = self._tail + data
+        self._watch.search(self._where, window)
+        self._tail = window[-self._watch.overlap :]
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        return self._seen(await self._inner.read(n))
+
+    async def readany(self) -> bytes:
+        return self._seen(await self._inner.readany())
+
+    async def readline(self) -> bytes:
+        return self._seen(await self._inner.readline())
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        return self._seen(await self._inner.readuntil(separator))
+
+    async def readexactly(self, n: int) -> bytes:
+        return self._seen(await self._inner.readexactly(n))
+
+    async def readchunk(self) -> tuple[bytes, bool]:
+        data, end = await self._inner.readchunk()
+        return self._seen(data), end
+
+    def iter_any(self) -> AsyncStreamIterator[bytes]:
+        return AsyncStreamIterator(self.readany)
+
+    def iter_chunked(self, n: int) -> AsyncStreamIterator[bytes]:
+        return AsyncStreamIterator(lambda: self.read(n))
+
+    def __aiter__(self) -> AsyncStreamIterator[bytes]:
+        return AsyncStreamIterator(self.readline)
 
 
 class _LogStream(io.TextIOBase):
