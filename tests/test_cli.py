@@ -18,6 +18,7 @@ from gateway.config import parse_config
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import start, stop, wait_healthy
 from tests.redis_servers import free_port
+from tests.secret_watch import SecretWatch
 
 
 def test_keys_new_prints_a_key_once_and_an_entry_with_only_its_hash(
@@ -101,11 +102,11 @@ async def processes(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
 
 
 async def test_serve_proxies_json_and_streams_and_stops_cleanly_on_sigterm(
-    processes: tuple[str, Path],
+    processes: tuple[str, Path], secret_watch: SecretWatch
 ) -> None:
     url, log = processes
     headers = {"Authorization": f"Bearer {ACME_KEY}"}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
         chat = f"{url}/v1/agents/ag_support/chat"
         async with session.post(chat, json={"message": "Hi"}, headers=headers) as response:
             assert response.status == 200

@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from aiohttp_sse_client import client as sse_client
 
 from tests.conftest import ACME_KEY, SUPPORT_KEY
+from tests.secret_watch import SecretWatch
 
 Client = TestClient[web.Request, web.Application]
 EXAMPLES = Path(__file__).parent / "examples"
@@ -41,9 +42,10 @@ def url_of(client: TestClient[Any, Any]) -> str:
 
 
 async def test_python_example_gets_the_same_answer_through_the_gateway(
-    gateway: Client, simulator: TestClient[Any, Any]
+    gateway: Client, simulator: TestClient[Any, Any], secret_watch: SecretWatch
 ) -> None:
     through = await asyncio.to_thread(python_example, url_of(gateway), ACME_KEY)
+    secret_watch.search("the Python example's answer", through)
     assert 'You said: "Hello!"' in through
 
 
@@ -63,25 +65,29 @@ async def run_node(script: str, base_url: str, key: str) -> str:
     return out.decode()
 
 
-async def test_node_example_json(gateway: Client) -> None:
+async def test_node_example_json(gateway: Client, secret_watch: SecretWatch) -> None:
     out = await run_node("chat.mjs", url_of(gateway), ACME_KEY)
+    secret_watch.search("the Node example's output", out)
     assert 'You said: "Hello!"' in out
 
 
 async def test_node_streaming_example_prints_the_whole_reply(
-    gateway: Client, simulator: TestClient[Any, Any]
+    gateway: Client, simulator: TestClient[Any, Any], secret_watch: SecretWatch
 ) -> None:
     through = await run_node("stream.mjs", url_of(gateway), ACME_KEY)
+    secret_watch.search("the Node streaming example's output", through)
     direct = await run_node("stream.mjs", url_of(simulator), SUPPORT_KEY)
     # Equal but for the session id upstream generated for each.
     assert re.sub(r"sess_\w+", "sess_X", through) == re.sub(r"sess_\w+", "sess_X", direct)
     assert "Tell me about your products" in through
 
 
-async def test_independent_sse_client_reads_the_stream(gateway: Client) -> None:
+async def test_independent_sse_client_reads_the_stream(
+    gateway: Client, secret_watch: SecretWatch
+) -> None:
     received: list[dict[str, Any]] = []
     async with (
-        ClientSession() as session,
+        ClientSession(response_class=secret_watch.response_class()) as session,
         sse_client.EventSource(
             f"{url_of(gateway)}/v1/agents/ag_support/chat",
             option={"method": "POST"},

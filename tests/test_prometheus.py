@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml, sse_events
 from tests.processes import start, stop, wait_healthy
 from tests.redis_servers import free_port
+from tests.secret_watch import SecretWatch
 
 JOB = "thinnest-gateway"
 TOKENS_BY_TENANT = 'sum by (tenant) (gateway_tokens_total{kind="total"})'
@@ -116,11 +117,11 @@ async def query(
 
 
 async def test_prometheus_scrapes_the_tokens_upstream_reported_per_tenant(
-    gateway_process: Gateway, prometheus: str, tmp_path: Path
+    gateway_process: Gateway, prometheus: str, tmp_path: Path, secret_watch: SecretWatch
 ) -> None:
     chat = f"{gateway_process.url}/v1/agents/{{}}/chat"
     expected = {"acme": 0, "globex": 0}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
         for i in range(3):
             async with session.post(
                 chat.format("ag_support"),

@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import start, stop, wait_healthy
 from tests.redis_servers import RedisClusterServers, RedisServer, free_port
+from tests.secret_watch import SecretWatch
 
 
 @pytest.fixture(params=["redis", "cluster"])
@@ -72,7 +73,9 @@ async def two_replicas(tmp_path: Path, redis_urls: list[str]) -> AsyncIterator[l
 
 
 @pytest.mark.timeout(120)
-async def test_200_requests_over_two_replicas_admit_exactly_50(two_replicas: list[str]) -> None:
+async def test_200_requests_over_two_replicas_admit_exactly_50(
+    two_replicas: list[str], secret_watch: SecretWatch
+) -> None:
     headers = {"Authorization": f"Bearer {ACME_KEY}"}
 
     async def one(session: aiohttp.ClientSession, url: str) -> int:
@@ -83,6 +86,8 @@ async def test_200_requests_over_two_replicas_admit_exactly_50(two_replicas: lis
             return response.status
 
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, response_class=secret_watch.response_class()
+    ) as session:
         statuses = await asyncio.gather(*(one(session, two_replicas[i % 2]) for i in range(200)))
     assert Counter(statuses) == {200: 50, 429: 150}
