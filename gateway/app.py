@@ -145,6 +145,9 @@ async def _answer(
 ) -> web.StreamResponse:
     """The handler's response, or the rendering of whatever it raised."""
     try:
+        if request.app[LIFECYCLE].draining and request.path not in _QUIET_PATHS:
+            # In-flight work finishes; new work goes to another replica.
+            raise errors.Unavailable("this gateway is shutting down; send the request again")
         return await handler(request)
     except errors.GatewayError as exc:
         error = exc
@@ -154,7 +157,10 @@ async def _answer(
         access_logger.exception("unhandled error", request_id=record.request_id)
         error = errors.GatewayError("the gateway failed on this request; it has been logged")
     record.error = error.code
-    return errors.render(error, record.request_id)
+    response = errors.render(error, record.request_id)
+    if request.app[LIFECYCLE].draining:
+        response.force_close()  # a keep-alive caller reconnects, to a replica that is up
+    return response
 
 
 def _finished(request: web.Request, record: AccessRecord) -> None:
@@ -256,6 +262,9 @@ async def _serve(config: Config) -> None:
             config=config.source,
         )
         await stop.wait()
+        # /readyz answers 503 from now on and new requests are refused, on both ports, while
+        # the requests and streams in flight get `shutdown_grace` seconds to finish.
+        app[LIFECYCLE].draining = True
         log.info("stopping", grace_seconds=config.shutdown_grace)
     finally:
         # The admin port outlives the caller port, so the drain can be watched.

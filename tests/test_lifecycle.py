@@ -1,0 +1,130 @@
+"""A real `serve` process under signals: graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml, sse_events
+from tests.processes import start, stop, wait_healthy
+from tests.redis_servers import free_port
+from tests.secret_watch import SecretWatch
+
+CHAT = "/v1/agents/ag_support/chat"
+ACME = {"Authorization": f"Bearer {ACME_KEY}"}
+
+
+@dataclass
+class Running:
+    gateway: asyncio.subprocess.Process
+    url: str
+    admin: str
+    simulator: str
+    config: Path
+    log: Path
+
+
+@pytest.fixture
+async def running(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Running]:
+    """Simulator and gateway as real processes; `shutdown_grace` 5 s unless parametrized."""
+    grace = getattr(request, "param", 5)
+    sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
+    sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
+    simulator = await start("simulate", "--port", str(sim_port), env=env, log=sim_log)
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        gateway_yaml(f"http://127.0.0.1:{sim_port}")
+        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\n"
+        + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
+        + f"shutdown_grace: {grace}\n"
+    )
+    gateway = await start("serve", "--config", str(config), env=env, log=gw_log)
+    try:
+        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
+        await wait_healthy(f"http://127.0.0.1:{admin_port}/readyz", gateway, gw_log)
+        yield Running(
+            gateway,
+            f"http://127.0.0.1:{gw_port}",
+            f"http://127.0.0.1:{admin_port}",
+            f"http://127.0.0.1:{sim_port}",
+            config,
+            gw_log,
+        )
+    finally:
+        for process in (gateway, simulator):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def until_status(session: aiohttp.ClientSession, url: str, status: int) -> None:
+    """Polls a process that has been signalled: its reaction has no other observable event."""
+    for _ in range(100):
+        async with session.get(url) as response:
+            if response.status == status:
+                return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"{url} never answered {status}")
+
+
+async def test_sigterm_stops_taking_work_and_lets_a_stream_in_flight_finish(
+    running: Running, secret_watch: SecretWatch
+) -> None:
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        await session.post(f"{running.simulator}/_sim/faults", json={"kind": "hold_stream"})
+        async with session.post(
+            f"{running.url}{CHAT}", json={"message": "a long answer", "stream": True}, headers=ACME
+        ) as stream:
+            first = await stream.content.readuntil(b"\n\n")
+            running.gateway.send_signal(signal.SIGTERM)
+
+            await until_status(session, f"{running.admin}/readyz", 503)
+            # New work is refused: the caller port is closed (or answers 503 on a kept-alive
+            # connection), while the stream in flight goes on.
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with aiohttp.ClientSession() as fresh:
+                    await fresh.post(f"{running.url}{CHAT}", json={"message": "new"}, headers=ACME)
+            assert running.gateway.returncode is None
+
+            await session.post(f"{running.simulator}/_sim/release")
+            events = sse_events(first + await stream.read())
+        assert events[-1]["type"] == "done"
+        assert "".join(e.get("content", "") for e in events)
+
+    async with asyncio.timeout(5):
+        assert await running.gateway.wait() == 0
+    lines = running.log.read_text()
+    assert '"status": 200' in lines and '"stream": true' in lines
+
+
+@pytest.mark.parametrize("running", [1], indirect=True, ids=["grace=1s"])
+async def test_a_stream_longer_than_the_grace_is_cut_and_the_process_still_exits_0(
+    running: Running, secret_watch: SecretWatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        await session.post(f"{running.simulator}/_sim/faults", json={"kind": "hold_stream"})
+        async with session.post(
+            f"{running.url}{CHAT}", json={"message": "never ends", "stream": True}, headers=ACME
+        ) as stream:
+            await stream.content.readuntil(b"\n\n")
+            signalled = loop.time()
+            running.gateway.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(5):
+                assert await running.gateway.wait() == 0
+            elapsed = loop.time() - signalled
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await stream.read()
+    assert 1 <= elapsed < 4, f"exited {elapsed:.2f} s after SIGTERM with a 1 s grace"
+
+
+async def test_stop_helper_still_sees_a_clean_exit(running: Running) -> None:
+    assert await stop(running.gateway) == 0
