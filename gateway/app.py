@@ -21,6 +21,7 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics, SampledCollector
 from gateway.proxy import chat
 from gateway.quota import open_quota
+from gateway.reload import reload_config
 from gateway.state import (
     ACCESS,
     CLOCK,
@@ -59,7 +60,7 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
     app[CONFIG] = config
     app[CLOCK] = clock
     app[KEYRING] = KeyRing(config.tenants)
-    app[LIFECYCLE] = Lifecycle()
+    app[LIFECYCLE] = Lifecycle(config)
     app[METRICS] = Metrics(config)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_quota)
@@ -233,7 +234,8 @@ async def usage(request: web.Request) -> web.Response:
 
 
 def serve(config: Config) -> None:
-    """Run until SIGINT/SIGTERM; in-flight requests get `shutdown_grace` seconds to finish."""
+    """Run until SIGINT/SIGTERM (in-flight requests get `shutdown_grace` seconds to finish);
+    SIGHUP reloads tenants and agents from the same file (see reload.py)."""
     asyncio.run(_serve(config))
 
 
@@ -250,6 +252,7 @@ async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_config, app)
     try:
         await admin_runner.setup()
         await runner.setup()

@@ -34,6 +34,10 @@ class KeyRing:
     """Maps the hash of a presented key to the tenant and key name it belongs to."""
 
     def __init__(self, tenants: Mapping[str, Tenant]) -> None:
+        self.load(tenants)
+
+    def load(self, tenants: Mapping[str, Tenant]) -> None:
+        """Replace every key at once (a reload): the next request sees only the new set."""
         self._callers = {
             key.sha256: Caller(tenant, key.name)
             for tenant in tenants.values()

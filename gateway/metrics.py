@@ -101,10 +101,6 @@ class Metrics:
 
     def __init__(self, config: Config) -> None:
         self.registry = CollectorRegistry()
-        self._tenants = frozenset(config.tenants)
-        self._agents = frozenset(config.agents) | {
-            agent for tenant in config.tenants.values() for agent in tenant.agents
-        } - {ALL_AGENTS}
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
@@ -188,14 +184,20 @@ class Metrics:
         Gauge(
             "gateway_build_info", "The running gateway's version.", ["version"], registry=r
         ).labels(__version__).set(1)
-        self._zero_series()
-
-    def _zero_series(self) -> None:
-        """Series that alerts and rate() need to exist before the first event."""
         for reason in UPSTREAM_REASONS:
             self.upstream_errors.labels(reason)
         for result in ("ok", "invalid"):
             self.config_reloads.labels(result)
+        self.use_config(config)
+
+    def use_config(self, config: Config) -> None:
+        """The label values configuration allows (again on a reload; series of a tenant or
+        agent that was removed stay until restart, they only stop growing)."""
+        self._tenants = frozenset(config.tenants)
+        self._agents = frozenset(config.agents) | {
+            agent for tenant in config.tenants.values() for agent in tenant.agents
+        } - {ALL_AGENTS}
+        # Series that alerts and rate() need to exist before the first event.
         for tenant in self._tenants:
             self.active_streams.labels(tenant)
             self.tokens_estimated.labels(tenant)

@@ -23,11 +23,13 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 class Lifecycle:
-    """Whether this process should still take new work (flips once, at shutdown)."""
+    """The configuration in force (replaced by a reload) and whether this process should
+    still take new work (flips once, at shutdown)."""
 
-    __slots__ = ("draining",)
+    __slots__ = ("config", "draining")
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config) -> None:
+        self.config = config
         self.draining = False
 
 

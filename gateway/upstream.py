@@ -1,27 +1,34 @@
-"""The one pooled client to api.thinnest.ai: key choice, header allowlist, timeouts.
+"""The one pooled client to api.thinnest.ai: key choice, header allowlist, timeouts, retries.
 
 Every library failure is wrapped here into UpstreamTimeout or UpstreamUnavailable, so the
-proxy never sees an aiohttp exception from the request phase.
+proxy never sees an aiohttp exception from the request phase. Safe retries (gateway/retries.py)
+happen inside `send`, before anything has reached the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 from collections.abc import Mapping
 
 import aiohttp
-from aiohttp import ClientResponse, ClientSession
+import structlog
+from aiohttp import ClientResponse, ClientSession, hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import __version__
 from gateway.config import Agent, Timeouts, Upstream
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.retries import Retry, RetryPolicy
 
 # Only these caller headers go upstream; Authorization, cookies, hop-by-hop and anything
 # else a caller sends stay at the gateway.
 FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
 USER_AGENT = f"thinnest-gateway/{__version__}"
+
+log = structlog.get_logger("gateway.upstream")
 
 
 class Deadline:
@@ -33,17 +40,35 @@ class Deadline:
         self._loop = asyncio.get_running_loop()
         self._at = self._loop.time() + timeouts.total
 
+    @property
+    def at(self) -> float:
+        """The loop time the request must be over by."""
+        return self._at
+
     def within(self, seconds: float) -> float:
         """The loop time to stop waiting: `seconds` from now, or the deadline if sooner."""
         return min(self._loop.time() + seconds, self._at)
 
 
 class UpstreamClient:
-    def __init__(self, config: Upstream, agents: Mapping[str, Agent], session: ClientSession):
+    def __init__(
+        self,
+        config: Upstream,
+        agents: Mapping[str, Agent],
+        session: ClientSession,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        """`rng` is the retry jitter's source (a fresh one by default; tests may seed one)."""
         self.timeouts = config.timeouts
+        self.retry_policy = RetryPolicy(config.retries, rng)
         self._session = session
         self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
         self._platform_key = config.api_key
+        self._agent_keys = {a.id: a.api_key for a in agents.values() if a.api_key is not None}
+
+    def use_agents(self, agents: Mapping[str, Agent]) -> None:
+        """Agents' keys from a reloaded configuration (gateway/reload.py), in one step."""
         self._agent_keys = {a.id: a.api_key for a in agents.values() if a.api_key is not None}
 
     @staticmethod
@@ -79,8 +104,52 @@ class UpstreamClient:
     async def send(
         self, agent_id: str, body: bytes, headers: CIMultiDict[str], deadline: Deadline
     ) -> ClientResponse:
-        """POST the chat request; returns once upstream's status and headers are in."""
+        """POST the chat request; returns once upstream's status and headers are in.
+
+        A connection that could not be opened, or a 429/503 with a short Retry-After, is tried
+        again within `upstream.retries` (see gateway/retries.py); otherwise the last try's
+        response is returned, or its error raised.
+        """
         url = URL(self._prefix + agent_id + "/chat", encoded=True)
+        policy, loop = self.retry_policy, asyncio.get_running_loop()
+        stop_at = min(loop.time() + policy.budget, deadline.at)
+        tries = 0
+        while True:
+            tries += 1
+            retry: Retry | None
+            try:
+                response = await self._post(url, body, headers, deadline)
+            except UpstreamUnavailable as error:
+                retry = policy.after_error(
+                    error.__cause__, tries=tries, remaining=stop_at - loop.time()
+                )
+                if retry is None:
+                    raise
+            else:
+                retry = policy.after_response(
+                    response.status,
+                    response.headers.get(hdrs.RETRY_AFTER),
+                    tries=tries,
+                    remaining=stop_at - loop.time(),
+                    now=time.time(),
+                )
+                if retry is None:
+                    return response
+                response.release()  # unread: its connection goes back to the pool or closes
+            log.info(
+                "upstream retry",
+                request_id=headers.get("X-Request-ID"),
+                agent=agent_id,
+                attempt=tries + 1,
+                reason=retry.reason,
+                wait_ms=round(retry.wait * 1000, 3),
+            )
+            await asyncio.sleep(retry.wait)
+
+    async def _post(
+        self, url: URL, body: bytes, headers: CIMultiDict[str], deadline: Deadline
+    ) -> ClientResponse:
+        """One try; `first_byte` runs afresh for each, all of them within the deadline."""
         try:
             async with asyncio.timeout_at(deadline.within(self.timeouts.first_byte)):
                 return await self._session.post(url, data=body, headers=headers)

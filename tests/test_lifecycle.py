@@ -1,4 +1,4 @@
-"""A real `serve` process under signals: graceful shutdown on SIGTERM."""
+"""A real `serve` process under signals: graceful shutdown on SIGTERM, reload on SIGHUP."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml, sse_events
+from gateway.auth import hash_key
+from tests.conftest import (
+    ACME_KEY,
+    GLOBEX_KEY,
+    PLATFORM_KEY,
+    SUPPORT_KEY,
+    gateway_yaml,
+    sse_events,
+)
 from tests.processes import start, stop, wait_healthy
 from tests.redis_servers import free_port
 from tests.secret_watch import SecretWatch
@@ -128,3 +136,98 @@ async def test_a_stream_longer_than_the_grace_is_cut_and_the_process_still_exits
 
 async def test_stop_helper_still_sees_a_clean_exit(running: Running) -> None:
     assert await stop(running.gateway) == 0
+
+
+# --- hot reload (SIGHUP) ---------------------------------------------------------------------
+
+NEW_KEY = "gw_test_initech_ops_0003"
+
+
+async def reloads(session: aiohttp.ClientSession, running: Running, result: str) -> float:
+    async with session.get(f"{running.admin}/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith(f'gateway_config_reloads_total{{result="{result}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def sighup(session: aiohttp.ClientSession, running: Running, result: str) -> None:
+    """Send SIGHUP and wait until the reload's outcome shows in the metrics."""
+    before = await reloads(session, running, result)
+    running.gateway.send_signal(signal.SIGHUP)
+    for _ in range(100):
+        if await reloads(session, running, result) > before:
+            return
+        await asyncio.sleep(0.02)  # a signalled process: its metrics are the event
+    pytest.fail(f"no {result} reload counted:\n{running.log.read_text()}")
+
+
+async def chat_status(session: aiohttp.ClientSession, running: Running, key: str) -> int:
+    async with session.post(
+        f"{running.url}{CHAT}", json={"message": "Hi"}, headers={"Authorization": f"Bearer {key}"}
+    ) as response:
+        await response.read()
+        return response.status
+
+
+async def test_sighup_swaps_keys_and_tenants_while_a_stream_goes_on(
+    running: Running, secret_watch: SecretWatch
+) -> None:
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        assert await chat_status(session, running, ACME_KEY) == 200
+        await session.post(
+            f"{running.simulator}/_sim/faults", json={"kind": "hold_stream", "times": 1}
+        )
+        async with session.post(
+            f"{running.url}{CHAT}", json={"message": "keep going", "stream": True}, headers=ACME
+        ) as stream:
+            first = await stream.content.readuntil(b"\n\n")
+
+            # acme's key is revoked; a new tenant with its own key arrives.
+            text = running.config.read_text()
+            running.config.write_text(
+                text.replace(f"sha256: {hash_key(ACME_KEY)}", f"sha256: {hash_key(NEW_KEY)}")
+            )
+            await sighup(session, running, "ok")
+            assert await chat_status(session, running, ACME_KEY) == 401
+            assert await chat_status(session, running, NEW_KEY) == 200
+
+            # The stream admitted under the old key finishes untouched.
+            await session.post(f"{running.simulator}/_sim/release")
+            events = sse_events(first + await stream.read())
+        assert events[-1]["type"] == "done"
+    assert "config reloaded" in running.log.read_text()
+
+
+async def test_an_invalid_file_on_sighup_keeps_the_running_configuration(
+    running: Running, secret_watch: SecretWatch
+) -> None:
+    text = running.config.read_text()
+    running.config.write_text(text.replace("agents: [ag_support]", "agents: [ag_nowhere]"))
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        await sighup(session, running, "invalid")
+        assert await reloads(session, running, "ok") == 0
+        assert await chat_status(session, running, ACME_KEY) == 200
+    refused = [line for line in running.log.read_text().splitlines() if "reload refused" in line]
+    assert len(refused) == 1 and "tenants.acme.agents[0]" in refused[0]
+
+
+async def test_a_reload_keeps_the_tenants_bucket_levels(
+    running: Running, secret_watch: SecretWatch
+) -> None:
+    limited = running.config.read_text().replace(
+        "    agents: [ag_support]\n",
+        "    agents: [ag_support]\n    limits: {requests: {per_day: 3}}\n",
+        1,
+    )
+    running.config.write_text(limited)
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        await sighup(session, running, "ok")
+        assert [await chat_status(session, running, ACME_KEY) for _ in range(2)] == [200, 200]
+        # Another reload (a new tenant): acme's bucket is not refilled by it.
+        running.config.write_text(
+            limited.replace(f"sha256: {hash_key(GLOBEX_KEY)}", f"sha256: {hash_key(NEW_KEY)}")
+        )
+        await sighup(session, running, "ok")
+        assert [await chat_status(session, running, ACME_KEY) for _ in range(2)] == [200, 429]

@@ -48,6 +48,9 @@ class Reservation:
     # Unique per reserve. Settle is once per (request_id, reservation_id): a request id may be
     # the caller's own X-Request-ID, and a caller reusing one must not make later settles void.
     reservation_id: str = ""
+    # The plan it was reserved under, so that settling needs no lookup of a tenant that a
+    # reload may have changed or removed meanwhile (None: an "open" pass, nothing to settle).
+    plan: Plan | None = None
 
     @property
     def settle_key(self) -> str:

@@ -172,10 +172,15 @@ class QuotaService:
             plan = self._plans[config.limits] = plan_for(config.limits)
         return plan
 
+    def use_tenants(self, tenants: Mapping[str, Tenant]) -> None:
+        """A reload: new limits apply from the next reservation; bucket levels are kept (they
+        live in the store, by tenant name), and requests in flight settle under their plan."""
+        self._tenants = tenants
+
     def _store_for(self, reservation: Reservation) -> tuple[Store, Plan]:
-        plan = self._plan(reservation.tenant)
+        plan = self._plan(reservation.tenant) if reservation.plan is None else reservation.plan
         if reservation.backend == "local" and self._fallback is not None:
-            return self._fallback, plan.scaled(self._replicas)
+            return self._fallback, plan
         return self._primary, plan
 
     async def _reserve_on(
@@ -196,6 +201,7 @@ class QuotaService:
             stream_lease=lease if decision.allowed else None,
             backend=store.name,
             reservation_id=_unique(),
+            plan=plan,
         )
 
     async def _call(
