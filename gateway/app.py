@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import structlog
 from aiohttp import hdrs, web
+from prometheus_client.registry import Collector
 
 from gateway import errors
 from gateway.accounting import Drains, usage_headers
@@ -18,7 +20,12 @@ from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.logs import AccessRecord, access_logger
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from gateway.metrics import Metrics, SampledCollector
+from gateway.metrics import (
+    Metrics,
+    quota_backend_errors,
+    stream_drains,
+    upstream_circuit_open,
+)
 from gateway.proxy import chat
 from gateway.quota import open_quota
 from gateway.reload import reload_config
@@ -75,8 +82,11 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     session = UpstreamClient.open_session(config.upstream)
-    app[UPSTREAM] = UpstreamClient(config.upstream, config.agents, session)
-    yield
+    upstream = app[UPSTREAM] = UpstreamClient(
+        config.upstream, config.agents, session, clock=app[CLOCK]
+    )
+    with _sampled(app, upstream_circuit_open(lambda: upstream.breaker.state != "closed")):
+        yield
     await session.close()
 
 
@@ -92,12 +102,26 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     ) as quota:
         app[QUOTA] = quota
         drains = app[DRAINS] = Drains(config.quota.drain_timeout, MAX_CONCURRENT_DRAINS)
-        sampled = SampledCollector(lambda: quota.backend_errors, drains.__len__)
-        registry = app[METRICS].registry
-        registry.register(sampled)
+        with _sampled(
+            app,
+            quota_backend_errors(lambda: quota.backend_errors),
+            stream_drains(drains.__len__),
+        ):
+            yield
+            await drains.close()
+
+
+@contextlib.contextmanager
+def _sampled(app: web.Application, *collectors: Collector) -> Iterator[None]:
+    """Registered on the app's registry for as long as what they read exists."""
+    registry = app[METRICS].registry
+    for collector in collectors:
+        registry.register(collector)
+    try:
         yield
-        await drains.close()
-        registry.unregister(sampled)
+    finally:
+        for collector in collectors:
+            registry.unregister(collector)
 
 
 async def _start_draining(app: web.Application) -> None:

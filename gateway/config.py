@@ -97,12 +97,19 @@ DEFAULT_BASE_URL = URL("https://api.thinnest.ai")
 
 
 @dataclass(frozen=True, slots=True)
+class Breaker:
+    failures: int = 5  # consecutive failed calls that open it
+    cooldown: float = 10.0  # seconds open before one probe goes through
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     base_url: URL = DEFAULT_BASE_URL
     api_key: Secret | None = None
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
     rate_limits: Limit = Limit()
+    breaker: Breaker = Breaker()
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +353,7 @@ def _upstream(s: _Section) -> Upstream:
     url = URL(base)
     if url.scheme not in ("http", "https") or not url.host:
         raise _Problem(s.at("base_url"), f"expected an http:// or https:// URL, got {base!r}")
-    t, r = s.section("timeouts"), s.section("retries")
+    t, r, b = s.section("timeouts"), s.section("retries"), s.section("breaker")
     upstream = Upstream(
         base_url=url,
         api_key=s.secret("api_key"),
@@ -362,9 +369,14 @@ def _upstream(s: _Section) -> Upstream:
             budget=r.number("budget", 5.0),
         ),
         rate_limits=_limit(s.section("rate_limits")),
+        breaker=Breaker(
+            failures=b.whole("failures", 5, minimum=1),
+            cooldown=b.number("cooldown", 10.0),
+        ),
     )
     t.done()
     r.done()
+    b.done()
     s.done()
     return upstream
 

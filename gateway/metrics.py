@@ -11,6 +11,7 @@ first byte takes up to a minute, and a stream may run for ten.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,6 +39,7 @@ from gateway.usage import Usage
 NONE = "none"  # no tenant (unauthenticated) or no agent (a path that names none)
 OTHER = "other"  # an agent id that is not in the configuration
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+Reader = Callable[[], float]
 
 # Whole requests: a JSON answer in tens of ms to a stream of ten minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -252,21 +254,44 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class SampledCollector(Collector):
-    """Counts other parts already keep, read at scrape time rather than mirrored."""
+class Sampled(Collector):
+    """One value another part already keeps (quota backend errors, drains, the upstream
+    breaker), read at scrape time rather than mirrored into a metric of our own."""
 
-    def __init__(self, backend_errors: Callable[[], int], drains: Callable[[], int]) -> None:
-        self._backend_errors = backend_errors
-        self._drains = drains
+    def __init__(
+        self, kind: Literal["counter", "gauge"], name: str, documentation: str, read: Reader
+    ) -> None:
+        self._family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        self._name = name
+        self._documentation = documentation
+        self._read = read
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(
-            "gateway_quota_backend_errors",
-            "Quota backend (Redis) calls that failed or overran quota.timeout_ms.",
-            value=self._backend_errors(),
-        )
-        yield GaugeMetricFamily(
-            "gateway_stream_drains",
-            "Abandoned streams being read on in the background to charge their tokens.",
-            value=self._drains(),
-        )
+        yield self._family(self._name, self._documentation, value=self._read())
+
+
+def quota_backend_errors(read: Reader) -> Sampled:
+    return Sampled(
+        "counter",
+        "gateway_quota_backend_errors",
+        "Quota backend (Redis) calls that failed or overran quota.timeout_ms.",
+        read,
+    )
+
+
+def stream_drains(read: Reader) -> Sampled:
+    return Sampled(
+        "gauge",
+        "gateway_stream_drains",
+        "Abandoned streams being read on in the background to charge their tokens.",
+        read,
+    )
+
+
+def upstream_circuit_open(read: Reader) -> Sampled:
+    return Sampled(
+        "gauge",
+        "gateway_upstream_circuit_open",
+        "1 while the upstream circuit breaker is open or probing (callers get 502 at once).",
+        read,
+    )

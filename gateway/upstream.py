@@ -8,9 +8,10 @@ happen inside `send`, before anything has reached the caller.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import aiohttp
 import structlog
@@ -19,6 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import __version__
+from gateway.breaker import CircuitBreaker
 from gateway.config import Agent, Timeouts, Upstream
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.retries import Retry, RetryPolicy
@@ -58,10 +60,18 @@ class UpstreamClient:
         session: ClientSession,
         *,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`rng` is the retry jitter's source (a fresh one by default; tests may seed one)."""
         self.timeouts = config.timeouts
         self.retry_policy = RetryPolicy(config.retries, rng)
+        # Consecutive failures (unreachable, no first byte in time, 5xx) open it: callers then
+        # get an immediate 502 instead of each waiting out a failing upstream, and upstream
+        # gets room to recover; one probe goes through per cooldown.
+        self.breaker = CircuitBreaker(
+            threshold=config.breaker.failures, cooldown=config.breaker.cooldown, clock=clock
+        )
+        self._pause = str(math.ceil(config.breaker.cooldown))
         self._session = session
         self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
         self._platform_key = config.api_key
@@ -117,15 +127,29 @@ class UpstreamClient:
         while True:
             tries += 1
             retry: Retry | None
+            if not self.breaker.allow():
+                raise UpstreamUnavailable(
+                    "the upstream API is failing; the gateway is not sending to it for a few "
+                    "seconds",
+                    headers={hdrs.RETRY_AFTER: self._pause},
+                )
             try:
                 response = await self._post(url, body, headers, deadline)
+            except UpstreamTimeout:
+                self.breaker.failure()
+                raise
             except UpstreamUnavailable as error:
+                self.breaker.failure()
                 retry = policy.after_error(
                     error.__cause__, tries=tries, remaining=stop_at - loop.time()
                 )
                 if retry is None:
                     raise
             else:
+                if response.status >= 500:
+                    self.breaker.failure()
+                else:
+                    self.breaker.success()
                 retry = policy.after_response(
                     response.status,
                     response.headers.get(hdrs.RETRY_AFTER),

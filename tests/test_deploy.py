@@ -17,7 +17,12 @@ import yaml
 
 from gateway.config import parse_config
 from gateway.logs import AccessRecord
-from gateway.metrics import Metrics, SampledCollector
+from gateway.metrics import (
+    Metrics,
+    quota_backend_errors,
+    stream_drains,
+    upstream_circuit_open,
+)
 from gateway.usage import Usage
 from tests.conftest import gateway_yaml
 
@@ -67,7 +72,8 @@ def exposed_labels() -> dict[str, set[str]]:
     """Sample name → its label names, from a real registry with every metric observed once."""
     config = parse_config(gateway_yaml("http://127.0.0.1:9"), "test.yaml")
     metrics = Metrics(config)
-    metrics.registry.register(SampledCollector(lambda: 0, lambda: 0))
+    for sampled in (quota_backend_errors, stream_drains, upstream_circuit_open):
+        metrics.registry.register(sampled(lambda: 0))
     # Labelled metrics have no samples until first used: one request that did everything.
     record = AccessRecord(
         request_id="r1",

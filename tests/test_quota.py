@@ -32,7 +32,7 @@ from gateway.quota import (
     Reservation,
     open_quota,
 )
-from gateway.quota.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker
 from gateway.quota.connect import connect
 from gateway.quota.memory import MemoryStore
 from gateway.quota.plan import Plan, plan_for

@@ -18,7 +18,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from gateway.config import Tenant, TenantLimits
-from gateway.quota.breaker import CircuitBreaker
+from gateway.breaker import CircuitBreaker
 from gateway.quota.model import (
     BucketState,
     Decision,

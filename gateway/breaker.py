@@ -1,4 +1,5 @@
-"""A circuit breaker, so a dead Redis costs nothing per request until it is probed back.
+"""A circuit breaker, so a dead backend (Redis, the upstream API) costs nothing per request
+until it is probed back.
 
     closed ──(threshold consecutive failures)──▶ open ──(cooldown)──▶ half-open
       ▲                                           ▲                       │
