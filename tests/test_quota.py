@@ -19,6 +19,7 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+from gateway.breaker import CircuitBreaker
 from gateway.config import Limit, Quota, Secret, Tenant, TenantLimits, TokenLimit
 from gateway.errors import ConfigError, Unavailable
 from gateway.quota import (
@@ -32,7 +33,6 @@ from gateway.quota import (
     Reservation,
     open_quota,
 )
-from gateway.breaker import CircuitBreaker
 from gateway.quota.connect import connect
 from gateway.quota.memory import MemoryStore
 from gateway.quota.plan import Plan, plan_for

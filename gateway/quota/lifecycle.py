@@ -6,8 +6,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
-from gateway.config import Quota, Tenant
 from gateway.breaker import CircuitBreaker
+from gateway.config import Quota, Tenant
 from gateway.quota.connect import MAX_CONNECTIONS, connect
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import Backend

@@ -17,8 +17,8 @@ from typing import Literal, TypeVar
 import structlog
 from redis.exceptions import RedisError
 
-from gateway.config import Tenant, TenantLimits
 from gateway.breaker import CircuitBreaker
+from gateway.config import Tenant, TenantLimits
 from gateway.quota.model import (
     BucketState,
     Decision,
