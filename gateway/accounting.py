@@ -113,6 +113,7 @@ class Drains:
         self._timeout = timeout
         self._limit = limit
         self._tasks: set[asyncio.Task[None]] = set()
+        self.started = 0
         self._finished = 0
         self._changed = asyncio.Condition()
 
@@ -131,6 +132,7 @@ class Drains:
         if len(self._tasks) >= self._limit:
             return False
         task = asyncio.create_task(self._drain(response, scanner, tally, account, dict(fields)))
+        self.started += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True

@@ -1,0 +1,180 @@
+"""Callers that hang up mid-stream: nothing is left behind once the drains have settled."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_config
+from gateway.simulator.app import create_simulator_app
+from gateway.simulator.config import RateLimitConfig, SimulatorConfig
+from gateway.state import DRAINS
+from tests.conftest import ACME, PLATFORM_KEY, SUPPORT_KEY, AiohttpClient, gateway_yaml
+from tests.processes import start, stop, wait_healthy
+from tests.redis_servers import free_port
+from tests.secret_watch import SecretWatch
+
+CHAT = "/v1/agents/ag_support/chat"
+STORY = {"message": "Tell me the long story of your products, all of it", "stream": True}
+
+
+async def hang_up_somewhere(
+    session: aiohttp.ClientSession, url: str, rng: random.Random, limit: asyncio.Semaphore
+) -> int:
+    """One stream, left after a random number of events (0: before the first)."""
+    async with limit:
+        response = await session.post(url, json=STORY, headers=ACME)
+        for _ in range(rng.randint(0, 8)):
+            if await response.content.readuntil(b"\n\n") == b"":
+                break
+        response.close()
+        return response.status
+
+
+@dataclass
+class Served:
+    gateway: asyncio.subprocess.Process
+    url: str
+    admin: str
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[Served]:
+    """Real processes; the simulator paces events 20 ms apart."""
+    sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
+    sim_config = tmp_path / "sim.yaml"
+    sim_config.write_text(
+        "rate_limit: {per_minute: 100000, per_day: 1000000}\nchunk_interval: 0.02\n"
+    )
+    simulator = await start(
+        "simulate",
+        "--port",
+        str(sim_port),
+        "--config",
+        str(sim_config),
+        env=env,
+        log=tmp_path / "s.log",
+    )
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        gateway_yaml(f"http://127.0.0.1:{sim_port}")
+        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\n"
+        + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
+        + "logging: {level: warning}\n"
+    )
+    gateway = await start("serve", "--config", str(config), env=env, log=tmp_path / "gw.log")
+    try:
+        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, tmp_path / "s.log")
+        await wait_healthy(f"http://127.0.0.1:{admin_port}/readyz", gateway, tmp_path / "gw.log")
+        yield Served(gateway, f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{admin_port}")
+        assert await stop(gateway) == 0
+    finally:
+        for process in (gateway, simulator):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def settled(session: aiohttp.ClientSession, admin: str) -> dict[str, float]:
+    """Waits until no stream, drain or request is in flight; returns the scrape's counters."""
+    wanted = ("gateway_active_streams", "gateway_stream_drains", "gateway_inflight_requests")
+    values: dict[str, float] = {}
+    for _ in range(300):
+        async with session.get(f"{admin}/metrics") as response:
+            text = await response.text()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name = line.split("{")[0].split(" ")[0]
+                values[name] = values.get(name, 0.0) + float(line.split()[-1])
+        if all(values.get(name, 0.0) == 0 for name in wanted):
+            return values
+        await asyncio.sleep(0.05)  # drains finish on upstream's pace: the scrape is the event
+    pytest.fail(f"never settled: { {name: values.get(name) for name in wanted} }")
+
+
+def ours() -> list[asyncio.Task[Any]]:
+    """Tasks but the servers' per-connection loops (kept-alive connections are not leaks)."""
+    return [
+        task
+        for task in asyncio.all_tasks()
+        if getattr(task.get_coro(), "__qualname__", "") != "RequestHandler.start"
+    ]
+
+
+@pytest.mark.timeout(120)
+async def test_500_streams_aborted_at_random_points_leave_no_connections_or_memory_behind(
+    served: Served, secret_watch: SecretWatch
+) -> None:
+    rng, limit = random.Random(500), asyncio.Semaphore(50)
+    pid = served.gateway.pid
+    url = served.url + CHAT
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        # Warm-up: pools, caches and the allocator reach their working size first.
+        await asyncio.gather(*(hang_up_somewhere(session, url, rng, limit) for _ in range(200)))
+        await settled(session, served.admin)
+        fds, rss = open_fds(pid), rss_bytes(pid)
+
+        statuses = await asyncio.gather(
+            *(hang_up_somewhere(session, url, rng, limit) for _ in range(500))
+        )
+        after = await settled(session, served.admin)
+
+    assert set(statuses) == {200}
+    assert after["gateway_requests_total"] == 700
+    assert after["gateway_client_disconnects_total"] > 300
+    # Kept-alive upstream connections come and go with the load (at most one per concurrent
+    # stream); a leak of one per aborted stream would show as hundreds.
+    assert open_fds(pid) <= fds + 50, f"descriptors {fds} → {open_fds(pid)}"
+    growth = rss_bytes(pid) - rss
+    assert growth < 16 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB over 500 aborted streams"
+
+
+async def test_aborted_streams_leave_no_tasks_in_the_process(
+    aiohttp_client: AiohttpClient, make_gateway: Any
+) -> None:
+    simulator = await aiohttp_client(
+        create_simulator_app(
+            SimulatorConfig(
+                rate_limit=RateLimitConfig(per_minute=100_000, per_day=1_000_000),
+                chunk_interval=0.005,
+            )
+        )
+    )
+    url = str(simulator.make_url("")).rstrip("/")
+    gateway: TestClient[web.Request, web.Application] = await make_gateway(
+        config=parse_config(gateway_yaml(url))
+    )
+    baseline = len(ours())
+    rng, limit = random.Random(100), asyncio.Semaphore(20)
+    session = gateway.session
+    target = str(gateway.make_url(CHAT))
+    await asyncio.gather(*(hang_up_somewhere(session, target, rng, limit) for _ in range(100)))
+
+    drains = gateway.app[DRAINS]
+    async with asyncio.timeout(10):
+        await drains.wait_finished(drains.started)
+    await asyncio.sleep(0)  # the finished drains' tasks complete after they notify
+    assert len(ours()) <= baseline, ours()
