@@ -26,6 +26,7 @@ from gateway.metrics import (
     stream_drains,
     upstream_circuit_open,
 )
+from gateway.openapi import openapi
 from gateway.proxy import chat
 from gateway.quota import open_quota
 from gateway.reload import reload_config
@@ -37,12 +38,14 @@ from gateway.state import (
     GATEWAY,
     KEYRING,
     LIFECYCLE,
+    LIMITER,
     METRICS,
     QUOTA,
     UPSTREAM,
     Lifecycle,
 )
 from gateway.upstream import UpstreamClient
+from gateway.upstream_limits import UpstreamLimiter
 
 Clock = Callable[[], float]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,6 +58,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _KEY_PREFIXES = ("gw_", "ak_", "thns_")
 # Abandoned streams read on at once to charge their tokens; past this, the charge is estimated.
 MAX_CONCURRENT_DRAINS = 1024
+KEEPALIVE_TIMEOUT = 75.0
 _QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -69,12 +73,14 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
     app[KEYRING] = KeyRing(config.tenants)
     app[LIFECYCLE] = Lifecycle(config)
     app[METRICS] = Metrics(config)
+    app[LIMITER] = UpstreamLimiter(config)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_quota)
     app.router.add_post("/v1/agents/{agent_id}/chat", chat)
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)
     app.on_shutdown.append(_start_draining)
     return app
 
@@ -97,8 +103,10 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     lease_ttl = config.upstream.timeouts.total + config.quota.drain_timeout + 30
     # Settle markers only guard against a settle sent twice in quick succession; a short
     # life keeps one key per request from piling up in Redis.
+    # Upstream keys' own limits are buckets in the same store, beside the tenants'.
+    buckets = {**config.tenants, **app[LIMITER].buckets}
     async with open_quota(
-        config.quota, config.tenants, clock=app[CLOCK], lease_ttl=lease_ttl, settled_ttl=60
+        config.quota, buckets, clock=app[CLOCK], lease_ttl=lease_ttl, settled_ttl=60
     ) as quota:
         app[QUOTA] = quota
         drains = app[DRAINS] = Drains(config.quota.drain_timeout, MAX_CONCURRENT_DRAINS)
@@ -269,7 +277,13 @@ async def _serve(config: Config) -> None:
     # A caller gone before upstream answered cancels the upstream request; a stream's caller
     # gone mid-way hands the upstream response to a drain (see accounting.py).
     runner = web.AppRunner(
-        app, access_log=None, handler_cancellation=True, shutdown_timeout=config.shutdown_grace
+        app,
+        access_log=None,
+        handler_cancellation=True,
+        shutdown_timeout=config.shutdown_grace,
+        # aiohttp has no timeout for reading a request head: an idle or slowly-sent one is
+        # closed by this (its default is an hour).
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     admin_runner = web.AppRunner(create_admin_app(app), access_log=None, shutdown_timeout=1)
     stop = asyncio.Event()

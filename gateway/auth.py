@@ -49,7 +49,12 @@ class KeyRing:
             raise Unauthorized("missing gateway key: send 'Authorization: Bearer <gateway key>'")
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > _MAX_KEY_LENGTH:
+        if (
+            scheme.lower() != "bearer"
+            or not token
+            or len(token) > _MAX_KEY_LENGTH
+            or not (token.isascii() and token.isprintable())
+        ):
             raise Unauthorized("malformed Authorization header: expected 'Bearer <gateway key>'")
         caller = self._callers.get(hash_key(token))
         if caller is None:

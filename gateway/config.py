@@ -97,6 +97,14 @@ DEFAULT_BASE_URL = URL("https://api.thinnest.ai")
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamRateLimits:
+    """Upstream's own per-key request limit, kept by the gateway for all replicas."""
+
+    requests: Limit = Limit()
+    max_wait: float = 2.0  # seconds a request may queue for a slot before its 429
+
+
+@dataclass(frozen=True, slots=True)
 class Breaker:
     failures: int = 5  # consecutive failed calls that open it
     cooldown: float = 10.0  # seconds open before one probe goes through
@@ -108,7 +116,7 @@ class Upstream:
     api_key: Secret | None = None
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
-    rate_limits: Limit = Limit()
+    rate_limits: UpstreamRateLimits = UpstreamRateLimits()
     breaker: Breaker = Breaker()
 
 
@@ -116,6 +124,7 @@ class Upstream:
 class Agent:
     id: str
     api_key: Secret | None = None
+    rate_limits: Limit | None = None  # its own key's limit, if it differs from upstream's
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +346,11 @@ def _limit(s: _Section) -> Limit:
     return limit
 
 
+def _upstream_rate_limits(s: _Section) -> UpstreamRateLimits:
+    max_wait = s.number("max_wait", 2.0, positive=False)
+    return UpstreamRateLimits(requests=_limit(s), max_wait=max_wait)
+
+
 def _token_limit(s: _Section) -> TokenLimit:
     limit = TokenLimit(
         per_minute=s.whole("per_minute", None, minimum=1),
@@ -368,7 +382,7 @@ def _upstream(s: _Section) -> Upstream:
             backoff=r.number("backoff", 0.2, positive=False),
             budget=r.number("budget", 5.0),
         ),
-        rate_limits=_limit(s.section("rate_limits")),
+        rate_limits=_upstream_rate_limits(s.section("rate_limits")),
         breaker=Breaker(
             failures=b.whole("failures", 5, minimum=1),
             cooldown=b.number("cooldown", 10.0),
@@ -387,7 +401,8 @@ def _agents(root: _Section, upstream: Upstream) -> dict[str, Agent]:
         s = _Section(root.at("agents") + f".{agent_id}", raw)
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise _Problem(s.path, "agent ids are letters, digits, _ and - (at most 128)")
-        agent = Agent(id=agent_id, api_key=s.secret("api_key"))
+        limits = _limit(s.section("rate_limits")) if s.get("rate_limits") is not None else None
+        agent = Agent(id=agent_id, api_key=s.secret("api_key"), rate_limits=limits)
         if agent.api_key is None and upstream.api_key is None:
             raise _Problem(s.at("api_key"), "no upstream key: set it here or upstream.api_key")
         s.done()

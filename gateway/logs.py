@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.config import Logging
 from gateway.usage import Usage
@@ -60,6 +61,22 @@ def configure_logging(config: Logging, stream: LogStream | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _NoRawRequestBytes) for f in server.filters):
+        server.addFilter(_NoRawRequestBytes())
+
+
+class _NoRawRequestBytes(logging.Filter):
+    """aiohttp's parser errors quote the raw request head, Authorization header included:
+    log that a malformed request was refused, and what kind, never its bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "malformed HTTP request refused: %s", (type(exc).__name__,)
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 @dataclass(slots=True)

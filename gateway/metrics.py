@@ -78,6 +78,8 @@ LIMITS = tuple(
         TOKENS_PER_MINUTE,
         TOKENS_PER_DAY,
         CONCURRENT_STREAMS,
+        f"upstream {REQUESTS_PER_MINUTE}",
+        f"upstream {REQUESTS_PER_DAY}",
     )
 )
 

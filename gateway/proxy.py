@@ -1,8 +1,12 @@
-"""The chat handler: authenticate → validate → reserve quota → forward → stream → settle.
+"""The chat handler: authenticate → validate → reserve quota (the tenant's, then upstream's
+per-key slot) → forward → stream → settle.
 
 JSON answers pass back with upstream's status and body unchanged. Event streams pass back
 chunk by chunk as they arrive, unchanged; an SSE scanner reads the same bytes alongside to
 learn the `done` event's usage, and a stream that breaks off ends with one SSE error event.
+With session isolation (gateway/sessions.py) the session id is namespaced on the way up and
+translated back on the way down: in the body, and in the stream's `done` event (each event is
+passed on as soon as it is complete).
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from gateway.config import AGENT_ID_PATTERN
 from gateway.errors import AgentNotFound, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
+from gateway.sessions import DoneEventRewriter, SessionScope
 from gateway.sse import SSEScanner
-from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, METRICS, QUOTA, UPSTREAM
+from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, LIMITER, METRICS, QUOTA, UPSTREAM
 from gateway.upstream import Deadline, UpstreamClient
 from gateway.usage import StreamTally, usage_from_json
 from gateway.validation import ChatRequest, read_chat_request
@@ -46,11 +51,12 @@ async def chat(request: web.Request) -> web.StreamResponse:
     app, record = request.app, request[ACCESS]
     caller = app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     record.tenant, record.key_name = caller.tenant.name, caller.key_name
-    upstream = app[UPSTREAM]
+    upstream, sessions = app[UPSTREAM], SessionScope.of(caller.tenant)
     try:
         agent_id = _agent_for(request.match_info["agent_id"], caller, upstream)
         record.agent = agent_id
         chat_request = await read_chat_request(request, app[CONFIG].limits.max_body_bytes)
+        body = sessions.upstream_body(chat_request)
     except GatewayError:
         # Refused before admission: costs nothing, but still tells the caller where it stands.
         record.extra_headers.update(await current_limits(app[QUOTA], caller.tenant.name))
@@ -59,16 +65,18 @@ async def chat(request: web.Request) -> web.StreamResponse:
     account = await _reserve(request, caller, chat_request)
     try:
         deadline = Deadline(upstream.timeouts)
+        # Upstream's own per-key limit, after the tenant's: a refused tenant costs it nothing.
+        await app[LIMITER].admit(app[QUOTA], agent_id, record, deadline)
         loop = asyncio.get_running_loop()
         sent = loop.time()
         headers = upstream.headers_for(agent_id, request.headers, record.request_id)
-        response = await upstream.send(agent_id, chat_request.body, headers, deadline)
+        response = await upstream.send(agent_id, body, headers, deadline)
         record.upstream_ttfb = record.upstream_wait = loop.time() - sent
         record.upstream_status = response.status
         try:
             if response.content_type == "text/event-stream":
-                return await _relay_stream(request, response, upstream, deadline, account)
-            return await _relay_body(response, upstream, deadline, account, record)
+                return await _relay_stream(request, response, upstream, deadline, account, sessions)
+            return await _relay_body(response, upstream, deadline, account, record, sessions)
         finally:
             if not account.detached:
                 # Back to the pool when the body was read to its end, else closed.
@@ -122,6 +130,7 @@ async def _relay_body(
     deadline: Deadline,
     account: Account,
     record: AccessRecord,
+    sessions: SessionScope,
 ) -> web.Response:
     loop = asyncio.get_running_loop()
     reading = loop.time()
@@ -131,6 +140,7 @@ async def _relay_body(
         record.usage = usage_from_json(body)
         # Upstream answered; when it did not say what it cost, the answer's size is charged.
         await account.settle(estimate_tokens(len(body)), usage=record.usage)
+    body = sessions.caller_body(body)
     return web.Response(status=response.status, body=body, headers=_headers_from(response, record))
 
 
@@ -140,13 +150,16 @@ async def _relay_stream(
     upstream: UpstreamClient,
     deadline: Deadline,
     account: Account,
+    sessions: SessionScope,
 ) -> web.StreamResponse:
     record, metrics = request[ACCESS], request.app[METRICS]
     record.stream = True
     active = metrics.active_streams.labels(metrics.tenant_label(record.tenant))
     active.inc()
     try:
-        return await _pass_stream(request, response, upstream, deadline, account)
+        return await _pass_stream(
+            request, response, upstream, deadline, account, sessions.stream_rewriter()
+        )
     finally:
         active.dec()
 
@@ -157,6 +170,7 @@ async def _pass_stream(
     upstream: UpstreamClient,
     deadline: Deadline,
     account: Account,
+    rewriter: DoneEventRewriter | None,
 ) -> web.StreamResponse:
     record, chunk_gap = request[ACCESS], request.app[METRICS].chunk_gap
     out = web.StreamResponse(
@@ -189,7 +203,11 @@ async def _pass_stream(
                 break
             for event in scanner.feed(chunk):
                 tally.observe(event)
-            await out.write(chunk)
+            if rewriter is not None:
+                # Whole events only, so the done event's session id can be translated back.
+                chunk = rewriter.feed(chunk)
+            if chunk:
+                await out.write(chunk)
             chunk_gap.observe(loop.time() - received)
     except (ConnectionError, asyncio.CancelledError):
         # The caller left: a failed write, or aiohttp cancelling the handler on disconnect.
@@ -203,11 +221,15 @@ async def _pass_stream(
     if failure is None and not tally.done and not tally.errored:
         failure = UpstreamUnavailable("the upstream stream ended before its done event")
         record.upstream_error = STREAM_INCOMPLETE
+    # Close a half-sent event first, so an error event of ours is read as an event of its own.
+    tail = b"" if failure is None or scanner.at_boundary else b"\n\n"
+    if rewriter is not None:
+        tail = rewriter.finish(tail)
+    if failure is not None:
+        tail += sse_error_event(failure)
     try:
-        if failure is not None:
-            # Close a half-sent event first, so ours is read as an event of its own.
-            tail = b"" if scanner.at_boundary else b"\n\n"
-            await out.write(tail + sse_error_event(failure))
+        if tail:
+            await out.write(tail)
         await out.write_eof()
     except ConnectionError:
         record.client_closed = True

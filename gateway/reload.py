@@ -1,11 +1,12 @@
 """Hot reload (SIGHUP): tenants, their keys and limits, and agents' keys change while running.
 
 The file is read and validated in full first; an invalid file changes nothing (logged and
-counted). A valid one is applied in one step with no await in between, so every request sees
-either the old or the new configuration, never a mix: a removed key is refused from the next
-request on, requests and streams in flight finish as they started, and quota buckets keep
-their levels (they live in the store by tenant name). Sockets, upstream, quota backend, limits
-and logging are read once at start-up; a change there is reported as needing a restart.
+counted). A valid one's tenants, agents and upstream.rate_limits are applied in one step with
+no await in between, so every request sees either the old or the new configuration, never a
+mix: a removed key is refused from the next request on, requests and streams in flight finish
+as they started, and quota buckets keep their levels (they live in the store by name).
+Sockets, the rest of upstream, the quota backend, limits and logging are read once at
+start-up; a change there is reported as needing a restart.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiohttp import web
 
 from gateway.config import Config, load_config
 from gateway.errors import ConfigError
-from gateway.state import KEYRING, LIFECYCLE, METRICS, QUOTA, UPSTREAM
+from gateway.state import KEYRING, LIFECYCLE, LIMITER, METRICS, QUOTA, UPSTREAM
 
 log = structlog.get_logger("gateway.reload")
 
@@ -36,9 +37,16 @@ def reload_config(app: web.Application) -> bool:
         log.error("config reload refused, the running configuration stays", error=str(exc))
         return False
     _apply(app, new)
-    lifecycle.config = dataclasses.replace(running, tenants=new.tenants, agents=new.agents)
+    # upstream.rate_limits is applied with the agents (their keys choose the buckets).
+    applied = dataclasses.replace(
+        running,
+        tenants=new.tenants,
+        agents=new.agents,
+        upstream=dataclasses.replace(running.upstream, rate_limits=new.upstream.rate_limits),
+    )
+    lifecycle.config = applied
     metrics.config_reloads.labels("ok").inc()
-    restart = [name for name in RESTART_ONLY if getattr(running, name) != getattr(new, name)]
+    restart = [name for name in RESTART_ONLY if getattr(applied, name) != getattr(new, name)]
     log.info(
         "config reloaded",
         tenants=len(new.tenants),
@@ -52,6 +60,7 @@ def reload_config(app: web.Application) -> bool:
 def _apply(app: web.Application, new: Config) -> None:
     # No await from here to the end: requests see all of it or none of it.
     app[KEYRING].load(new.tenants)
-    app[QUOTA].use_tenants(new.tenants)
+    app[LIMITER].use_config(new)
+    app[QUOTA].use_tenants({**new.tenants, **app[LIMITER].buckets})
     app[UPSTREAM].use_agents(new.agents)
     app[METRICS].use_config(new)

@@ -13,6 +13,7 @@ from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
 from gateway.quota import QuotaService
 from gateway.upstream import UpstreamClient
+from gateway.upstream_limits import UpstreamLimiter
 
 CONFIG = web.AppKey("config", Config)
 KEYRING = web.AppKey("keyring", KeyRing)
@@ -20,6 +21,7 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 QUOTA = web.AppKey("quota", QuotaService)
 DRAINS = web.AppKey("drains", Drains)
 METRICS = web.AppKey("metrics", Metrics)
+LIMITER = web.AppKey("upstream_limiter", UpstreamLimiter)
 
 
 class Lifecycle:

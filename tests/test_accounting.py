@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_config
+from gateway.sessions import new_session_id
 from gateway.state import DRAINS
 from tests.conftest import ACME, SUPPORT_KEY, gateway_yaml, sse_events
 
@@ -42,7 +43,10 @@ async def make_limited(make_gateway: Any, yaml_limits: str, **kwargs: Any) -> Cl
 async def tokens_reported(simulator: Sim, body: dict[str, Any]) -> int:
     """What upstream charges for this in a fresh session (the simulator is deterministic)."""
     direct = await simulator.post(
-        CHAT, json={**body, "stream": False}, headers={"Authorization": f"Bearer {SUPPORT_KEY}"}
+        CHAT,
+        # The reply quotes its session id: use one as long as the gateway's namespaced ids.
+        json={**body, "stream": False, "session_id": f"gw:acme:{new_session_id()}"},
+        headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
     )
     total: int = (await direct.json())["usage"]["total_tokens"]
     return total

@@ -48,12 +48,15 @@ async def test_json_answer_passes_through_byte_for_byte(gateway: Client, simulat
     through = await gateway.post(CHAT, json=body, headers=ACME)
     direct = await simulator.post(
         CHAT,
-        json={**body, "session_id": "sess_b"},
+        json={**body, "session_id": "gw:acme:sess_b"},
         headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
     )
     assert through.status == direct.status == 200
     assert through.content_type == "application/json"
-    assert (await through.read()) == (await direct.read()).replace(b"sess_b", b"sess_a")
+    expected = (await direct.read()).replace(b"gw:acme:sess_b", b"gw:acme:sess_a")
+    assert (await through.read()) == expected.replace(
+        b'"session_id": "gw:acme:sess_a"', b'"session_id": "sess_a"'
+    )
     assert through.headers["X-Request-ID"]
 
 
@@ -62,7 +65,7 @@ async def test_stream_passes_through_byte_for_byte(gateway: Client, simulator: S
     through = await gateway.post(CHAT, json={**body, "session_id": "s_1"}, headers=ACME)
     direct = await simulator.post(
         CHAT,
-        json={**body, "session_id": "s_2"},
+        json={**body, "session_id": "gw:acme:s_2"},
         headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
     )
     assert through.status == 200
@@ -71,7 +74,8 @@ async def test_stream_passes_through_byte_for_byte(gateway: Client, simulator: S
     assert through.headers["X-Accel-Buffering"] == "no"
     assert "Content-Encoding" not in through.headers
     received = await through.read()
-    assert received == (await direct.read()).replace(b"s_2", b"s_1")
+    expected = (await direct.read()).replace(b"gw:acme:s_2", b"gw:acme:s_1")
+    assert received == expected.replace(b'"session_id": "gw:acme:s_1"', b'"session_id": "s_1"')
     kinds = [event["type"] for event in sse_events(received)]
     assert kinds[-1] == "done" and kinds.count("content") >= 3
 
@@ -136,7 +140,9 @@ async def test_upstream_sees_only_the_upstream_key(gateway: Client, simulator: S
         assert name.lower() not in {h.lower() for h in support["headers"]}
     assert support["headers"]["User-Agent"] == "billing-service/1.0"
     assert support["headers"]["X-Request-ID"] == "req-abc-123"
-    assert support["body"] == '{"message": "Hi"}'
+    sent_body = json.loads(support["body"])
+    assert sent_body.pop("session_id").startswith("gw:acme:")
+    assert sent_body == {"message": "Hi"}
 
 
 async def test_request_id_is_kept_when_sane_and_replaced_when_not(gateway: Client) -> None:

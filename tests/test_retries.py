@@ -96,7 +96,8 @@ async def test_429_with_short_retry_after_is_retried_and_succeeds(
     assert elapsed >= 1.0, "upstream's Retry-After is honoured"
     sent = await (await simulator.get("/_sim/requests")).json()
     assert len(sent) == 2
-    assert sent[0]["body"] == sent[1]["body"] == '{"message": "Hi"}'
+    assert sent[0]["body"] == sent[1]["body"]  # the same session id, too
+    assert json.loads(sent[0]["body"])["session_id"].startswith("gw:acme:")
     assert sent[0]["headers"]["X-Request-ID"] == sent[1]["headers"]["X-Request-ID"]
     [line] = retry_lines(capsys)
     assert line["level"] == "info"

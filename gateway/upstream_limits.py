@@ -1,0 +1,98 @@
+"""Upstream's own rate limit per upstream key, kept for every replica in the quota store.
+
+api.thinnest.ai limits each key (20 or 60 requests a minute, by tier) and every tenant without
+an agent key of its own shares the platform key: left alone, one busy tenant would have
+upstream answer 429 to everybody. So each upstream key that has a limit gets a request bucket
+in the same quota backend as the tenants (exact across replicas). A request that finds it empty
+waits for the refill if that is within `upstream.rate_limits.max_wait` (and its own deadline),
+else gets the gateway's 429 at once, before upstream sees it.
+
+Buckets are named after a digest of the key, so agents that share a key share its bucket; the
+digest is one-way and short, so the name says nothing about the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Mapping
+
+import structlog
+
+from gateway.config import Config, Limit, Tenant, TenantLimits
+from gateway.errors import RateLimited
+from gateway.logs import AccessRecord
+from gateway.quota import QuotaService
+from gateway.upstream import Deadline
+
+log = structlog.get_logger("gateway.upstream")
+
+# No tenant name can start so (config's NAME_PATTERN has no ':'), so the buckets never meet.
+BUCKET_PREFIX = "upstream:"
+
+
+def _bucket_name(key: str) -> str:
+    return BUCKET_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class UpstreamLimiter:
+    def __init__(self, config: Config) -> None:
+        self.use_config(config)
+
+    def use_config(self, config: Config) -> None:
+        """Which bucket each agent's requests draw from (again on a reload)."""
+        upstream = config.upstream
+        self.max_wait = upstream.rate_limits.max_wait
+        buckets: dict[str, Limit] = {}
+        by_agent: dict[str, str] = {}
+        for agent in config.agents.values():
+            key = agent.api_key or upstream.api_key
+            limit = agent.rate_limits or upstream.rate_limits.requests
+            if key is not None and _limited(limit):
+                by_agent[agent.id] = _bucket_name(key.reveal())
+                buckets.setdefault(by_agent[agent.id], limit)
+        self._platform: str | None = None
+        if upstream.api_key is not None and _limited(upstream.rate_limits.requests):
+            self._platform = _bucket_name(upstream.api_key.reveal())
+            buckets.setdefault(self._platform, upstream.rate_limits.requests)
+        self._by_agent = by_agent
+        self._own_key = {a.id for a in config.agents.values() if a.api_key is not None}
+        self.buckets: Mapping[str, Tenant] = {
+            name: Tenant(name, (), frozenset(), TenantLimits(requests=limit))
+            for name, limit in buckets.items()
+        }
+
+    def bucket_for(self, agent_id: str) -> str | None:
+        bucket = self._by_agent.get(agent_id)
+        if bucket is None and agent_id not in self._own_key:
+            bucket = self._platform  # unconfigured agents go out with the platform key
+        return bucket
+
+    async def admit(
+        self, quota: QuotaService, agent_id: str, record: AccessRecord, deadline: Deadline
+    ) -> None:
+        """Take one request from the agent's upstream key, waiting at most `max_wait`."""
+        bucket = self.bucket_for(agent_id)
+        if bucket is None:
+            return
+        loop = asyncio.get_running_loop()
+        give_up = min(loop.time() + self.max_wait, deadline.at)
+        while True:
+            taken = await quota.reserve(bucket, record.request_id, tokens=0, stream=False)
+            if taken.allowed:
+                return
+            wait = taken.retry_after  # whole seconds, like the tenant buckets'
+            if loop.time() + wait > give_up:
+                limit = f"upstream {taken.rejected_by}"
+                record.quota, record.quota_limit = "rejected", limit
+                raise RateLimited(
+                    f"rate limit exceeded: {limit} for this agent's upstream key, shared by all "
+                    f"callers; retry in {wait} s",
+                    headers={"Retry-After": str(wait)},
+                )
+            log.debug("upstream slot awaited", request_id=record.request_id, wait_s=wait)
+            await asyncio.sleep(wait)
+
+
+def _limited(limit: Limit) -> bool:
+    return limit.per_minute is not None or limit.per_day is not None
