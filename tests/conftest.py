@@ -48,6 +48,19 @@ AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
 GatewayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+class FakeClock:
+    """An injected clock that moves only when a test moves it."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def gateway_yaml(upstream_url: str, extra: str = "") -> str:
     """acme may use ag_support only; globex may use any agent (with the platform key)."""
     return f"""

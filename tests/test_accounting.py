@@ -14,19 +14,11 @@ from aiohttp.test_utils import TestClient
 from gateway.config import parse_config
 from gateway.sessions import new_session_id
 from gateway.state import DRAINS
-from tests.conftest import ACME, SUPPORT_KEY, gateway_yaml, sse_events
+from tests.conftest import ACME, SUPPORT_KEY, FakeClock, gateway_yaml, sse_events
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]
 CHAT = "/v1/agents/ag_support/chat"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 async def make_limited(make_gateway: Any, yaml_limits: str, **kwargs: Any) -> Client:

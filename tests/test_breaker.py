@@ -9,19 +9,11 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_admin_app
 from gateway.config import Config, parse_config
-from tests.conftest import ACME, AiohttpClient, gateway_yaml
+from tests.conftest import ACME, AiohttpClient, FakeClock, gateway_yaml
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]
 CHAT = "/v1/agents/ag_support/chat"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def with_breaker(url: str) -> Config:

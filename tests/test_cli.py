@@ -16,8 +16,7 @@ from gateway.__main__ import main
 from gateway.auth import hash_key
 from gateway.config import parse_config
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
-from tests.processes import start, stop, wait_healthy
-from tests.redis_servers import free_port
+from tests.processes import gateway_and_simulator, start
 from tests.secret_watch import SecretWatch
 
 
@@ -78,27 +77,8 @@ def test_config_path_comes_from_the_environment(
 @pytest.fixture
 async def processes(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     """`thinnest-gateway simulate` and `thinnest-gateway serve`, as operators start them."""
-    sim_port, gw_port = free_port(), free_port()
-    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
-    sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
-    simulator = await start("simulate", "--port", str(sim_port), env=env, log=sim_log)
-    config = tmp_path / "gw.yaml"
-    config.write_text(
-        gateway_yaml(f"http://127.0.0.1:{sim_port}")
-        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\nshutdown_grace: 5\n"
-        + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
-    )
-    gateway = await start("serve", "--config", str(config), env=env, log=gw_log)
-    try:
-        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
-        await wait_healthy(f"http://127.0.0.1:{gw_port}/healthz", gateway, gw_log)
-        yield f"http://127.0.0.1:{gw_port}", gw_log
-        assert await stop(gateway) == 0, gw_log.read_text()
-    finally:
-        for process in (gateway, simulator):
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    async with gateway_and_simulator(tmp_path) as running:
+        yield running.url, running.log
 
 
 async def test_serve_proxies_json_and_streams_and_stops_cleanly_on_sigterm(

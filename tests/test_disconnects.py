@@ -6,7 +6,6 @@ import asyncio
 import os
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,8 @@ from gateway.config import parse_config
 from gateway.simulator.app import create_simulator_app
 from gateway.simulator.config import RateLimitConfig, SimulatorConfig
 from gateway.state import DRAINS
-from tests.conftest import ACME, PLATFORM_KEY, SUPPORT_KEY, AiohttpClient, gateway_yaml
-from tests.processes import start, stop, wait_healthy
-from tests.redis_servers import free_port
+from tests.conftest import ACME, AiohttpClient, gateway_yaml
+from tests.processes import Running, gateway_and_simulator
 from tests.secret_watch import SecretWatch
 
 CHAT = "/v1/agents/ag_support/chat"
@@ -41,49 +39,15 @@ async def hang_up_somewhere(
         return response.status
 
 
-@dataclass
-class Served:
-    gateway: asyncio.subprocess.Process
-    url: str
-    admin: str
-
-
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Served]:
+async def served(tmp_path: Path) -> AsyncIterator[Running]:
     """Real processes; the simulator paces events 20 ms apart."""
-    sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
-    sim_config = tmp_path / "sim.yaml"
-    sim_config.write_text(
-        "rate_limit: {per_minute: 100000, per_day: 1000000}\nchunk_interval: 0.02\n"
-    )
-    simulator = await start(
-        "simulate",
-        "--port",
-        str(sim_port),
-        "--config",
-        str(sim_config),
-        env=env,
-        log=tmp_path / "s.log",
-    )
-    config = tmp_path / "gw.yaml"
-    config.write_text(
-        gateway_yaml(f"http://127.0.0.1:{sim_port}")
-        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\n"
-        + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-        + "logging: {level: warning}\n"
-    )
-    gateway = await start("serve", "--config", str(config), env=env, log=tmp_path / "gw.log")
-    try:
-        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, tmp_path / "s.log")
-        await wait_healthy(f"http://127.0.0.1:{admin_port}/readyz", gateway, tmp_path / "gw.log")
-        yield Served(gateway, f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{admin_port}")
-        assert await stop(gateway) == 0
-    finally:
-        for process in (gateway, simulator):
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    async with gateway_and_simulator(
+        tmp_path,
+        extra="logging: {level: warning}\n",
+        simulator_yaml="rate_limit: {per_minute: 100000, per_day: 1000000}\nchunk_interval: 0.02\n",
+    ) as running:
+        yield running
 
 
 def open_fds(pid: int) -> int:
@@ -126,7 +90,7 @@ def ours() -> list[asyncio.Task[Any]]:
 
 @pytest.mark.timeout(120)
 async def test_500_streams_aborted_at_random_points_leave_no_connections_or_memory_behind(
-    served: Served, secret_watch: SecretWatch
+    served: Running, secret_watch: SecretWatch
 ) -> None:
     rng, limit = random.Random(500), asyncio.Semaphore(50)
     pid = served.gateway.pid

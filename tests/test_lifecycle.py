@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -16,61 +14,20 @@ from gateway.auth import hash_key
 from tests.conftest import (
     ACME_KEY,
     GLOBEX_KEY,
-    PLATFORM_KEY,
-    SUPPORT_KEY,
-    gateway_yaml,
     sse_events,
 )
-from tests.processes import start, stop, wait_healthy
-from tests.redis_servers import free_port
+from tests.processes import Running, gateway_and_simulator, stop
 from tests.secret_watch import SecretWatch
 
 CHAT = "/v1/agents/ag_support/chat"
 ACME = {"Authorization": f"Bearer {ACME_KEY}"}
 
 
-@dataclass
-class Running:
-    gateway: asyncio.subprocess.Process
-    url: str
-    admin: str
-    simulator: str
-    config: Path
-    log: Path
-
-
 @pytest.fixture
 async def running(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Running]:
     """Simulator and gateway as real processes; `shutdown_grace` 5 s unless parametrized."""
-    grace = getattr(request, "param", 5)
-    sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
-    sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
-    simulator = await start("simulate", "--port", str(sim_port), env=env, log=sim_log)
-    config = tmp_path / "gw.yaml"
-    config.write_text(
-        gateway_yaml(f"http://127.0.0.1:{sim_port}")
-        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\n"
-        + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-        + f"shutdown_grace: {grace}\n"
-    )
-    gateway = await start("serve", "--config", str(config), env=env, log=gw_log)
-    try:
-        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
-        await wait_healthy(f"http://127.0.0.1:{admin_port}/readyz", gateway, gw_log)
-        yield Running(
-            gateway,
-            f"http://127.0.0.1:{gw_port}",
-            f"http://127.0.0.1:{admin_port}",
-            f"http://127.0.0.1:{sim_port}",
-            config,
-            gw_log,
-        )
-    finally:
-        for process in (gateway, simulator):
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    async with gateway_and_simulator(tmp_path, grace=getattr(request, "param", 5)) as running:
+        yield running
 
 
 async def until_status(session: aiohttp.ClientSession, url: str, status: int) -> None:

@@ -5,18 +5,16 @@ tokens it reports per tenant are exactly the tokens upstream reported to the cal
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml, sse_events
-from tests.processes import start, stop, wait_healthy
+from tests.conftest import ACME_KEY, GLOBEX_KEY, sse_events
+from tests.processes import Running, gateway_and_simulator, wait_healthy
 from tests.redis_servers import free_port
 from tests.secret_watch import SecretWatch
 
@@ -26,42 +24,15 @@ SCRAPE_WAIT = 20.0  # seconds to wait for Prometheus to have scraped what we sen
 POLL = 0.25
 
 
-@dataclass(frozen=True)
-class Gateway:
-    url: str
-    admin_port: int
-
-
 @pytest.fixture
-async def gateway_process(tmp_path: Path) -> AsyncIterator[Gateway]:
+async def gateway_process(tmp_path: Path) -> AsyncIterator[Running]:
     """`simulate` and `serve` as real processes; the gateway's admin port serves /metrics."""
-    sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
-    sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
-    simulator = await start("simulate", "--port", str(sim_port), env=env, log=sim_log)
-    config = tmp_path / "gw.yaml"
-    config.write_text(
-        gateway_yaml(f"http://127.0.0.1:{sim_port}")
-        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\nshutdown_grace: 5\n"
-        + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-        + "logging: {level: warning}\n"
-    )
-    gateway = await start("serve", "--config", str(config), env=env, log=gw_log)
-    try:
-        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
-        await wait_healthy(f"http://127.0.0.1:{gw_port}/healthz", gateway, gw_log)
-        await wait_healthy(f"http://127.0.0.1:{admin_port}/healthz", gateway, gw_log)
-        yield Gateway(f"http://127.0.0.1:{gw_port}", admin_port)
-        assert await stop(gateway) == 0, gw_log.read_text()
-    finally:
-        for process in (gateway, simulator):
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+    async with gateway_and_simulator(tmp_path, extra="logging: {level: warning}\n") as running:
+        yield running
 
 
 @pytest.fixture
-async def prometheus(tmp_path: Path, gateway_process: Gateway) -> AsyncIterator[str]:
+async def prometheus(tmp_path: Path, gateway_process: Running) -> AsyncIterator[str]:
     """A real Prometheus scraping the gateway's admin port every second; yields its URL."""
     binary = shutil.which("prometheus")
     if binary is None:
@@ -72,7 +43,7 @@ async def prometheus(tmp_path: Path, gateway_process: Gateway) -> AsyncIterator[
         "scrape_configs:\n"
         f"  - job_name: {JOB}\n"
         "    metrics_path: /metrics\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{gateway_process.admin_port}']}}]\n"
+        f"    static_configs: [{{targets: ['{gateway_process.admin.removeprefix('http://')}']}}]\n"
     )
     url = f"http://127.0.0.1:{free_port()}"
     log = tmp_path / "prometheus.log"
@@ -117,7 +88,7 @@ async def query(
 
 
 async def test_prometheus_scrapes_the_tokens_upstream_reported_per_tenant(
-    gateway_process: Gateway, prometheus: str, tmp_path: Path, secret_watch: SecretWatch
+    gateway_process: Running, prometheus: str, tmp_path: Path, secret_watch: SecretWatch
 ) -> None:
     chat = f"{gateway_process.url}/v1/agents/{{}}/chat"
     expected = {"acme": 0, "globex": 0}

@@ -36,21 +36,11 @@ from gateway.quota import (
 from gateway.quota.connect import connect
 from gateway.quota.memory import MemoryStore
 from gateway.quota.plan import Plan, plan_for
+from tests.conftest import FakeClock
 from tests.redis_servers import RedisClusterServers, RedisServer, command, free_port
 
 Kind = Literal["memory", "redis"]
 DAY = 86_400
-
-
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def tenant(name: str = "acme", limits: TenantLimits | None = None) -> Tenant:

@@ -37,6 +37,7 @@ from gateway.simulator import (
 )
 from gateway.simulator.replies import compose_reply, split_reply
 from gateway.simulator.sessions import Turn
+from tests.conftest import FakeClock
 
 SimClient = TestClient[web.Request, web.Application]
 MakeSim = Callable[[SimulatorConfig], Awaitable[SimClient]]
@@ -58,20 +59,9 @@ CONFIG = SimulatorConfig(
 )
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = START
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START)
 
 
 @pytest.fixture
