@@ -11,7 +11,7 @@ first byte takes up to a minute, and a stream may run for ten.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -21,6 +21,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from gateway import __version__
@@ -40,6 +41,7 @@ NONE = "none"  # no tenant (unauthenticated) or no agent (a path that names none
 OTHER = "other"  # an agent id that is not in the configuration
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Reader = Callable[[], float]
+_M = TypeVar("_M", bound=MetricWrapperBase)
 
 # Whole requests: a JSON answer in tens of ms to a stream of ten minutes.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -105,6 +107,7 @@ class Metrics:
 
     def __init__(self, config: Config) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry
         self.requests = Counter(
             "gateway_requests",
@@ -223,19 +226,19 @@ class Metrics:
         tenant = self.tenant_label(record.tenant)
         agent = self.agent_label(record.agent)
         stream = "true" if record.stream else "false"
-        self.requests.labels(tenant, agent, str(record.status)).inc()
-        self.request_duration.labels(tenant, agent, stream).observe(duration)
+        self._child(self.requests, tenant, agent, str(record.status)).inc()
+        self._child(self.request_duration, tenant, agent, stream).observe(duration)
         if record.upstream_ttfb is not None:
-            self.upstream_ttfb.labels(agent, stream).observe(record.upstream_ttfb)
-            self.overhead.labels(stream).observe(max(duration - record.upstream_wait, 0.0))
+            self._child(self.upstream_ttfb, agent, stream).observe(record.upstream_ttfb)
+            self._child(self.overhead, stream).observe(max(duration - record.upstream_wait, 0.0))
         if record.quota_limit is not None:
-            self.quota_rejections.labels(tenant, limit_label(record.quota_limit)).inc()
+            self._child(self.quota_rejections, tenant, limit_label(record.quota_limit)).inc()
         reason = upstream_reason(record)
         if reason is not None:
-            self.upstream_errors.labels(reason).inc()
+            self._child(self.upstream_errors, reason).inc()
         if record.client_closed and tenant != NONE:
             stage = "streaming" if record.stream else "before_upstream"
-            self.client_disconnects.labels(tenant, stage).inc()
+            self._child(self.client_disconnects, tenant, stage).inc()
 
     def settled(
         self, tenant: str, agent: str | None, usage: Usage | None, estimated: int | None
@@ -245,12 +248,25 @@ class Metrics:
         if usage is not None:
             tokens = self.tokens
             if usage.input is not None:
-                tokens.labels(tenant, agent_label, "input").inc(usage.input)
+                self._child(tokens, tenant, agent_label, "input").inc(usage.input)
             if usage.output is not None:
-                tokens.labels(tenant, agent_label, "output").inc(usage.output)
-            tokens.labels(tenant, agent_label, "total").inc(usage.total)
+                self._child(tokens, tenant, agent_label, "output").inc(usage.output)
+            self._child(tokens, tenant, agent_label, "total").inc(usage.total)
         if estimated is not None:
-            self.tokens_estimated.labels(tenant).inc(estimated)
+            self._child(self.tokens_estimated, tenant).inc(estimated)
+
+    def streams_of(self, tenant: str | None) -> Gauge:
+        """The tenant's `gateway_active_streams` series."""
+        return self._child(self.active_streams, self.tenant_label(tenant))
+
+    def _child(self, metric: _M, *values: str) -> _M:
+        """`metric.labels(*values)`, remembered: label sets are few (see the module docstring)
+        and prometheus_client's lookup validates and locks on every call."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return cast(_M, child)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -154,7 +154,7 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     record, metrics = request[ACCESS], request.app[METRICS]
     record.stream = True
-    active = metrics.active_streams.labels(metrics.tenant_label(record.tenant))
+    active = metrics.streams_of(record.tenant)
     active.inc()
     try:
         return await _pass_stream(
