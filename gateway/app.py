@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import re
 import signal
 import time
@@ -268,10 +269,16 @@ async def usage(request: web.Request) -> web.Response:
 def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM (in-flight requests get `shutdown_grace` seconds to finish);
     SIGHUP reloads tenants and agents from the same file (see reload.py)."""
-    asyncio.run(_serve(config))
+    try:
+        # The `speed` extra: a faster event loop, same behaviour.
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        asyncio.run(_serve(config, loop_name="asyncio"))
+    else:
+        uvloop.run(_serve(config, loop_name="uvloop"))
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, *, loop_name: str) -> None:
     log = structlog.get_logger("gateway")
     app = create_app(config)
     # A caller gone before upstream answered cancels the upstream request; a stream's caller
@@ -301,6 +308,7 @@ async def _serve(config: Config) -> None:
             listen=f"{config.listen.host}:{config.listen.port}",
             admin=f"{config.admin.host}:{config.admin.port}",
             config=config.source,
+            event_loop=loop_name,
         )
         await stop.wait()
         # /readyz answers 503 from now on and new requests are refused, on both ports, while
