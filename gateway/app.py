@@ -169,7 +169,8 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         for name, value in record.extra_headers.items():
             response.headers.setdefault(name, value)
         response.headers["X-Request-ID"] = record.request_id
-    record.status = response.status
+    # nginx's 499: the caller closed the connection before the response was complete.
+    record.status = 499 if record.client_closed else response.status
     _finished(request, record)
     return response
 

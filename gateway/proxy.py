@@ -209,12 +209,14 @@ async def _pass_stream(
             if chunk:
                 await out.write(chunk)
             chunk_gap.observe(loop.time() - received)
-    except (ConnectionError, asyncio.CancelledError):
+    except (ConnectionError, asyncio.CancelledError) as gone:
         # The caller left: a failed write, or aiohttp cancelling the handler on disconnect.
         record.client_closed = True
         record.usage, record.usage_complete = tally.usage, tally.done
         await _abandon(request, response, scanner, tally, account)
-        raise
+        if isinstance(gone, asyncio.CancelledError):
+            raise
+        return out  # a failed write is not the gateway's error: nothing more to send
     record.usage, record.usage_complete = tally.usage, tally.done
     await settle_stream(account, tally)
 

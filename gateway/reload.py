@@ -1,12 +1,12 @@
 """Hot reload (SIGHUP): tenants, their keys and limits, and agents' keys change while running.
 
 The file is read and validated in full first; an invalid file changes nothing (logged and
-counted). A valid one's tenants, agents and upstream.rate_limits are applied in one step with
-no await in between, so every request sees either the old or the new configuration, never a
-mix: a removed key is refused from the next request on, requests and streams in flight finish
-as they started, and quota buckets keep their levels (they live in the store by name).
-Sockets, the rest of upstream, the quota backend, limits and logging are read once at
-start-up; a change there is reported as needing a restart.
+counted). A valid one's tenants, agents, upstream keys and upstream.rate_limits are applied in
+one step with no await in between, so every request sees either the old or the new
+configuration, never a mix: a removed key is refused from the next request on, requests and
+streams in flight finish as they started, and quota buckets keep their levels (they live in
+the store by name). Sockets, the rest of upstream, the quota backend, limits and logging are
+read once at start-up; a change there is reported as needing a restart.
 """
 
 from __future__ import annotations
@@ -37,12 +37,16 @@ def reload_config(app: web.Application) -> bool:
         log.error("config reload refused, the running configuration stays", error=str(exc))
         return False
     _apply(app, new)
-    # upstream.rate_limits is applied with the agents (their keys choose the buckets).
+    # Upstream keys and their rate limits are applied with the agents (keys choose buckets).
     applied = dataclasses.replace(
         running,
         tenants=new.tenants,
         agents=new.agents,
-        upstream=dataclasses.replace(running.upstream, rate_limits=new.upstream.rate_limits),
+        upstream=dataclasses.replace(
+            running.upstream,
+            api_key=new.upstream.api_key,
+            rate_limits=new.upstream.rate_limits,
+        ),
     )
     lifecycle.config = applied
     metrics.config_reloads.labels("ok").inc()
@@ -62,5 +66,5 @@ def _apply(app: web.Application, new: Config) -> None:
     app[KEYRING].load(new.tenants)
     app[LIMITER].use_config(new)
     app[QUOTA].use_tenants({**new.tenants, **app[LIMITER].buckets})
-    app[UPSTREAM].use_agents(new.agents)
+    app[UPSTREAM].use_keys(new.agents, new.upstream.api_key)
     app[METRICS].use_config(new)

@@ -21,7 +21,7 @@ from yarl import URL
 
 from gateway import __version__
 from gateway.breaker import CircuitBreaker
-from gateway.config import Agent, Timeouts, Upstream
+from gateway.config import Agent, Secret, Timeouts, Upstream
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.retries import Retry, RetryPolicy
 
@@ -77,9 +77,10 @@ class UpstreamClient:
         self._platform_key = config.api_key
         self._agent_keys = {a.id: a.api_key for a in agents.values() if a.api_key is not None}
 
-    def use_agents(self, agents: Mapping[str, Agent]) -> None:
-        """Agents' keys from a reloaded configuration (gateway/reload.py), in one step."""
+    def use_keys(self, agents: Mapping[str, Agent], platform_key: Secret | None) -> None:
+        """Upstream keys from a reloaded configuration (gateway/reload.py), in one step."""
         self._agent_keys = {a.id: a.api_key for a in agents.values() if a.api_key is not None}
+        self._platform_key = platform_key
 
     @staticmethod
     def open_session(config: Upstream) -> ClientSession:

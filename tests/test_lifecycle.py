@@ -14,6 +14,8 @@ from gateway.auth import hash_key
 from tests.conftest import (
     ACME_KEY,
     GLOBEX_KEY,
+    PLATFORM_KEY,
+    ROTATED_PLATFORM_KEY,
     sse_events,
 )
 from tests.processes import Running, gateway_and_simulator, stop
@@ -120,9 +122,13 @@ async def sighup(session: aiohttp.ClientSession, running: Running, result: str) 
     pytest.fail(f"no {result} reload counted:\n{running.log.read_text()}")
 
 
-async def chat_status(session: aiohttp.ClientSession, running: Running, key: str) -> int:
+async def chat_status(
+    session: aiohttp.ClientSession, running: Running, key: str, agent: str = "ag_support"
+) -> int:
     async with session.post(
-        f"{running.url}{CHAT}", json={"message": "Hi"}, headers={"Authorization": f"Bearer {key}"}
+        f"{running.url}/v1/agents/{agent}/chat",
+        json={"message": "Hi"},
+        headers={"Authorization": f"Bearer {key}"},
     ) as response:
         await response.read()
         return response.status
@@ -188,3 +194,30 @@ async def test_a_reload_keeps_the_tenants_bucket_levels(
         )
         await sighup(session, running, "ok")
         assert [await chat_status(session, running, ACME_KEY) for _ in range(2)] == [200, 429]
+
+
+async def test_sighup_rotates_the_upstream_platform_key_read_from_a_file(
+    tmp_path: Path, secret_watch: SecretWatch
+) -> None:
+    old, new = PLATFORM_KEY, ROTATED_PLATFORM_KEY
+    key_file = tmp_path / "platform-key"
+    key_file.write_text(old)
+    async with gateway_and_simulator(
+        tmp_path,
+        simulator_yaml=f"platform_keys: [{old}, {new}]\n",
+    ) as running:
+        text = running.config.read_text().replace("${TEST_PLATFORM_KEY}", f"${{file:{key_file}}}")
+        running.config.write_text(text)
+        async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+            await sighup(session, running, "ok")  # now reading the key from the file
+            assert await chat_status(session, running, GLOBEX_KEY, "ag_sales") == 200
+            key_file.write_text(new)  # the secret store rotates the mounted file
+            await sighup(session, running, "ok")
+            assert await chat_status(session, running, GLOBEX_KEY, "ag_sales") == 200
+        async with (
+            aiohttp.ClientSession() as upstream_side,  # the simulator reports keys: unwatched
+            upstream_side.get(f"{running.simulator}/_sim/requests") as response,
+        ):
+            sent = [r["headers"]["Authorization"] for r in await response.json()]
+        assert sent == [f"Bearer {old}", f"Bearer {new}"]
+        assert "restart_needed_for" not in running.log.read_text()
