@@ -6,7 +6,9 @@ happens; logs go to a temporary directory, kept (and its path printed) when a ru
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -14,6 +16,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +28,10 @@ from bench.load import Call, LoadTool, find_load_tool, find_redis, wrk_version
 from bench.phases import Results, Runner, Settings, Target
 from bench.procs import Proc, ProcessFailed, ProcessSet, free_ports, wait_ready, wait_redis
 from bench.report import stdout_summary, write_markdown
+from bench.soak import Kind, Soak, SoakResult, SoakSettings
+from bench.soak_report import section as soak_section
+from bench.soak_report import splice as splice_soak
+from bench.soak_report import stdout_lines as soak_stdout
 from bench.summary import DIRECT, FLOOR, GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +45,7 @@ CALLER_KEY = "gw_bench_key"
 MESSAGE = "How long does a benchmark of the thinnest gateway take on two shared cores? " * 2
 LOG_LINES_SHOWN = 5
 GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS)
+SOAK_SIMULATOR, SOAK_GATEWAY = "soak-simulator", "soak-gateway"
 
 
 def _say(text: str) -> None:
@@ -83,13 +91,17 @@ def _gateway_config(
     }
 
 
-def _write_configs(workdir: Path, sim_port: int, gateways: dict[str, dict[str, object]]) -> None:
-    simulator = {
+def _simulator_config(chunk_interval: float) -> dict[str, object]:
+    return {
         "agents": {AGENT: {"name": "Bench", "keys": [AGENT_KEY]}},
         "platform_keys": [PLATFORM_KEY],
         "rate_limit": {"per_minute": 100_000_000, "per_day": 1_000_000_000},
-        "chunk_interval": 0.0,
+        "chunk_interval": chunk_interval,
     }
+
+
+def _write_configs(workdir: Path, sim_port: int, gateways: dict[str, dict[str, object]]) -> None:
+    simulator = _simulator_config(0.0)
     (workdir / "simulator.yaml").write_text(yaml.safe_dump(simulator, sort_keys=False))
     for name, config in gateways.items():
         (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -252,11 +264,79 @@ async def _check_quota_state(ports: dict[str, tuple[int, int]]) -> None:
                 _say(f"{name} /readyz: HTTP {response.status} {await response.text()}")
 
 
-async def _main() -> None:
+async def _soak(workdir: Path, settings: SoakSettings) -> SoakResult:
+    """The soak on a simulator and a gateway of its own (memory quotas), stopped after it."""
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    sim_port, gw_port, admin_port = free_ports(3)
+    simulator = _simulator_config(settings.chunk_interval)
+    gateway_config = _gateway_config(sim_port, gw_port, admin_port, {"backend": "memory"})
+    (workdir / f"{SOAK_SIMULATOR}.yaml").write_text(yaml.safe_dump(simulator, sort_keys=False))
+    (workdir / f"{SOAK_GATEWAY}.yaml").write_text(yaml.safe_dump(gateway_config, sort_keys=False))
+    cli = _executable("thinnest-gateway")
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    async with ProcessSet(workdir) as procs:
+        sim = await procs.start(
+            SOAK_SIMULATOR,
+            [
+                cli,
+                "simulate",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sim_port),
+                "--config",
+                str(workdir / f"{SOAK_SIMULATOR}.yaml"),
+            ],
+        )
+        gateway = await procs.start(
+            SOAK_GATEWAY,
+            [cli, "serve", "--config", str(workdir / f"{SOAK_GATEWAY}.yaml")],
+            env={"BENCH_UPSTREAM_KEY": PLATFORM_KEY},
+        )
+        waits = [
+            await wait_ready(sim, f"{sim_url}/healthz"),
+            await wait_ready(gateway, f"http://127.0.0.1:{gw_port}/healthz"),
+        ]
+        _say(f"soak: simulator and gateway (pid {gateway.pid}) ready after {sum(waits):.1f} s")
+        target = _target(SOAK_GATEWAY, gw_port, CALLER_KEY, gateway)
+        calls: dict[Kind, Call] = {
+            "json": target.call,
+            "stream": target.stream_call,
+            "aborted": target.stream_call,
+        }
+        soak = Soak(gateway, [sim], calls, f"http://127.0.0.1:{admin_port}", settings, _say)
+        result = await soak.run(started)
+    log = workdir / f"{SOAK_GATEWAY}.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    return dataclasses.replace(result, log_lines=lines)
+
+
+async def _soak_only(settings: SoakSettings) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="thinnest-bench-soak-"))
+    try:
+        result = await _soak(workdir, settings)
+    except BaseException:
+        _say(f"soak did not finish; process logs kept in {workdir}")
+        raise
+    splice_soak(REPORT, soak_section(result))
+    shutil.rmtree(workdir, ignore_errors=True)
+    print("\n".join(["", *soak_stdout(result), ""]), flush=True)
+    _say(f"soak took {result.seconds:.0f} s; replaced its section of {REPORT}")
+
+
+async def _main(args: argparse.Namespace) -> None:
     task = asyncio.current_task()
     assert task is not None
     # SIGTERM (e.g. from make's caller) unwinds like Ctrl-C: every child is stopped first.
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    soak_settings = SoakSettings(
+        rounds=args.soak_rounds,
+        requests_per_round=args.soak_requests,
+        warmup_requests=args.soak_requests,
+    )
+    if args.only == "soak":
+        await _soak_only(soak_settings)
+        return
     started = datetime.now(UTC)
     clock = time.monotonic()
     settings = Settings()
@@ -270,6 +350,8 @@ async def _main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="thinnest-bench-"))
     try:
         results, stopped = await _measure(workdir, tool, settings, redis_server)
+        _say("soak: mixed requests, the gateway's RSS and fds after each round ...")
+        soak = await _soak(workdir, soak_settings)
     except BaseException:
         _say(f"run did not finish; process logs kept in {workdir}")
         raise
@@ -283,15 +365,54 @@ async def _main() -> None:
         machine=machine_info,
         logs=_log_summary(workdir, stopped),
     )
-    write_markdown(REPORT, summary, info)
+    write_markdown(REPORT, summary, info, soak)
     shutil.rmtree(workdir, ignore_errors=True)
     print(stdout_summary(summary), flush=True)
+    print("\n".join([*soak_stdout(soak), ""]), flush=True)
     _say(f"wrote {REPORT} in {info.seconds:.0f} s")
 
 
-def main() -> int:
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = SoakSettings()
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the gateway against the floor proxy and the simulator, then "
+        f"soak it; writes {REPORT.relative_to(ROOT)}.",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["soak"],
+        help="run only this part: `soak` rewrites only the soak section of the report",
+    )
+    parser.add_argument(
+        "--soak-rounds",
+        type=_positive,
+        default=defaults.rounds,
+        metavar="K",
+        help=f"measured soak rounds (default {defaults.rounds})",
+    )
+    parser.add_argument(
+        "--soak-requests",
+        type=_positive,
+        default=defaults.requests_per_round,
+        metavar="N",
+        help=f"requests per soak round, and in its warm-up (default "
+        f"{defaults.requests_per_round:,})",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        asyncio.run(_main())
+        asyncio.run(_main(args))
     except (ProcessFailed, RuntimeError) as exc:
         print(f"bench: FAILED: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 from bench.about import RunInfo, method
+from bench.soak import SoakResult
+from bench.soak_report import headline as soak_headline
+from bench.soak_report import method_bullet as soak_method
+from bench.soak_report import section as soak_section
 from bench.stats import EN_DASH, Spread
 from bench.summary import (
     DIRECT,
@@ -246,7 +250,9 @@ def stdout_summary(summary: Summary) -> str:
     )
 
 
-def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
+def write_markdown(
+    path: Path, summary: Summary, info: RunInfo, soak: SoakResult | None = None
+) -> None:
     parts = tables(summary)
     logs = []
     for log in info.logs:
@@ -264,22 +270,26 @@ def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
         "## Headlines",
         "",
         *(f"- {line}" for line in headlines(summary)),
+        *([f"- {soak_headline(soak)}"] if soak is not None else []),
         "",
         "## How to run",
         "",
         "```sh",
         "make bench        # or: .venv/bin/python -m bench",
+        ".venv/bin/python -m bench --only soak   # the soak alone: rewrites only its section",
         "```",
         "",
         "It starts the simulator, the floor proxy, three gateways (quotas off, memory quotas, "
         "Redis quotas) and a private `redis-server` on free loopback ports, "
-        "measures, stops them and rewrites this file.",
+        "measures, stops them and rewrites this file. Then the soak starts a simulator and a "
+        "gateway of its own.",
         "",
         "## Machine",
         "",
         *_table(["", ""], info.machine),
         "",
         *method(info),
+        *([soak_method(soak.settings)] if soak is not None else []),
         "",
         "## Results",
         "",
@@ -304,6 +314,7 @@ def write_markdown(path: Path, summary: Summary, info: RunInfo) -> None:
         "",
         *parts["ratios"],
         "",
+        *([*soak_section(soak), ""] if soak is not None else []),
         "### Processes and their logs",
         "",
         "The gateways log at level warning, so any line of theirs is a warning or an error "
