@@ -411,6 +411,10 @@ def _agents(root: _Section, upstream: Upstream) -> dict[str, Agent]:
 
 
 def _quota(s: _Section) -> Quota:
+    # The parser of the Sentinel URL lives with the client it builds (imported late: that
+    # module imports this one).
+    from gateway.quota.connect import SENTINEL_SCHEME, is_sentinel_url, parse_sentinel_url
+
     backend = s.choice("backend", "memory", ("memory", "redis"))
     raw_urls = s.get("redis_url")
     urls: tuple[Secret, ...] = ()
@@ -422,8 +426,20 @@ def _quota(s: _Section) -> Quota:
             if not isinstance(item, str):
                 raise _Problem(path, f"expected a redis:// URL, got {_kind(item)}")
             value = _interpolate(path, item)
-            if URL(value).scheme not in ("redis", "rediss", "unix"):
-                raise _Problem(path, "expected a redis://, rediss:// or unix:// URL")
+            # Messages quote no part of a URL: it may carry a password.
+            if is_sentinel_url(value):
+                if len(items) > 1:
+                    raise _Problem(
+                        path, f"a {SENTINEL_SCHEME}:// URL stands alone (one URL, not a list)"
+                    )
+                try:
+                    parse_sentinel_url(value)
+                except ValueError as exc:
+                    raise _Problem(path, str(exc)) from None
+            elif URL(value).scheme not in ("redis", "rediss", "unix"):
+                raise _Problem(
+                    path, f"expected a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL"
+                )
             parsed.append(Secret(value))  # URLs may carry a password
         urls = tuple(parsed)
     if backend == "redis" and not urls:

@@ -2,7 +2,8 @@
 
 Each server runs without persistence in its own temporary directory on a free loopback port,
 and can be killed (-9), frozen (SIGSTOP) and restarted on the same port. `RedisClusterServers`
-starts three masters and joins them with `redis-cli --cluster create`. Every process is tied to
+starts three masters and joins them with `redis-cli --cluster create`; `RedisSentinelServers` a
+master, a replica and Sentinels watching them. Every process is tied to
 the test process (it dies with it on Linux) and stopped by the context managers even on failure.
 """
 
@@ -15,11 +16,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import redis
 
 START_TIMEOUT = 10.0
 PR_SET_PDEATHSIG = 1
+NOAUTH = b"-NOAUTH Authentication required.\r\n"
 
 
 def _die_with_parent() -> None:
@@ -72,26 +79,55 @@ def _incomplete(reply: bytes) -> bool:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, *, cluster: bool = False) -> None:
+    """`password`: requirepass and masterauth (a replica that may be promoted needs both);
+    `replica_of`: the port of the master it replicates; `options`: more `--name value`s."""
+
+    log_name = "redis.log"
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        cluster: bool = False,
+        password: str | None = None,
+        replica_of: int | None = None,
+        options: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.cluster = cluster
+        self.password = password
+        self.replica_of = replica_of
+        self.options = tuple(options)
         self.port = free_port(bus=cluster)
         self._process: subprocess.Popen[bytes] | None = None
+        self._frozen = False
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    @property
+    def running(self) -> bool:
+        """Started, not killed and not frozen."""
+        return self._process is not None and self._process.poll() is None and not self._frozen
+
+    def arguments(self) -> list[str]:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
-        args += ["--protected-mode", "no", "--logfile", str(self.workdir / "redis.log")]
+        args += ["--protected-mode", "no", "--logfile", str(self.workdir / self.log_name)]
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             args += ["--cluster-node-timeout", "5000"]
+        if self.password is not None:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        return args + list(self.options)
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
-            args,
+            self.arguments(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,  # only prctl: safe between fork and exec
@@ -99,10 +135,11 @@ class RedisServer:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                log = (self.workdir / "redis.log").read_text(errors="replace")[-2000:]
+                log = (self.workdir / self.log_name).read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"redis-server on port {self.port} exited:\n{log}")
             try:
-                if command(self.port, "PING", timeout=0.2) == b"+PONG\r\n":
+                # With a password, NOAUTH is the answer of a server that is up.
+                if command(self.port, "PING", timeout=0.2) in (b"+PONG\r\n", NOAUTH):
                     return
             except OSError:
                 pass
@@ -118,6 +155,7 @@ class RedisServer:
                 self._process.kill()
             self._process.wait()
             self._process = None
+            self._frozen = False
 
     stop = kill
 
@@ -129,10 +167,12 @@ class RedisServer:
         """SIGSTOP: connections stay open but nothing is answered (a hung server)."""
         assert self._process is not None
         self._process.send_signal(signal.SIGSTOP)
+        self._frozen = True
 
     def thaw(self) -> None:
         assert self._process is not None
         self._process.send_signal(signal.SIGCONT)
+        self._frozen = False
 
     def __enter__(self) -> RedisServer:
         self.start()
@@ -196,3 +236,182 @@ class RedisClusterServers:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+SENTINEL_MASTER = "mymaster"
+# A dead master is "subjectively down" after this, and failed over a few seconds later.
+DOWN_AFTER_MS = 1000
+FAILOVER_TIMEOUT_MS = 5000
+
+
+class SentinelServer(RedisServer):
+    """`redis-server sentinel.conf --sentinel`, watching the master on `master_port`. The
+    config file is Sentinel's own (it rewrites it); it holds the master's password, so it is
+    named *.conf, not *.log."""
+
+    log_name = "sentinel.log"
+
+    def __init__(
+        self, workdir: Path, *, master_port: int, quorum: int, password: str | None = None
+    ) -> None:
+        super().__init__(workdir)
+        self.master_port = master_port
+        self.quorum = quorum
+        self.master_password = password
+
+    def arguments(self) -> list[str]:
+        lines = [
+            f"port {self.port}",
+            "bind 127.0.0.1",
+            "protected-mode no",
+            f"dir {self.workdir}",
+            f"logfile {self.workdir / self.log_name}",
+            f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {self.master_port} {self.quorum}",
+            f"sentinel down-after-milliseconds {SENTINEL_MASTER} {DOWN_AFTER_MS}",
+            f"sentinel failover-timeout {SENTINEL_MASTER} {FAILOVER_TIMEOUT_MS}",
+            f"sentinel parallel-syncs {SENTINEL_MASTER} 1",
+        ]
+        if self.master_password is not None:
+            lines.append(f"sentinel auth-pass {SENTINEL_MASTER} {self.master_password}")
+        config = self.workdir / "sentinel.conf"
+        if not config.exists():  # a restart keeps what Sentinel wrote there (a failover)
+            config.write_text("\n".join(lines) + "\n")
+        return ["redis-server", str(config), "--sentinel"]
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+    def master_port_now(self) -> int | None:
+        """The port this Sentinel names for the master now (None: it does not answer)."""
+        try:
+            with self.client() as client:
+                address = client.sentinel_get_master_addr_by_name(SENTINEL_MASTER)
+        except redis.RedisError:
+            return None
+        return int(address[1]) if address else None
+
+
+class RedisSentinelServers:
+    """A master, one replica (`--replicaof`) and 1 or 3 Sentinels (quorum: a majority), all on
+    free loopback ports, each in its own directory of `workdir` with its own *.log.
+
+    `start` returns once the replica is in sync and every Sentinel knows the master, the
+    replica and all the other Sentinels: what a failover needs. `kill_master` and
+    `wait_for_failover` act one out."""
+
+    def __init__(self, workdir: Path, *, sentinels: int = 3, password: str | None = None) -> None:
+        if sentinels not in (1, 3):
+            raise ValueError("1 or 3 sentinels")
+        self.password = password
+        # Either node may be master (after a failover): neither waits 5 s before a full sync.
+        options = ("--repl-diskless-sync-delay", "0")
+        self.master = RedisServer(workdir / "master", password=password, options=options)
+        self.replica = RedisServer(
+            workdir / "replica", password=password, replica_of=self.master.port, options=options
+        )
+        self.sentinels = [
+            SentinelServer(
+                workdir / f"sentinel{i}",
+                master_port=self.master.port,
+                quorum=sentinels // 2 + 1,
+                password=password,
+            )
+            for i in range(sentinels)
+        ]
+
+    def url(self, *, password: str | None = None, db: int = 0) -> str:
+        """The gateway's `quota.redis_url`; the password (default: the master's) goes in."""
+        secret = self.password if password is None else password
+        auth = f":{secret}@" if secret else ""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{auth}{hosts}/{SENTINEL_MASTER}/{db}"
+
+    def client(self, server: RedisServer) -> redis.Redis:
+        """A plain client of one data node, for set-up and checks."""
+        return redis.Redis(
+            port=server.port, password=self.password, socket_timeout=1.0, socket_connect_timeout=1.0
+        )
+
+    def start(self) -> None:
+        try:
+            self.master.start()
+            self.replica.start()
+            _until(self._replica_in_sync, "the replica to sync")
+            for sentinel in self.sentinels:
+                sentinel.start()
+            for sentinel in self.sentinels:
+                _until(partial(self._knows_all, sentinel), "the sentinels to know each other")
+        except BaseException:
+            self.stop()
+            raise
+
+    def replication(self, server: RedisServer) -> dict[str, Any]:
+        """`INFO replication` of one data node ({} when it does not answer)."""
+        try:
+            with self.client(server) as client:
+                return client.info("replication")  # type: ignore[no-any-return]
+        except redis.RedisError:
+            return {}
+
+    def _replica_in_sync(self) -> bool:
+        return self.replication(self.replica).get("master_link_status") == "up"
+
+    def _knows_all(self, sentinel: SentinelServer) -> bool:
+        try:
+            with sentinel.client() as client:
+                state = client.sentinel_master(SENTINEL_MASTER)
+        except redis.RedisError:
+            return False
+        return (
+            int(state["port"]) == self.master.port
+            and int(state["num-slaves"]) >= 1
+            and int(state["num-other-sentinels"]) == len(self.sentinels) - 1
+        )
+
+    def current_master(self) -> RedisServer:
+        """The data node the Sentinels name as master now."""
+        ports = {s.master_port_now() for s in self.sentinels if s.running}
+        for server in (self.master, self.replica):
+            if server.port in ports:
+                return server
+        raise RuntimeError("no sentinel names a known master")
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the current master (no persistence: its state is gone); returns it."""
+        master = self.current_master()
+        master.kill()
+        return master
+
+    def wait_for_failover(self, old: RedisServer, timeout: float = 30.0) -> RedisServer:
+        """Until every running (not frozen) Sentinel names the other node, and that node says
+        it is master."""
+        new = self.replica if old is self.master else self.master
+
+        def promoted() -> bool:
+            ports = {s.master_port_now() for s in self.sentinels if s.running}
+            return ports == {new.port} and self.replication(new).get("role") == "master"
+
+        _until(promoted, "the sentinels to promote the replica", timeout)
+        return new
+
+    def stop(self) -> None:
+        for server in (*self.sentinels, self.replica, self.master):
+            server.stop()
+
+    def __enter__(self) -> RedisSentinelServers:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll `condition` every 50 ms for at most `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
