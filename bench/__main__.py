@@ -1,7 +1,12 @@
-"""`python -m bench` (`make bench`): start simulator, floor and gateway; measure; report.
+"""`python -m bench` (`make bench`): start simulator, floor and gateways; measure; report.
 
 Every process is started here on free loopback ports and stopped before exit, whatever
 happens; logs go to a temporary directory, kept (and its path printed) when a run fails.
+
+The phases, in order: JSON load (wrk), streams (time to first event, per-chunk delay),
+open-loop latency at a fixed rate, thousands of concurrent open streams, the LiteLLM comparison
+(bench/litellm.py, when it is there) and the soak, which gets whatever is left of the run's
+time budget.
 """
 
 from __future__ import annotations
@@ -9,337 +14,353 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import hashlib
-import json
+import importlib
+import inspect
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
-import yaml
 
+from bench import targets
 from bench.about import ProcessLog, RunInfo, machine
 from bench.load import Call, LoadTool, find_load_tool, find_redis, wrk_version
-from bench.phases import Results, Runner, Settings, Target
-from bench.procs import Proc, ProcessFailed, ProcessSet, free_ports, wait_ready, wait_redis
-from bench.report import stdout_summary, write_markdown
+from bench.open_streams import (
+    OpenStreamsResult,
+    OpenStreamsSettings,
+    raise_fd_limit,
+    run_open_streams,
+)
+from bench.open_streams import section as open_streams_section
+from bench.openloop import OpenLoopResults, OpenLoopSettings, run_open_loop
+from bench.openloop import section as open_loop_section
+from bench.phases import Results, Runner, Settings
+from bench.procs import ProcessFailed, ProcessSet
+from bench.report import (
+    LABELS,
+    PROFILE_ANCHOR,
+    PROFILE_SECTION,
+    Extras,
+    litellm_section,
+    profile_section,
+    stdout_summary,
+    target_rows,
+    write_markdown,
+)
+from bench.sections import splice_text
 from bench.soak import Kind, Soak, SoakResult, SoakSettings
 from bench.soak_report import section as soak_section
-from bench.soak_report import splice as splice_soak
 from bench.soak_report import stdout_lines as soak_stdout
+from bench.stack import (
+    AGENT_KEY,
+    CALLER_KEY,
+    PLATFORM_KEY,
+    ROOT,
+    Stack,
+    count_lines,
+    event_loop_of,
+    loud_lines,
+    target,
+)
 from bench.summary import DIRECT, FLOOR, GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, summarise
 
-ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "docs" / "benchmarks.md"
-AGENT = "ag_bench"
-AGENT_KEY = "ak_bench_0001"
-PLATFORM_KEY = "thns_sk_bench_0001"
-# Not a secret: a key that only this benchmark's throwaway gateway accepts.
-CALLER_KEY = "gw_bench_key"
-# Long enough for the simulator to cut its reply into the most pieces it sends.
-MESSAGE = "How long does a benchmark of the thinnest gateway take on two shared cores? " * 2
 LOG_LINES_SHOWN = 5
 GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS)
-SOAK_SIMULATOR, SOAK_GATEWAY = "soak-simulator", "soak-gateway"
+BUDGET = 600.0
+"""`make bench` must finish within ten minutes: the soak gets what the other phases left."""
+SOAK_MARGIN = 20.0
+"""Kept back from the budget after the soak: stopping processes and writing the report."""
+FD_LIMIT = 65_536
+OPEN_LOOP_PATHS = (DIRECT, REDIS_QUOTAS)
+PHASES = ("openloop", "open-streams", "litellm", "soak")
 
 
 def _say(text: str) -> None:
     print(f"bench: {text}", flush=True)
 
 
-def _executable(name: str) -> str:
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        raise ProcessFailed(f"{name} is not installed: run `make venv` first")
-    return found
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """Every phase's settings, full size or `--quick`."""
+
+    core: Settings
+    open_loop: OpenLoopSettings
+    open_streams: OpenStreamsSettings
+    soak: SoakSettings
+    quick: bool
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Plan:
+        soak = SoakSettings.sized(args.soak_requests, args.soak_rounds)
+        if not args.quick:
+            return cls(
+                Settings(),
+                OpenLoopSettings(),
+                OpenStreamsSettings(streams=args.streams),
+                soak,
+                False,
+            )
+        return cls(
+            Settings(
+                rounds=1,
+                seconds=3.0,
+                warmup_seconds=1.0,
+                ttfe_streams=40,
+                drip_streams=20,
+            ),
+            OpenLoopSettings(rounds=1, seconds=3.0, warmup_seconds=1.0),
+            OpenStreamsSettings(streams=min(args.streams, 500), hold_seconds=2.0),
+            SoakSettings.sized(min(args.soak_requests, 3_000), 3),
+            True,
+        )
 
 
-# Far out of reach: every request reserves and settles, and none is refused.
-QUOTA_LIMITS = {
-    "requests": {"per_minute": 100_000_000, "per_day": 1_000_000_000},
-    "tokens": {"per_minute": 1_000_000_000, "per_day": 10_000_000_000},
-}
-
-
-def _gateway_config(
-    sim_port: int, gw_port: int, admin_port: int, quota: dict[str, str] | None
-) -> dict[str, object]:
-    """One gateway's YAML; `quota` None is quotas off (the tenant has no `limits`)."""
-    tenant: dict[str, object] = {
-        "keys": [{"name": "loadgen", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}],
-        "agents": [AGENT],
-    }
-    if quota is not None:
-        tenant["limits"] = QUOTA_LIMITS
-    return {
-        "listen": {"host": "127.0.0.1", "port": gw_port},
-        "admin": {"host": "127.0.0.1", "port": admin_port},
-        "upstream": {
-            "base_url": f"http://127.0.0.1:{sim_port}",
-            "api_key": "${BENCH_UPSTREAM_KEY}",
-        },
-        "agents": {AGENT: {}},
-        "quota": quota or {"backend": "memory"},
-        "tenants": {"bench": tenant},
-        "logging": {"level": "warning", "format": "json"},
-    }
-
-
-def _simulator_config(chunk_interval: float) -> dict[str, object]:
-    return {
-        "agents": {AGENT: {"name": "Bench", "keys": [AGENT_KEY]}},
-        "platform_keys": [PLATFORM_KEY],
-        "rate_limit": {"per_minute": 100_000_000, "per_day": 1_000_000_000},
-        "chunk_interval": chunk_interval,
-    }
-
-
-def _write_configs(workdir: Path, sim_port: int, gateways: dict[str, dict[str, object]]) -> None:
-    simulator = _simulator_config(0.0)
-    (workdir / "simulator.yaml").write_text(yaml.safe_dump(simulator, sort_keys=False))
-    for name, config in gateways.items():
-        (workdir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-def _target(
-    name: str,
-    port: int,
-    key: str,
-    proxy: Proc | None,
-    *,
-    streams: bool = True,
-    helper: Proc | None = None,
-    redis_port: int | None = None,
-) -> Target:
-    url = f"http://127.0.0.1:{port}/v1/agents/{AGENT}/chat"
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
-    return Target(
-        name=name,
-        call=Call(url, headers, json.dumps({"message": MESSAGE}).encode()),
-        stream_call=Call(url, headers, json.dumps({"message": MESSAGE, "stream": True}).encode()),
-        proxy=proxy,
-        streams=streams,
-        helper=helper,
-        redis_port=redis_port,
-    )
-
-
-def _log_summary(log_dir: Path, stopped: dict[str, str]) -> list[ProcessLog]:
+def _log_summary(procs: ProcessSet) -> list[ProcessLog]:
     summary = []
-    for name in ("simulator", "floor", *GATEWAYS, "redis"):
-        path = log_dir / f"{name}.log"
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        ended = stopped.get(name, "never started")
-        summary.append(ProcessLog(name, ended, len(lines), lines[:LOG_LINES_SHOWN]))
+    for name, ended in procs.stopped.items():
+        path = procs.log_dir / f"{name}.log"
+        gateway = "gateway" in name
+        shown = loud_lines(path, LOG_LINES_SHOWN) if gateway else []
+        if not gateway:
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            shown = lines[:LOG_LINES_SHOWN]
+        summary.append(ProcessLog(name, ended, count_lines(path), shown, loud=gateway))
     return summary
 
 
+@dataclasses.dataclass(slots=True)
+class Core:
+    results: Results
+    open_loop: OpenLoopResults | None
+    logs: list[ProcessLog]
+    event_loop: str
+    seconds: dict[str, float]
+
+
 async def _measure(
-    workdir: Path, tool: LoadTool, settings: Settings, redis_server: str
-) -> tuple[Results, dict[str, str]]:
-    sim_port, floor_port, redis_port, *gw_ports = free_ports(3 + 2 * len(GATEWAYS))
-    quotas: dict[str, dict[str, str] | None] = {
-        GATEWAY: None,
-        MEMORY_QUOTAS: {"backend": "memory"},
-        REDIS_QUOTAS: {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"},
-    }
-    ports = {name: (gw_ports[2 * i], gw_ports[2 * i + 1]) for i, name in enumerate(GATEWAYS)}
-    _write_configs(
-        workdir,
-        sim_port,
-        {name: _gateway_config(sim_port, *ports[name], quotas[name]) for name in GATEWAYS},
-    )
-    cli = _executable("thinnest-gateway")
-    sim_url = f"http://127.0.0.1:{sim_port}"
-    floor_url = f"http://127.0.0.1:{floor_port}"
+    workdir: Path, tool: LoadTool, plan: Plan, redis_server: str, *, open_loop_only: bool = False
+) -> Core:
+    """The JSON and streaming phases and the open-loop phase, on one set of processes."""
+    seconds: dict[str, float] = {}
     async with ProcessSet(workdir) as procs:
-        redis = await procs.start(
-            "redis",
-            [
-                redis_server,
-                "--port",
-                str(redis_port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--bind",
-                "127.0.0.1",
-            ],
+        stack = Stack(procs, workdir)
+        clock = time.monotonic()
+        redis, redis_port = await stack.start_redis(redis_server)
+        sim = await stack.start_simulator()
+        floor, floor_port = (None, 0) if open_loop_only else await stack.start_floor()
+        names = (REDIS_QUOTAS,) if open_loop_only else GATEWAYS
+        gateways = await stack.start_gateways(
+            {
+                name: quota
+                for name, quota in {
+                    GATEWAY: None,
+                    MEMORY_QUOTAS: {"backend": "memory"},
+                    REDIS_QUOTAS: {
+                        "backend": "redis",
+                        "redis_url": f"redis://127.0.0.1:{redis_port}/0",
+                    },
+                }.items()
+                if name in names
+            }
         )
-        sim = await procs.start(
-            "simulator",
-            [
-                cli,
-                "simulate",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(sim_port),
-                "--config",
-                str(workdir / "simulator.yaml"),
-            ],
+        _say(f"processes ready after {time.monotonic() - clock:.1f} s; logs in {workdir}")
+        redis_target = target(
+            REDIS_QUOTAS,
+            gateways[REDIS_QUOTAS].port,
+            CALLER_KEY,
+            gateways[REDIS_QUOTAS].proc,
+            streams=False,
+            helper=redis,
+            redis_port=redis_port,
         )
-        floor = await procs.start(
-            "floor",
-            [
-                sys.executable,
-                "-m",
-                "bench.floor",
-                "--port",
-                str(floor_port),
-                "--upstream",
-                sim_url,
-                "--key",
-                PLATFORM_KEY,
-            ],
-            cwd=ROOT,
-        )
-        # Redis first: the Redis-quota gateway connects to it as it starts.
-        waits = [await wait_redis(redis, redis_port)]
-        gateways = {
-            name: await procs.start(
-                name,
-                [cli, "serve", "--config", str(workdir / f"{name}.yaml")],
-                env={"BENCH_UPSTREAM_KEY": PLATFORM_KEY},
-            )
-            for name in GATEWAYS
-        }
-        waits += [
-            await wait_ready(sim, f"{sim_url}/healthz"),
-            # The floor has no health route by design: any HTTP answer means it is serving.
-            await wait_ready(floor, f"{floor_url}/", any_status=True),
-        ]
-        for name, gateway in gateways.items():
-            waits.append(await wait_ready(gateway, f"http://127.0.0.1:{ports[name][0]}/healthz"))
-        _say(
-            f"redis, simulator, floor and gateways ready after {sum(waits):.1f} s; "
-            f"logs in {workdir}"
-        )
-        targets = [
-            _target(DIRECT, sim_port, AGENT_KEY, None),
-            _target(FLOOR, floor_port, PLATFORM_KEY, floor),
-            _target(GATEWAY, ports[GATEWAY][0], CALLER_KEY, gateways[GATEWAY]),
-            _target(
-                MEMORY_QUOTAS,
-                ports[MEMORY_QUOTAS][0],
-                CALLER_KEY,
-                gateways[MEMORY_QUOTAS],
-                streams=False,
-            ),
-            _target(
-                REDIS_QUOTAS,
-                ports[REDIS_QUOTAS][0],
-                CALLER_KEY,
-                gateways[REDIS_QUOTAS],
-                streams=False,
-                helper=redis,
-                redis_port=redis_port,
-            ),
-        ]
-        runner = Runner(targets, sim, sim_url, settings, tool, workdir, _say)
+        direct = target(DIRECT, stack.sim_port, AGENT_KEY, None)
+        if open_loop_only:
+            all_targets = [direct, redis_target]
+        else:
+            assert floor is not None
+            all_targets = [
+                direct,
+                target(FLOOR, floor_port, PLATFORM_KEY, floor),
+                target(GATEWAY, gateways[GATEWAY].port, CALLER_KEY, gateways[GATEWAY].proc),
+                target(
+                    MEMORY_QUOTAS,
+                    gateways[MEMORY_QUOTAS].port,
+                    CALLER_KEY,
+                    gateways[MEMORY_QUOTAS].proc,
+                ),
+                redis_target,
+            ]
+        runner = Runner(all_targets, sim, stack.sim_url, plan.core, tool, workdir, _say)
         await runner.smoke()
-        await _check_quota_state(ports)
-        _say("JSON requests (load) ...")
-        await runner.load_phase()
-        await _check_quota_state(ports)
-        _say("streams: time to first event ...")
-        await runner.ttfe_phase()
-        _say("streams: per-chunk delay under slow_drip ...")
-        await runner.drip_phase()
-    return runner.results, procs.stopped
+        await _check_quota_state(gateways[name].url for name in names if name != GATEWAY)
+        if not open_loop_only:
+            clock = time.monotonic()
+            _say("JSON requests (load) ...")
+            await runner.load_phase()
+            await _check_quota_state(gateways[name].url for name in names if name != GATEWAY)
+            seconds["JSON"] = time.monotonic() - clock
+            clock = time.monotonic()
+            _say("streams: time to first event ...")
+            await runner.ttfe_phase()
+            _say("streams: per-chunk delay under slow_drip ...")
+            await runner.drip_phase()
+            seconds["streams"] = time.monotonic() - clock
+        _say(f"open loop at {plan.open_loop.rate:g} req/s ...")
+        clock = time.monotonic()
+        by_name = {t.name: t for t in all_targets}
+        open_loop = await run_open_loop(
+            [by_name[name] for name in OPEN_LOOP_PATHS],
+            sim,
+            plan.open_loop,
+            workdir,
+            dict(LABELS),
+            _say,
+        )
+        seconds["open loop"] = time.monotonic() - clock
+        await _check_quota_state([gateways[REDIS_QUOTAS].url])
+        event_loop = event_loop_of(gateways[REDIS_QUOTAS].proc.log)
+    return Core(runner.results, open_loop, _log_summary(procs), event_loop, seconds)
 
 
-async def _check_quota_state(ports: dict[str, tuple[int, int]]) -> None:
+async def _check_quota_state(urls: Iterable[str]) -> None:
     """Each quota gateway's /readyz: a Redis gateway on its local fallback would say so here."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        for name in (MEMORY_QUOTAS, REDIS_QUOTAS):
-            async with session.get(f"http://127.0.0.1:{ports[name][0]}/readyz") as response:
-                _say(f"{name} /readyz: HTTP {response.status} {await response.text()}")
+        for url in urls:
+            async with session.get(f"{url}/readyz") as response:
+                _say(f"{url} /readyz: HTTP {response.status} {await response.text()}")
 
 
-async def _soak(workdir: Path, settings: SoakSettings) -> SoakResult:
+async def _open_streams(workdir: Path, settings: OpenStreamsSettings) -> OpenStreamsResult:
+    """Thousands of open streams through a gateway (memory quotas) and simulator of their own."""
+    async with ProcessSet(workdir) as procs:
+        stack = Stack(procs, workdir, prefix="open-streams-")
+        sim = await stack.start_simulator()
+        gateway = (await stack.start_gateways({MEMORY_QUOTAS: {"backend": "memory"}}))[
+            MEMORY_QUOTAS
+        ]
+        calls = target(MEMORY_QUOTAS, gateway.port, CALLER_KEY, gateway.proc)
+        return await run_open_streams(
+            gateway.proc,
+            sim,
+            stack.sim_url,
+            gateway.admin_url,
+            calls.stream_call,
+            calls.call,
+            settings,
+            _say,
+        )
+
+
+async def _soak(workdir: Path, settings: SoakSettings, deadline: float | None) -> SoakResult:
     """The soak on a simulator and a gateway of its own (memory quotas), stopped after it."""
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
-    sim_port, gw_port, admin_port = free_ports(3)
-    simulator = _simulator_config(settings.chunk_interval)
-    gateway_config = _gateway_config(sim_port, gw_port, admin_port, {"backend": "memory"})
-    (workdir / f"{SOAK_SIMULATOR}.yaml").write_text(yaml.safe_dump(simulator, sort_keys=False))
-    (workdir / f"{SOAK_GATEWAY}.yaml").write_text(yaml.safe_dump(gateway_config, sort_keys=False))
-    cli = _executable("thinnest-gateway")
-    sim_url = f"http://127.0.0.1:{sim_port}"
     async with ProcessSet(workdir) as procs:
-        sim = await procs.start(
-            SOAK_SIMULATOR,
-            [
-                cli,
-                "simulate",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(sim_port),
-                "--config",
-                str(workdir / f"{SOAK_SIMULATOR}.yaml"),
-            ],
-        )
-        gateway = await procs.start(
-            SOAK_GATEWAY,
-            [cli, "serve", "--config", str(workdir / f"{SOAK_GATEWAY}.yaml")],
-            env={"BENCH_UPSTREAM_KEY": PLATFORM_KEY},
-        )
-        waits = [
-            await wait_ready(sim, f"{sim_url}/healthz"),
-            await wait_ready(gateway, f"http://127.0.0.1:{gw_port}/healthz"),
-        ]
-        _say(f"soak: simulator and gateway (pid {gateway.pid}) ready after {sum(waits):.1f} s")
-        target = _target(SOAK_GATEWAY, gw_port, CALLER_KEY, gateway)
-        calls: dict[Kind, Call] = {
-            "json": target.call,
-            "stream": target.stream_call,
-            "aborted": target.stream_call,
+        stack = Stack(procs, workdir, prefix="soak-")
+        sim = await stack.start_simulator(settings.chunk_interval)
+        gateway = (await stack.start_gateways({"gateway": {"backend": "memory"}}))["gateway"]
+        _say(f"soak: simulator and gateway (pid {gateway.proc.pid}) ready")
+        calls = target("soak-gateway", gateway.port, CALLER_KEY, gateway.proc)
+        by_kind: dict[Kind, Call] = {
+            "json": calls.call,
+            "stream": calls.stream_call,
+            "aborted": calls.stream_call,
         }
-        soak = Soak(gateway, [sim], calls, f"http://127.0.0.1:{admin_port}", settings, _say)
-        result = await soak.run(started)
-    log = workdir / f"{SOAK_GATEWAY}.log"
-    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    return dataclasses.replace(result, log_lines=lines)
+        soak = Soak(gateway.proc, [sim], by_kind, gateway.admin_url, settings, _say)
+        result = await soak.run(started, deadline)
+        log = gateway.proc.log
+    return dataclasses.replace(result, log_lines=loud_lines(log), log_total=count_lines(log))
 
 
-async def _soak_only(settings: SoakSettings) -> None:
-    workdir = Path(tempfile.mkdtemp(prefix="thinnest-bench-soak-"))
+async def _litellm(workdir: Path, quick: bool) -> tuple[list[str] | None, str]:
+    """bench/litellm.py's `run(...)` (another helper's): its Markdown section, or why none.
+
+    Nothing is agreed with it but the name: `run` gets, by keyword, whichever of `workdir`,
+    `say`, `quick` (and `seconds` in a quick run) it accepts; sync or async; a string back.
+    """
     try:
-        result = await _soak(workdir, settings)
-    except BaseException:
-        _say(f"soak did not finish; process logs kept in {workdir}")
-        raise
-    splice_soak(REPORT, soak_section(result))
-    shutil.rmtree(workdir, ignore_errors=True)
-    print("\n".join(["", *soak_stdout(result), ""]), flush=True)
-    _say(f"soak took {result.seconds:.0f} s; replaced its section of {REPORT}")
+        module = importlib.import_module("bench.litellm")
+    except ModuleNotFoundError as exc:
+        if exc.name == "bench.litellm":
+            return None, "bench/litellm.py is not there"
+        return None, f"bench/litellm.py could not be imported ({exc})"
+    except Exception as exc:
+        return None, f"bench/litellm.py could not be imported ({type(exc).__name__}: {exc})"
+    run = getattr(module, "run", None)
+    if not callable(run):
+        return None, "bench/litellm.py has no run()"
+    here = workdir / "litellm"
+    here.mkdir(exist_ok=True)
+    offered: dict[str, object] = {"workdir": here, "say": _say, "quick": quick}
+    if quick:
+        offered["seconds"] = 3.0
+    kwargs: dict[str, object] = {}
+    for name, parameter in inspect.signature(run).parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        if name in offered:
+            kwargs[name] = offered[name]
+        elif parameter.default is parameter.empty:
+            return None, f"bench.litellm.run() needs {name!r}, which the harness cannot give"
+    try:
+        if inspect.iscoroutinefunction(run):
+            outcome = await run(**kwargs)
+        else:
+            outcome = await asyncio.to_thread(run, **kwargs)
+            if inspect.isawaitable(outcome):
+                outcome = await outcome
+    except Exception as exc:
+        return None, f"bench.litellm.run() failed: {type(exc).__name__}: {exc}"
+    if not outcome:
+        return None, "bench.litellm.run() returned no section"
+    return str(outcome).strip("\n").splitlines(), ""
 
 
-async def _main(args: argparse.Namespace) -> None:
-    task = asyncio.current_task()
-    assert task is not None
-    # SIGTERM (e.g. from make's caller) unwinds like Ctrl-C: every child is stopped first.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    soak_settings = SoakSettings(
-        rounds=args.soak_rounds,
-        requests_per_round=args.soak_requests,
-        warmup_requests=args.soak_requests,
-    )
-    if args.only == "soak":
-        await _soak_only(soak_settings)
-        return
+def _splice_only(phase: str, lines: Sequence[str], rows: Sequence[targets.Row]) -> None:
+    """One phase's section and target rows into the existing report; the rest left alone."""
+    text = REPORT.read_text() if REPORT.exists() else ""
+    text = splice_text(text, phase, lines)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
+    text = targets.splice_rows(text, rows, f"from `--only {phase}` on {when} UTC")
+    text = splice_text(text, PROFILE_SECTION, profile_section(), anchor=PROFILE_ANCHOR)
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text(text)
+
+
+async def _only(phase: str, plan: Plan, workdir: Path) -> None:
+    clock = time.monotonic()
+    if phase == "soak":
+        soak = await _soak(workdir, plan.soak, None)
+        _splice_only(phase, soak_section(soak), targets.soak_row(soak))
+        print("\n".join(["", *soak_stdout(soak), ""]), flush=True)
+    elif phase == "openloop":
+        tool = await find_load_tool()
+        core = await _measure(workdir, tool, plan, await find_redis(), open_loop_only=True)
+        assert core.open_loop is not None
+        lines = open_loop_section(core.open_loop, DIRECT)
+        _splice_only(phase, lines, targets.open_loop_rows(core.open_loop, REDIS_QUOTAS))
+        print("\n".join(["", *lines, ""]), flush=True)
+    elif phase == "open-streams":
+        result = await _open_streams(workdir, plan.open_streams)
+        lines = open_streams_section(result)
+        _splice_only(phase, lines, targets.open_streams_rows(result))
+        print("\n".join(["", *lines, ""]), flush=True)
+    elif phase == "litellm":
+        section, why = await _litellm(workdir, plan.quick)
+        lines = litellm_section(section, why)
+        _splice_only(phase, lines, targets.litellm_row(section, why))
+        print("\n".join(["", *lines, ""]), flush=True)
+    _say(f"{phase} took {time.monotonic() - clock:.0f} s; replaced its section of {REPORT}")
+
+
+async def _full(plan: Plan, workdir: Path) -> None:
     started = datetime.now(UTC)
     clock = time.monotonic()
-    settings = Settings()
     tool = await find_load_tool()
     redis_server = await find_redis()
     if tool.note:
@@ -347,29 +368,71 @@ async def _main(args: argparse.Namespace) -> None:
     tool_name = await wrk_version(tool) if tool.wrk else "Python aiohttp (fallback)"
     # Read before the run starts: the load average then says how busy the box already was.
     machine_info = machine(tool_name)
-    workdir = Path(tempfile.mkdtemp(prefix="thinnest-bench-"))
-    try:
-        results, stopped = await _measure(workdir, tool, settings, redis_server)
-        _say("soak: mixed requests, the gateway's RSS and fds after each round ...")
-        soak = await _soak(workdir, soak_settings)
-    except BaseException:
-        _say(f"run did not finish; process logs kept in {workdir}")
-        raise
+    core = await _measure(workdir, tool, plan, redis_server)
+    seconds = dict(core.seconds)
+    _say(f"{plan.open_streams.streams:,} concurrent open streams ...")
+    phase = time.monotonic()
+    streams = await _open_streams(workdir, plan.open_streams)
+    seconds["open streams"] = time.monotonic() - phase
+    _say("LiteLLM comparison (bench/litellm.py) ...")
+    phase = time.monotonic()
+    litellm, litellm_why = await _litellm(workdir, plan.quick)
+    seconds["LiteLLM"] = time.monotonic() - phase
+    if litellm is None:
+        _say(f"LiteLLM comparison skipped: {litellm_why}")
+    _say("soak: mixed requests, the gateway's RSS and fds after each round ...")
+    phase = time.monotonic()
+    soak = await _soak(workdir, plan.soak, clock + BUDGET - SOAK_MARGIN)
+    seconds["soak"] = time.monotonic() - phase
     names = [DIRECT, FLOOR, *GATEWAYS]
-    summary = summarise(results, names)
+    summary = summarise(core.results, names)
+    fd_soft = raise_fd_limit(0)
     info = RunInfo(
         started=started.strftime("%Y-%m-%d %H:%M"),
         seconds=time.monotonic() - clock,
-        settings=settings,
+        settings=plan.core,
         load_tool_note=tool.note,
-        machine=machine_info,
-        logs=_log_summary(workdir, stopped),
+        machine=[
+            *machine_info,
+            ("gateway event loop", core.event_loop),
+            ("open-file limit (soft, inherited by every process)", f"{fd_soft:,}"),
+        ],
+        logs=core.logs,
     )
-    write_markdown(REPORT, summary, info, soak)
-    shutil.rmtree(workdir, ignore_errors=True)
+    extras = Extras(
+        open_loop=core.open_loop,
+        open_streams=streams,
+        litellm=litellm,
+        litellm_why=litellm_why,
+        soak=soak,
+        budget=BUDGET,
+        phase_seconds=seconds,
+    )
+    write_markdown(REPORT, summary, info, extras)
     print(stdout_summary(summary), flush=True)
-    print("\n".join([*soak_stdout(soak), ""]), flush=True)
-    _say(f"wrote {REPORT} in {info.seconds:.0f} s")
+    print("\n".join(targets.table(target_rows(summary, extras))), flush=True)
+    print("\n".join(["", *soak_stdout(soak), ""]), flush=True)
+    _say(f"wrote {REPORT} in {info.seconds:.0f} s (budget {BUDGET:.0f} s)")
+
+
+async def _main(args: argparse.Namespace) -> None:
+    task = asyncio.current_task()
+    assert task is not None
+    # SIGTERM (e.g. from make's caller) unwinds like Ctrl-C: every child is stopped first.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    # Children inherit it: the open-streams phase needs a descriptor per connection.
+    raise_fd_limit(FD_LIMIT)
+    plan = Plan.of(args)
+    workdir = Path(tempfile.mkdtemp(prefix="thinnest-bench-"))
+    try:
+        if args.only:
+            await _only(args.only, plan, workdir)
+        else:
+            await _full(plan, workdir)
+    except BaseException:
+        _say(f"run did not finish; process logs kept in {workdir}")
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _positive(text: str) -> int:
@@ -388,29 +451,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--only",
-        choices=["soak"],
-        help="run only this part: `soak` rewrites only the soak section of the report",
+        choices=PHASES,
+        help="run only this phase and rewrite only its section (and its rows of the targets "
+        "table) of the report",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="every phase shortened (1 round, a few seconds each, 500 open streams, a "
+        "3,000-request soak): checks the harness, not the gateway",
+    )
+    parser.add_argument(
+        "--streams",
+        type=_positive,
+        default=OpenStreamsSettings().streams,
+        metavar="N",
+        help=f"concurrent open streams (default {OpenStreamsSettings().streams:,})",
+    )
+    parser.add_argument(
+        "--soak-requests",
+        type=_positive,
+        default=defaults.total_requests,
+        metavar="N",
+        help=f"measured soak requests in all (default {defaults.total_requests:,}; a full run "
+        f"stops starting soak rounds when its {BUDGET:.0f} s budget would run out)",
     )
     parser.add_argument(
         "--soak-rounds",
         type=_positive,
         default=defaults.rounds,
         metavar="K",
-        help=f"measured soak rounds (default {defaults.rounds})",
-    )
-    parser.add_argument(
-        "--soak-requests",
-        type=_positive,
-        default=defaults.requests_per_round,
-        metavar="N",
-        help=f"requests per soak round, and in its warm-up (default "
-        f"{defaults.requests_per_round:,})",
+        help=f"soak rounds, one RSS/fd sample after each (default {defaults.rounds})",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    clock = time.monotonic()
     try:
         asyncio.run(_main(args))
     except (ProcessFailed, RuntimeError) as exc:
@@ -419,6 +497,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; every process it started has been stopped", file=sys.stderr)
         return 130
+    finally:
+        print(f"bench: total {time.monotonic() - clock:.0f} s", flush=True)
     return 0
 
 

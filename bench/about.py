@@ -19,6 +19,8 @@ class ProcessLog:
     """How it stopped at the end of the run."""
     lines: int
     first: list[str]
+    loud: bool = False
+    """`first` holds only its warning and error lines (a gateway's log, at level info)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +82,10 @@ def method(info: RunInfo) -> list[str]:
         "- **Five paths**, each a separate process on loopback: *direct* (client → "
         "simulator), *floor* (client → `bench/floor.py` → simulator: one aiohttp route, one "
         "shared ClientSession, bodies relayed with `iter_any()`, nothing else) and three "
-        "gateways (client → `thinnest-gateway serve`, log level warning → simulator), one "
+        "gateways (client → `thinnest-gateway serve` → simulator) with every feature on: "
+        "access logs at level info (one JSON line per request, written to the process's "
+        "stderr, which the harness sends to a file), Prometheus metrics, session isolation "
+        "(the default), no upstream rate limits; one "
         "configuration but for the tenant's quotas: *quotas off* (the tenant has no `limits`, "
         "so no quota work at all), *memory quotas* (limits far out of reach, "
         "`quota.backend: memory`) and *Redis quotas* (the same limits, `quota.backend: redis` "
@@ -88,9 +93,10 @@ def method(info: RunInfo) -> list[str]:
         "loopback port). With the limits out of reach every request reserves and settles and "
         "none is refused. The simulator (`thinnest-gateway simulate`) sends stream events "
         "with no pause and has its rate limits set out of reach.",
-        "- **The quota paths are measured in the JSON phase only** (throughput, latency, CPU "
-        "per request), alternating with the other three in every round; the streaming phases "
-        "measure direct, floor and quotas off, to keep the run short. For the Redis path, "
+        "- **Redis quotas are measured in the JSON and open-loop phases**, memory quotas in the "
+        "JSON and streaming phases, alternating with the other paths in every round; the "
+        "streaming phases measure direct, floor, quotas off and memory quotas. For the Redis "
+        "path, "
         "Redis's own CPU per request is read the same way as the proxy's and counted in its "
         "whole-path CPU, and `INFO stats` gives the Redis commands per request.",
         f"- **Rounds**: {s.rounds}. Each round measures every path back to back, starting "

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from bench import open_streams, openloop, targets
 from bench.about import RunInfo, method
+from bench.sections import block
 from bench.soak import SoakResult
 from bench.soak_report import headline as soak_headline
 from bench.soak_report import method_bullet as soak_method
@@ -204,6 +207,16 @@ def tables(summary: Summary) -> dict[str, list[str]]:
     return {"load": load, "ttfe": ttfe, "chunks": chunks, "ratios": ratios}
 
 
+def open_loop_headline(results: openloop.OpenLoopResults, path: str) -> str:
+    rate = results.settings.rate
+    p50 = openloop.added(results, path, DIRECT, lambda r: r.p50_ms)
+    p99 = openloop.added(results, path, DIRECT, lambda r: r.p99_ms)
+    return (
+        f"Open loop at {rate:g} req/s: {LABELS.get(path, path)} added "
+        f"{p50.median:+.2f} ms at p50 and {p99.median:+.2f} ms at p99 over direct"
+    )
+
+
 def quota_notes(summary: Summary) -> list[str]:
     """What the quota rows measured, and whether they answered 200 throughout."""
     quota_paths = [n for n in (MEMORY_QUOTAS, REDIS_QUOTAS) if n in summary.load]
@@ -213,8 +226,9 @@ def quota_notes(summary: Summary) -> list[str]:
         "The two quota paths run the same gateway configuration as *quotas off*, with the "
         "tenant's `limits` set far out of reach (requests 100,000,000/min and 1,000,000,000/day; "
         "tokens 1,000,000,000/min and 10,000,000,000/day), so every request makes a real "
-        "reservation and settles it, and none is refused. They are measured in the JSON phase "
-        "only; the streaming tables below have no quota rows."
+        "reservation and settles it, and none is refused (the tenant's "
+        "`max_concurrent_streams` is 1,000,000). Memory quotas are measured in the streaming "
+        "phases too; Redis quotas in the JSON phase and the open-loop phase."
     ]
     for n in quota_paths:
         figures = summary.load[n]
@@ -250,45 +264,130 @@ def stdout_summary(summary: Summary) -> str:
     )
 
 
+PROFILE = Path(__file__).resolve().parent / "profile.md"
+"""A hand-written profile of the gateway, included verbatim when it exists."""
+PROFILE_SECTION = "profile"
+PROFILE_ANCHOR = "## How to read this"
+
+
+def profile_section() -> list[str]:
+    """bench/profile.md verbatim under its heading; a pointer to it when it is missing."""
+    if not PROFILE.exists():
+        return ["## Where the time goes", "", "(bench/profile.md is not there: no profile yet.)"]
+    return ["## Where the time goes", "", *PROFILE.read_text().strip("\n").splitlines()]
+
+
+@dataclass(slots=True)
+class Extras:
+    """The phases beyond the JSON and streaming ones; None for one that did not run."""
+
+    open_loop: openloop.OpenLoopResults | None = None
+    open_loop_path: str = REDIS_QUOTAS
+    open_streams: open_streams.OpenStreamsResult | None = None
+    litellm: list[str] | None = None
+    litellm_why: str = ""
+    soak: SoakResult | None = None
+    budget: float = 600.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def target_rows(summary: Summary, extras: Extras) -> list[targets.Row]:
+    return [
+        *targets.json_rows(summary),
+        *targets.open_loop_rows(extras.open_loop, extras.open_loop_path),
+        *targets.stream_rows(summary),
+        *targets.open_streams_rows(extras.open_streams),
+        *targets.litellm_row(extras.litellm, extras.litellm_why),
+        *targets.soak_row(extras.soak),
+    ]
+
+
+def litellm_section(lines: Sequence[str] | None, why: str) -> list[str]:
+    if lines is None:
+        return ["### LiteLLM comparison", "", f"Not measured: {why}."]
+    first = next((line for line in lines if line.strip()), "")
+    return list(lines) if first.startswith("#") else ["### LiteLLM comparison", "", *lines]
+
+
+def how_to_run() -> list[str]:
+    return [
+        "## How to run",
+        "",
+        "```sh",
+        "make bench        # or: .venv/bin/python -m bench (installs wrk and redis-server "
+        "with apt-get if missing)",
+        ".venv/bin/python -m bench --quick      # every phase, shortened: a smoke test of the "
+        "harness",
+        ".venv/bin/python -m bench --only openloop       # one phase alone: rewrites only its "
+        "section",
+        ".venv/bin/python -m bench --only open-streams   # and its rows of the targets table",
+        ".venv/bin/python -m bench --only litellm",
+        ".venv/bin/python -m bench --only soak --soak-requests 200000",
+        "```",
+        "",
+        "It starts the simulator, the floor proxy, three gateways (quotas off, memory quotas, "
+        "Redis quotas) and a private `redis-server` on free loopback ports, measures JSON "
+        "load, streams and open-loop latency, and stops them; then the open-streams phase, the "
+        "LiteLLM comparison (bench/litellm.py, when it is there) and the soak start processes "
+        "of their own. It rewrites this file at the end.",
+    ]
+
+
 def write_markdown(
-    path: Path, summary: Summary, info: RunInfo, soak: SoakResult | None = None
+    path: Path, summary: Summary, info: RunInfo, extras: Extras | None = None
 ) -> None:
+    extras = extras or Extras()
+    soak = extras.soak
     parts = tables(summary)
     logs = []
     for log in info.logs:
         logs.append(
             f"- `{log.name}`: {log.ended}; {log.lines} log line(s)"
+            + (f", {len(log.first)} at level warning or above" if log.loud else "")
             + (", the first:" if log.first else "")
         )
         logs += [f"  `{line[:300]}`" for line in log.first]
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in extras.phase_seconds.items())
+    within = "within" if info.seconds <= extras.budget else "**over**"
+    extra_headlines = []
+    if extras.open_loop is not None:
+        extra_headlines.append(open_loop_headline(extras.open_loop, extras.open_loop_path))
+    if extras.open_streams is not None:
+        extra_headlines.append("Open streams: " + open_streams.summary_line(extras.open_streams))
     lines = [
         "# Benchmarks",
         "",
-        f"Generated by `make bench` on {info.started} UTC, in {info.seconds:.0f} s. "
-        "Each run overwrites this file.",
+        f"Generated by `make bench` on {info.started} UTC, in {info.seconds:.0f} s "
+        f"({within} its {extras.budget:.0f} s budget; {phases}). Each run overwrites this "
+        "file.",
+        "",
+        "## Targets (issue 7)",
+        "",
+        *block(
+            targets.SECTION,
+            [
+                *targets.table(target_rows(summary, extras)),
+                "",
+                "Each figure is the median over rounds (lowest and highest round in brackets) of "
+                "this run; ratios and differences are taken within a round first. Details and "
+                "method below.",
+            ],
+        ),
         "",
         "## Headlines",
         "",
         *(f"- {line}" for line in headlines(summary)),
+        *(f"- {line}" for line in extra_headlines),
         *([f"- {soak_headline(soak)}"] if soak is not None else []),
         "",
-        "## How to run",
-        "",
-        "```sh",
-        "make bench        # or: .venv/bin/python -m bench",
-        ".venv/bin/python -m bench --only soak   # the soak alone: rewrites only its section",
-        "```",
-        "",
-        "It starts the simulator, the floor proxy, three gateways (quotas off, memory quotas, "
-        "Redis quotas) and a private `redis-server` on free loopback ports, "
-        "measures, stops them and rewrites this file. Then the soak starts a simulator and a "
-        "gateway of its own.",
+        *how_to_run(),
         "",
         "## Machine",
         "",
         *_table(["", ""], info.machine),
         "",
         *method(info),
+        *([openloop.method_bullet(extras.open_loop.settings)] if extras.open_loop else []),
         *([soak_method(soak.settings)] if soak is not None else []),
         "",
         "## Results",
@@ -314,13 +413,28 @@ def write_markdown(
         "",
         *parts["ratios"],
         "",
-        *([*soak_section(soak), ""] if soak is not None else []),
+        *(
+            [*block("openloop", openloop.section(extras.open_loop, DIRECT)), ""]
+            if extras.open_loop is not None
+            else []
+        ),
+        *(
+            [*block("open-streams", open_streams.section(extras.open_streams)), ""]
+            if extras.open_streams is not None
+            else []
+        ),
+        *block("litellm", litellm_section(extras.litellm, extras.litellm_why)),
+        "",
+        *([*block("soak", soak_section(soak)), ""] if soak is not None else []),
         "### Processes and their logs",
         "",
-        "The gateways log at level warning, so any line of theirs is a warning or an error "
-        "(a Redis failure would show here as `quota backend failed`).",
+        "The gateways log at level info: one access line per request, to their log file. "
+        "Listed here are the warning and error lines only (a Redis failure would show as "
+        "`quota backend failed`).",
         "",
         *(logs or ["- (none)"]),
+        "",
+        *block(PROFILE_SECTION, profile_section()),
         "",
         "## How to read this",
         "",

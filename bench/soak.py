@@ -29,13 +29,16 @@ KINDS: tuple[Kind, ...] = ("json", "stream", "aborted")
 SETTLE_GAUGES = ("gateway_active_streams", "gateway_stream_drains", "gateway_inflight_requests")
 REQUEST_TIMEOUT = 30.0
 MIB = 1024 * 1024
+SETTLE_MARKER_TTL = 60.0
+"""How long the memory quota backend keeps a request's settle marker (`settled_ttl` in
+gateway/app.py; gateway/quota/memory.py caps them at 100,000): RSS may grow for this long."""
 
 
 @dataclass(frozen=True, slots=True)
 class SoakSettings:
-    rounds: int = 6
-    requests_per_round: int = 1_000
-    warmup_requests: int = 1_000
+    rounds: int = 10
+    requests_per_round: int = 20_000
+    warmup_requests: int = 2_000
     """One unmeasured round first: pools, caches and allocator arenas reach their size."""
     concurrency: int = 50
     seed: int = 20261124
@@ -52,6 +55,14 @@ class SoakSettings:
     @property
     def total_requests(self) -> int:
         return self.rounds * self.requests_per_round
+
+    @classmethod
+    def sized(cls, total: int, rounds: int) -> SoakSettings:
+        """`total` measured requests in `rounds` rounds (rounded up to whole rounds)."""
+        per_round = -(-total // rounds)
+        return cls(
+            rounds=rounds, requests_per_round=per_round, warmup_requests=min(per_round, 2_000)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +82,8 @@ class Sample:
     settled: bool
     round_seconds: float
     """Wall time of the round before this sample (the warm-up round's for the first)."""
+    elapsed: float = 0.0
+    """Seconds from the start of the measured rounds to this sample (0 for the warm-up's)."""
 
     @property
     def rss_mib(self) -> float:
@@ -111,7 +124,31 @@ class SoakResult:
     """UTC date and time."""
     seconds: float
     log_lines: list[str]
-    """The soak gateway's log (it logs at level warning: any line is a warning or an error)."""
+    """The soak gateway's warning and error lines (its access lines at info left out)."""
+    stopped_early: bool = False
+    """The run's time budget ran out before every planned round was sent."""
+    log_total: int = 0
+    """Every line the soak gateway logged, access lines included."""
+
+    @property
+    def requests(self) -> int:
+        """Measured requests sent."""
+        return self.samples[-1].requests
+
+    @property
+    def rate(self) -> float:
+        """Measured requests per second of round time (settling between rounds left out)."""
+        busy = sum(sample.round_seconds for sample in self.samples[1:])
+        return self.requests / busy if busy else 0.0
+
+    @property
+    def steady(self) -> list[Sample]:
+        """The samples taken once the settle markers stopped accumulating (after their TTL).
+
+        Every sample if fewer than three were taken that late: then the soak was too short.
+        """
+        late = [s for s in self.samples[1:] if s.elapsed >= SETTLE_MARKER_TTL]
+        return late if len(late) >= 3 else self.samples
 
     @property
     def errors(self) -> int:
@@ -119,31 +156,44 @@ class SoakResult:
 
     @property
     def slope_mib_per_1k(self) -> float:
-        """Least-squares RSS growth, MiB per 1,000 requests, over the samples after warm-up."""
+        """Least-squares RSS growth, MiB per 1,000 requests, over the steady samples."""
+        xs = [s.requests / 1000 for s in self.steady]
+        ys = [s.rss_mib for s in self.steady]
+        return least_squares_slope(xs, ys)
+
+    @property
+    def slope_all_mib_per_1k(self) -> float:
+        """The same over every sample, the first minute's included."""
         xs = [s.requests / 1000 for s in self.samples]
         ys = [s.rss_mib for s in self.samples]
         return least_squares_slope(xs, ys)
 
     @property
     def growth_mib(self) -> float:
-        return self.samples[-1].rss_mib - self.samples[0].rss_mib
+        """RSS growth over the steady samples."""
+        return self.steady[-1].rss_mib - self.steady[0].rss_mib
 
     @property
     def flat(self) -> bool:
-        first, last = self.samples[0], self.samples[-1]
+        first, last = self.steady[0], self.steady[-1]
         return (
             self.growth_mib < self.settings.growth_limit * first.rss_mib
-            and last.fds <= first.fds + self.settings.concurrency
+            and last.fds <= self.samples[0].fds + self.settings.concurrency
         )
 
     @property
     def verdict(self) -> str:
-        first, last = self.samples[0], self.samples[-1]
+        first, last = self.steady[0], self.steady[-1]
+        since = (
+            f"from {first.requests:,} requests ({first.elapsed:.0f} s in) to {last.requests:,}"
+            if first is not self.samples[0]
+            else f"over {last.requests:,} requests"
+        )
         figures = (
             f"RSS {first.rss_mib:.1f} → {last.rss_mib:.1f} MiB "
-            f"({self.growth_mib:+.2f} MiB, {self.growth_mib / first.rss_mib:+.1%} of start; "
-            f"fitted {self.slope_mib_per_1k:+.3f} MiB per 1,000 requests), "
-            f"fds {first.fds} → {last.fds}, over {last.requests:,} requests"
+            f"({self.growth_mib:+.2f} MiB, {self.growth_mib / first.rss_mib:+.1%}; "
+            f"fitted {self.slope_mib_per_1k:+.3f} MiB per 1,000 requests) {since}, "
+            f"fds {self.samples[0].fds} → {self.samples[-1].fds}"
         )
         unsettled = sum(not s.settled for s in self.samples)
         note = f"; {unsettled} sample(s) taken before the gateway settled" if unsettled else ""
@@ -275,6 +325,7 @@ class Soak:
         self.metrics_url = f"{admin_url}/metrics"
         self.settings = settings
         self.say = say
+        self._measured_from = 0.0
 
     def _check_alive(self) -> None:
         for proc in (self.gateway, *self.others):
@@ -308,6 +359,7 @@ class Soak:
             time.monotonic() - started,
             settled,
             round_seconds,
+            elapsed=time.monotonic() - self._measured_from if self._measured_from else 0.0,
         )
 
     async def _round(
@@ -323,7 +375,8 @@ class Soak:
         await asyncio.gather(*(bounded(job) for job in jobs))
         return time.monotonic() - started
 
-    async def run(self, started: str) -> SoakResult:
+    async def run(self, started: str, deadline: float | None = None) -> SoakResult:
+        """The warm-up, then the rounds; no new round starts after `deadline` (monotonic)."""
         s = self.settings
         clock = time.monotonic()
         rng = random.Random(s.seed)
@@ -343,7 +396,15 @@ class Soak:
             before = await self._scrape(admin)
             self._say_sample("warm-up", samples[-1])
             tally = Tally()
+            self._measured_from = time.monotonic()
+            stopped_early = False
             for round_no in range(s.rounds):
+                # The first round always runs; each later one takes about as long as the last.
+                expected = samples[-1].round_seconds + samples[-1].settle_seconds
+                if deadline is not None and round_no and time.monotonic() + expected > deadline:
+                    stopped_early = True
+                    self.say(f"soak: out of time after {round_no} of {s.rounds} rounds")
+                    break
                 jobs = plan(s, s.requests_per_round, events, rng)
                 seconds = await self._round(session, jobs, tally)
                 done = (round_no + 1) * s.requests_per_round
@@ -367,12 +428,14 @@ class Soak:
             started=started,
             seconds=time.monotonic() - clock,
             log_lines=[],
+            stopped_early=stopped_early,
         )
 
     def _say_sample(self, label: str, sample: Sample, tally: Tally | None = None) -> None:
         errors = f"  errors so far {sum(tally.errors.values())}" if tally is not None else ""
         self.say(
-            f"soak {label:11}: {sample.round_seconds:5.1f} s  RSS {sample.rss_mib:6.1f} MiB  "
+            f"soak {label:11}: {sample.requests:7,} req {sample.elapsed:5.0f} s in  "
+            f"round {sample.round_seconds:5.1f} s  RSS {sample.rss_mib:6.1f} MiB  "
             f"fds {sample.fds:4}  settled in {sample.settle_seconds:.1f} s"
             + ("" if sample.settled else " (NOT settled)")
             + errors

@@ -1,7 +1,7 @@
 """The soak's part of docs/benchmarks.md: its section, its method bullet and its headline.
 
-The section sits between two HTML comments, so `python -m bench --only soak` can replace it in
-a file the full run wrote and leave the rest alone.
+The section sits between two HTML comments (bench/sections.py), so `python -m bench --only
+soak` can replace it in a file the full run wrote and leave the rest alone.
 """
 
 from __future__ import annotations
@@ -10,21 +10,13 @@ import json
 import re
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
-from bench.soak import KINDS, SoakResult, SoakSettings
+from bench.soak import KINDS, SETTLE_MARKER_TTL, SoakResult, SoakSettings
 
-BEGIN = "<!-- soak:begin -->"
-END = "<!-- soak:end -->"
-ANCHOR = "### Processes and their logs"
-"""Where a file without a soak section gets one."""
 KIND_LABELS = {"json": "JSON", "stream": "complete streams", "aborted": "aborted streams"}
 LOG_KINDS_SHOWN = 5
 TIMES = " \u00d7 "
 _FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
-SETTLE_MARKER_TTL = 60.0
-"""How long the memory quota backend keeps a request's settle marker (`settled_ttl` in
-gateway/app.py; gateway/quota/memory.py caps them at 100,000)."""
 EXPECTED_CODES = frozenset({"200", "499"})
 """What the gateway should count: 200, and 499 for a caller that left before the end."""
 
@@ -49,7 +41,9 @@ def method_bullet(s: SoakSettings) -> str:
     return (
         "- **Soak** (last, on its own simulator and gateway; "
         "`.venv/bin/python -m bench --only soak` runs it alone and rewrites only its section "
-        "of this file; `--soak-rounds` and `--soak-requests` change its size): one "
+        "of this file; `--soak-requests` (measured requests in all) and `--soak-rounds` change "
+        "its size; in a full run it stops starting rounds when the run's time budget would "
+        "run out, and says so): one "
         "`thinnest-gateway serve` with memory quotas (limits out of reach, as above) in front "
         f"of a simulator pacing stream events {s.chunk_interval * 1e3:g} ms apart. A Python "
         f"aiohttp client sends {s.rounds} rounds of {s.requests_per_round:,} requests after an "
@@ -59,11 +53,15 @@ def method_bullet(s: SoakSettings) -> str:
         "and after each round, once the gateway has settled (`gateway_active_streams`, "
         "`gateway_stream_drains` and `gateway_inflight_requests` on its admin port's /metrics "
         "read 0 twice in a row), the harness reads the gateway process's RSS (`VmRSS` in "
-        "`/proc/PID/status`) and its open file descriptors (`/proc/PID/fd`). The slope is a "
-        "least-squares fit of RSS against requests over those samples. *Flat* means RSS grew "
-        f"by less than {s.growth_limit:.0%} of its post-warm-up value over the soak and the fds "
-        f"ended at most {s.concurrency} (the concurrency: client connections kept alive) above "
-        "where they started; anything else is *GROWING*."
+        "`/proc/PID/status`) and its open file descriptors (`/proc/PID/fd`). The memory quota "
+        f"backend keeps one settle marker per request for {SETTLE_MARKER_TTL:g} s (at most "
+        "100,000), so RSS rises through the first minute whatever else happens: the slope is "
+        "a least-squares fit of RSS against requests over the samples taken after the first "
+        f"{SETTLE_MARKER_TTL:g} s of measured rounds (over all of them if fewer than three came "
+        f"that late). *Flat* means RSS grew by less than {s.growth_limit:.0%} over those "
+        f"samples and the fds ended at most {s.concurrency} (the concurrency: client "
+        "connections kept alive) above where they started after the warm-up; anything else is "
+        "*GROWING*."
     )
 
 
@@ -82,8 +80,8 @@ def headline(result: SoakResult) -> str:
         else ""
     )
     return (
-        f"Soak ({result.settings.total_requests:,} mixed requests, JSON, streams and "
-        f"aborted streams): {result.verdict}; {errors} seen by the client{gateway}"
+        f"Soak ({result.requests:,} mixed requests, JSON, streams and aborted streams, at "
+        f"{result.rate:,.0f} req/s): {result.verdict}; {errors} seen by the client{gateway}"
     )
 
 
@@ -137,12 +135,15 @@ def _status_rows(result: SoakResult) -> list[list[str]]:
 
 def marker_note(result: SoakResult) -> str:
     """The growth the memory quota backend is expected to show in a soak shorter than its TTL."""
-    span = sum(sample.round_seconds + sample.settle_seconds for sample in result.samples[1:])
-    if span >= SETTLE_MARKER_TTL:
+    span = result.samples[-1].elapsed
+    if result.steady is not result.samples:
+        first = result.steady[0]
         return (
             f"The measured rounds ran {span:.0f} s, longer than the {SETTLE_MARKER_TTL:g} s the "
-            "memory quota backend keeps each request's settle marker, so the markers had "
-            "reached their steady state and the slope leaves them out."
+            "memory quota backend keeps each request's settle marker; the slope and the verdict "
+            f"use the {len(result.steady)} samples from {first.elapsed:.0f} s on, once the "
+            "markers had stopped accumulating (over every sample, the first minute's included, "
+            f"the slope is {result.slope_all_mib_per_1k:+.3f} MiB per 1,000 requests)."
         )
     return (
         f"Expected growth: the measured rounds ran {span:.0f} s, less than the "
@@ -154,14 +155,39 @@ def marker_note(result: SoakResult) -> str:
     )
 
 
+def _extent(result: SoakResult) -> list[str]:
+    """How far the soak got, and what its rate says about the 200,000-request target."""
+    s = result.settings
+    rate = result.rate
+    planned = s.total_requests
+    lines = [
+        f"It sent {result.requests:,} measured requests at {rate:,.0f} req/s (round time; "
+        f"settling between rounds left out)."
+    ]
+    if result.stopped_early:
+        lines[0] += (
+            f" **It stopped after {len(result.samples) - 1} of {s.rounds} rounds "
+            f"({result.requests:,} of {planned:,} planned) to keep the run within its time "
+            "budget.**"
+        )
+    target = 200_000
+    if result.requests < target and rate:
+        lines[0] += (
+            f" At that rate {target:,} requests would take {target / rate:,.0f} s; this is an "
+            f"extrapolation from {result.requests:,}, not a measurement."
+        )
+    return [*lines, ""]
+
+
 def section(result: SoakResult) -> list[str]:
     s = result.settings
     samples = _table(
-        ["round", "requests so far", "RSS MiB", "fds", "round took", "settled in"],
+        ["round", "requests so far", "time in", "RSS MiB", "fds", "round took", "settled in"],
         [
             [
                 "warm-up" if index == 0 else str(index),
                 f"{sample.requests:,}",
+                f"{sample.elapsed:.0f} s",
                 f"{sample.rss_mib:.1f}",
                 str(sample.fds),
                 f"{sample.round_seconds:.1f} s",
@@ -190,11 +216,11 @@ def section(result: SoakResult) -> list[str]:
         else []
     )
     return [
-        BEGIN,
-        f"### Soak: the gateway's memory and file descriptors over {s.total_requests:,} requests",
+        f"### Soak: the gateway's memory and file descriptors over {result.requests:,} requests",
         "",
-        f"Run on {result.started} UTC, in {result.seconds:.0f} s: {s.rounds} rounds of "
-        f"{s.requests_per_round:,} requests after a warm-up round of {s.warmup_requests:,}, "
+        f"Run on {result.started} UTC, in {result.seconds:.0f} s: {len(result.samples) - 1} "
+        f"rounds of {s.requests_per_round:,} requests after a warm-up round of "
+        f"{s.warmup_requests:,}, "
         f"{s.concurrency} at a time, seed {s.seed}, {_mix(s)}; "
         f"{result.events_per_stream} events per complete stream, "
         f"{s.chunk_interval * 1e3:g} ms apart. Each row is read once the gateway has settled "
@@ -202,9 +228,10 @@ def section(result: SoakResult) -> list[str]:
         "",
         f"**Verdict: {result.verdict}.**",
         "",
+        *_extent(result),
         *samples,
         "",
-        f"Slope (least squares over the {len(result.samples)} samples): "
+        f"Slope (least squares over {len(result.steady)} samples): "
         f"{result.slope_mib_per_1k:+.3f} MiB ({result.slope_mib_per_1k * 1024:+.0f} KiB) of RSS "
         "per 1,000 requests. " + marker_note(result),
         "",
@@ -221,35 +248,16 @@ def section(result: SoakResult) -> list[str]:
         *flagged,
         *(errors or ["Errors seen by the client: none."]),
         "",
-        f"The soak gateway logged {len(result.log_lines)} line(s) at level warning "
+        f"The soak gateway logged {result.log_total:,} line(s) at level info or above, access "
+        f"lines included; {len(result.log_lines)} of them at level warning or above "
         "(warm-up included)" + (", by kind:" if logs else "."),
         *([""] if logs else []),
         *logs,
-        END,
     ]
 
 
 def stdout_lines(result: SoakResult) -> list[str]:
     return [
         "Soak:",
-        *[line for line in section(result)[4:] if line not in (BEGIN, END)],
+        *section(result)[2:],
     ]
-
-
-def splice(path: Path, lines: Sequence[str]) -> None:
-    """Replace the soak section of an existing report (or add one); write it alone if none."""
-    text = path.read_text() if path.exists() else ""
-    new = "\n".join(lines)
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + new + tail
-    elif ANCHOR in text:
-        head, _, tail = text.partition(ANCHOR)
-        text = head + new + "\n\n" + ANCHOR + tail
-    elif text:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    else:
-        text = "# Benchmarks\n\n" + new + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
