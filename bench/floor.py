@@ -10,10 +10,13 @@ gateway costs beyond this is the price of its features.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 from aiohttp import web
+
+uvloop = importlib.import_module("uvloop") if importlib.util.find_spec("uvloop") else None
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
@@ -69,12 +72,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9000")
     parser.add_argument("--key", required=True, help="upstream API key sent on every request")
     args = parser.parse_args(argv)
+    # The gateway's rule (gateway/app.py): uvloop when installed, so both run on the same loop.
+    loop = uvloop.new_event_loop() if uvloop is not None else None
     web.run_app(
         create_app(args.upstream, args.key),
         host=args.host,
         port=args.port,
         access_log=None,
         print=None,
+        loop=loop,
     )
 
 

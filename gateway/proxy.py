@@ -30,11 +30,11 @@ from gateway.config import AGENT_ID_PATTERN
 from gateway.errors import AgentNotFound, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
-from gateway.sessions import DoneEventRewriter, SessionScope
+from gateway.sessions import DoneEventRewriter, SessionScope, parse_answer
 from gateway.sse import SSEScanner
 from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, LIMITER, METRICS, QUOTA, UPSTREAM
 from gateway.upstream import Deadline, UpstreamClient
-from gateway.usage import StreamTally, usage_from_json
+from gateway.usage import StreamTally, usage_from
 from gateway.validation import ChatRequest, read_chat_request
 
 # Response headers of upstream's that mean something to the caller; the rest (its own
@@ -136,11 +136,12 @@ async def _relay_body(
     reading = loop.time()
     body = await upstream.read_body(response, deadline)
     record.upstream_wait += loop.time() - reading
+    parsed = parse_answer(body)
     if response.status == 200:
-        record.usage = usage_from_json(body)
+        record.usage = usage_from(parsed) if isinstance(parsed, dict) else None
         # Upstream answered; when it did not say what it cost, the answer's size is charged.
         await account.settle(estimate_tokens(len(body)), usage=record.usage)
-    body = sessions.caller_body(body)
+    body = sessions.caller_body(body, parsed)
     return web.Response(status=response.status, body=body, headers=_headers_from(response, record))
 
 

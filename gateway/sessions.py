@@ -33,6 +33,7 @@ UPSTREAM_MAX_SESSION_ID = 256  # upstream's documented limit, in characters
 
 _LINE_END = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
+_UNPARSED = object()
 _MAX_SPLICES = 4  # strings opening with our prefix tried, each checked by one more parse
 
 
@@ -82,15 +83,19 @@ class SessionScope:
             raise InvalidRequest(
                 f"session_id must be 1 to {self.max_caller_id} printable characters"
             )
-        fields = json.loads(chat.body)  # validated already: a JSON object
+        fields = dict(chat.fields) if chat.fields else json.loads(chat.body)
         fields["session_id"] = self.to_upstream(session_id)
         return _dumps(fields)
 
-    def caller_body(self, body: bytes) -> bytes:
-        """A JSON answer with its session_id translated back; anything else unchanged."""
+    def caller_body(self, body: bytes, parsed: object = _UNPARSED) -> bytes:
+        """A JSON answer with its session_id translated back; anything else unchanged.
+
+        `parsed` is `body` already parsed (`parse_answer`), when the caller has it; it may be
+        changed here.
+        """
         if self.prefix is None:
             return body
-        payload = _loads(body)
+        payload = _loads(body) if parsed is _UNPARSED else parsed
         if not isinstance(payload, dict) or not self._translate(payload):
             return body
         for spliced in self._spliced(body):
@@ -228,6 +233,11 @@ def _field(text: bytes) -> tuple[str, str]:
         return "", ""  # a blank line or a comment
     name, colon, value = text.decode("utf-8", "replace").partition(":")
     return name, value[1:] if colon and value[:1] == " " else value
+
+
+def parse_answer(body: bytes) -> object:
+    """An upstream answer parsed once, for its usage and its session id; None if not JSON."""
+    return _loads(body)
 
 
 def _loads(text: str | bytes) -> object:

@@ -89,7 +89,8 @@ class UpstreamClient:
             # and a cap would queue streams behind each other invisibly.
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
-            skip_auto_headers=("User-Agent",),
+            # No skip_auto_headers: headers_for() always sets User-Agent, and a session-wide
+            # skip list makes aiohttp rebuild a header dict on every request.
         )
 
     def can_reach(self, agent_id: str) -> bool:

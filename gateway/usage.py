@@ -39,14 +39,6 @@ def usage_from(body: Mapping[str, object]) -> Usage | None:
     return Usage(None, None, total) if total is not None else None
 
 
-def usage_from_json(body: bytes) -> Usage | None:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        return None
-    return usage_from(parsed) if isinstance(parsed, dict) else None
-
-
 class StreamTally:
     """What a passing SSE stream has told us: its `done` event, or failing that, its text."""
 

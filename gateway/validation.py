@@ -12,7 +12,8 @@ import asyncio
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 from aiohttp import web
@@ -45,6 +46,8 @@ class ChatRequest:
     session_id: str | None
     stream: bool
     body: bytes  # exactly what the caller sent; forwarded unchanged
+    fields: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+    """The body as parsed here, so nothing downstream parses it again."""
 
 
 def _json_type(value: object) -> str:
@@ -73,8 +76,11 @@ async def read_chat_request(
         raise too_large
     seconds = BODY_READ_TIMEOUT if body_timeout is None else body_timeout
     try:
-        async with asyncio.timeout(seconds):
-            body = await request.read()
+        if request.content.is_eof():
+            body = await request.read()  # all of it is here already: no timer to arm
+        else:
+            async with asyncio.timeout(seconds):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large from None
     except TimeoutError:
@@ -133,7 +139,9 @@ def parse_chat_body(body: bytes) -> ChatRequest:
     stream = parsed.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest(f"stream must be true or false, got {_json_type(stream)}")
-    return ChatRequest(message=message, session_id=session_id, stream=bool(stream), body=body)
+    return ChatRequest(
+        message=message, session_id=session_id, stream=bool(stream), body=body, fields=parsed
+    )
 
 
 def _check_depth(body: bytes) -> None:

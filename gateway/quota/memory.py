@@ -22,6 +22,7 @@ from gateway.quota.plan import (
 )
 
 SWEEP_PER_CALL = 2  # tenants examined per call: more than the one a call can add
+SWEEP_ABOVE = 64  # tenants held before the sweep starts
 MAX_SETTLED = 100_000
 
 
@@ -106,7 +107,7 @@ class MemoryStore:
             cost = spec.cost(tokens)
             if cost:
                 after[i] = level - cost
-                state.buckets[spec.key] = _Bucket(after[i], stamp, spec.capacity, spec.rate)
+                self._put(state, spec, after[i], stamp)
         if lease is not None and plan.max_streams is not None:
             state.leases[lease] = now + self._lease_ttl
         self._sweep(now)
@@ -129,8 +130,7 @@ class MemoryStore:
             for spec in plan.token_buckets:
                 level, stamp = self._current(state, spec, now)
                 # A refund never lifts a bucket past its capacity; a debit may go below zero.
-                level = min(spec.capacity, level - delta)
-                state.buckets[spec.key] = _Bucket(level, stamp, spec.capacity, spec.rate)
+                self._put(state, spec, min(spec.capacity, level - delta), stamp)
         day = int(self._wall_clock() // DAY)
         if day != self._day:
             self._day, self._today = day, {}
@@ -161,6 +161,20 @@ class MemoryStore:
             return float(spec.capacity), now
         return level_at(spec, bucket.level, bucket.stamp, now)
 
+    @staticmethod
+    def _put(state: _Tenant, spec: BucketSpec, level: float, stamp: float) -> None:
+        bucket = state.buckets.get(spec.key)
+        if bucket is None:
+            state.buckets[spec.key] = _Bucket(level, stamp, spec.capacity, spec.rate)
+        else:
+            # A reload may have changed the plan: the bucket follows it.
+            bucket.level, bucket.stamp, bucket.capacity, bucket.rate = (
+                level,
+                stamp,
+                spec.capacity,
+                spec.rate,
+            )
+
     def _touch(self, tenant: str) -> _Tenant:
         state = self._tenants.get(tenant)
         if state is None:
@@ -173,8 +187,11 @@ class MemoryStore:
         """A clock hand over the oldest tenants: forget the full ones, pass over the rest.
 
         Each call adds at most one tenant and examines two, so the held set cannot outgrow
-        about twice the tenants whose buckets are really not full.
+        about twice the tenants whose buckets are really not full; below SWEEP_ABOVE tenants
+        nothing is examined (the per-request cost is then nil, and the bound barely moves).
         """
+        if len(self._tenants) <= SWEEP_ABOVE:
+            return
         for _ in range(min(SWEEP_PER_CALL, len(self._tenants))):
             name, state = next(iter(self._tenants.items()))
             if state.live_leases(now) == 0 and all(b.full(now) for b in state.buckets.values()):

@@ -7,7 +7,7 @@ one behaviour.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.config import TenantLimits
 
@@ -42,20 +42,25 @@ class BucketSpec:
 class Plan:
     buckets: tuple[BucketSpec, ...]
     max_streams: int | None
+    # Derived once: every reservation and settlement asks.
+    token_buckets: tuple[BucketSpec, ...] = field(init=False, compare=False, repr=False)
+    _max_token_cost: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        token_buckets = tuple(b for b in self.buckets if b.tokens)
+        object.__setattr__(self, "token_buckets", token_buckets)
+        object.__setattr__(
+            self, "_max_token_cost", min((b.capacity for b in token_buckets), default=0)
+        )
 
     @property
     def unlimited(self) -> bool:
         return not self.buckets and self.max_streams is None
 
-    @property
-    def token_buckets(self) -> tuple[BucketSpec, ...]:
-        return tuple(b for b in self.buckets if b.tokens)
-
     def token_cost(self, tokens: int) -> int:
         """Clamped to the smallest token capacity: a bigger cost could never pass (settle
         debits the rest), and one figure for every token bucket keeps settle exact."""
-        capacities = [b.capacity for b in self.buckets if b.tokens]
-        return min(tokens, *capacities) if capacities else 0
+        return min(tokens, self._max_token_cost) if self.token_buckets else 0
 
     def scaled(self, replicas: int) -> Plan:
         """This replica's share, for the local fallback: limit / replicas, ceil, at least 1."""

@@ -9,6 +9,7 @@ the breaker's probe puts Redis back in charge.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
@@ -65,6 +66,7 @@ class QuotaService:
         self._replicas = replicas
         self._plans: dict[TenantLimits, Plan] = {}  # one per distinct limits, not per tenant
         self.backend_errors = 0
+        self._unique = _Ids()
 
     @property
     def state(self) -> Literal["ok", "degraded"]:
@@ -81,9 +83,9 @@ class QuotaService:
         if not plan.buckets and not lease_wanted:
             # Nothing to count: no round trip at all.
             return Reservation(
-                tenant, request_id, True, 0, None, 0, (), None, self._primary.name, _unique()
+                tenant, request_id, True, 0, None, 0, (), None, self._primary.name, self._unique()
             )
-        lease = _unique() if lease_wanted else None
+        lease = self._unique() if lease_wanted else None
         try:
             return await self._reserve_on(self._primary, plan, tenant, request_id, tokens, lease)
         except _Down:
@@ -91,7 +93,9 @@ class QuotaService:
         if self._policy == "closed":
             raise QuotaUnavailable()
         if self._policy == "open" or self._fallback is None:
-            return Reservation(tenant, request_id, True, 0, None, 0, (), None, "open", _unique())
+            return Reservation(
+                tenant, request_id, True, 0, None, 0, (), None, "open", self._unique()
+            )
         local = plan.scaled(self._replicas)
         return await self._reserve_on(self._fallback, local, tenant, request_id, tokens, lease)
 
@@ -200,7 +204,7 @@ class QuotaService:
             buckets=_bucket_states(plan, decision.levels),
             stream_lease=lease if decision.allowed else None,
             backend=store.name,
-            reservation_id=_unique(),
+            reservation_id=self._unique(),
             plan=plan,
         )
 
@@ -229,8 +233,16 @@ class QuotaService:
         return result
 
 
-def _unique() -> str:
-    return secrets.token_hex(8)
+class _Ids:
+    """Reservation and lease ids: unique across replicas and restarts (a random prefix per
+    service) without a system call each (a counter after it). Never shown to callers."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._count = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._count):x}"
 
 
 def _bucket_states(plan: Plan, levels: tuple[float, ...]) -> tuple[BucketState, ...]:
