@@ -10,8 +10,8 @@ simulator's shape) that checks the upstream key, so neither can skip the key swa
     python -m bench.litellm               # measure; prints the Markdown section
     python -m bench.litellm --static-upstream --port 9000   # the upstream alone
 
-`run()` returns the Markdown section; without the venv it returns a "not measured" note,
-unless BENCH_LITELLM=1 asks it to install first (about a minute here, bounded).
+`run()` returns the Markdown section. Without the venv it installs LiteLLM first (about a
+minute here, bounded), unless BENCH_LITELLM=0 or a `--quick` run: then a "not measured" note.
 """
 
 from __future__ import annotations
@@ -515,18 +515,20 @@ async def run(
     seconds: float = 10.0,
     connections: int = 32,
     say: Callable[[str], None] = _say,
+    quick: bool = False,
 ) -> str:
     """Measure both proxies; the Markdown section (a "not measured" one when LiteLLM is absent).
 
-    Installs LiteLLM first only when BENCH_LITELLM=1 and its venv is missing.
+    Installs LiteLLM first when its venv is missing, unless BENCH_LITELLM=0 or `quick`.
     """
     install_note = ""
     if not installed():
-        if os.environ.get(ENABLE) != "1":
+        if os.environ.get(ENABLE) == "0" or quick:
+            why = f"{ENABLE}=0" if os.environ.get(ENABLE) == "0" else "`--quick`"
             return _not_measured(
-                f"LiteLLM is not installed in `{VENV.relative_to(ROOT)}`. Install it with "
-                "`.venv/bin/python -m bench.litellm --install` (about a minute here), or run "
-                f"the benchmark with `{ENABLE}=1`, which installs it first."
+                f"LiteLLM is not installed in `{VENV.relative_to(ROOT)}` and {why} said not "
+                "to install it. Install it with `.venv/bin/python -m bench.litellm --install` "
+                "(about a minute here), or run `make bench`, which installs it first."
             )
         say(f"installing {REQUIREMENT} into {VENV} (at most {INSTALL_LIMIT:.0f} s) ...")
         done = await install()

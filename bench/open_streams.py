@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import resource
 import time
 from collections import Counter
@@ -73,6 +74,9 @@ class OpenStreamsResult:
     fd_limit: int = 0
     seconds: float = 0.0
     gateway_pid: int = 0
+    second_peak_kib: int = 0
+    """The gateway's RSS peak in a second wave of as many streams, after the first closed."""
+    second_end_kib: int = 0
 
     def error(self, what: str, detail: str) -> None:
         self.errors[what] += 1
@@ -94,6 +98,21 @@ class OpenStreamsResult:
             and self.open_at_peak >= s.streams
             and self.per_stream_kib <= s.rss_limit_kib
         )
+
+
+_FIRST_WAVE_FIGURES = (
+    "rss_peak_kib",
+    "rss_end_kib",
+    "fds_peak",
+    "fds_end",
+    "sim_rss_peak_kib",
+    "opened",
+    "open_at_peak",
+    "active_gauge_at_peak",
+    "open_seconds",
+    "settled",
+    "settle_seconds",
+)
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -153,101 +172,123 @@ async def run_open_streams(
             f"fds {result.fds_start} before; opening {s.streams:,} streams "
             f"(events {s.drip_interval:g} s apart, fd limit {result.fd_limit:,}) ..."
         )
-        async with admin.post(
-            f"{simulator_url}/_sim/faults", json={"kind": "slow_drip", "interval": s.drip_interval}
-        ) as response:
-            if response.status >= 300:
-                raise RuntimeError(f"simulator refused slow_drip: {await response.text()}")
-        gate = asyncio.Semaphore(s.connecting)
-        first_events = 0
-        open_now = 0
-        all_open = asyncio.Event()
+        for wave in (1, 2):
+            first = wave == 1
+            first_wave = copy.copy(result)
+            if not first:
+                # The same again: memory the first wave left to the allocator should be
+                # reused, not added to. A leak would show as a higher second peak.
+                say(f"open streams: second wave of {s.streams:,} ...")
+                result.rss_peak_kib = 0
+            async with admin.post(
+                f"{simulator_url}/_sim/faults",
+                json={"kind": "slow_drip", "interval": s.drip_interval},
+            ) as response:
+                if response.status >= 300:
+                    raise RuntimeError(f"simulator refused slow_drip: {await response.text()}")
+            gate = asyncio.Semaphore(s.connecting)
+            first_events = 0
+            open_now = 0
+            all_open = asyncio.Event()
 
-        async def one() -> None:
-            nonlocal first_events, open_now
-            counted = False
-            holding = False
-            await gate.acquire()
+            # Bound now: each wave's tasks are awaited within that wave.
+            async def one(
+                gate: asyncio.Semaphore = gate, all_open: asyncio.Event = all_open
+            ) -> None:
+                nonlocal first_events, open_now
+                counted = False
+                holding = False
+                await gate.acquire()
+                try:
+                    async with session.post(call.url, data=call.body, headers=call.headers) as r:
+                        if r.status != 200:
+                            body = (await r.read())[:200].decode(errors="replace")
+                            result.error(f"HTTP {r.status}", body)
+                            return
+                        pending = b""
+                        async for chunk in r.content.iter_any():
+                            *complete, pending = (pending + chunk).split(b"\n\n")
+                            result.events += len(complete)
+                            if complete and not counted:
+                                counted = True
+                                first_events += 1
+                                open_now += 1
+                                holding = True
+                                gate.release()
+                                if first_events >= s.streams:
+                                    all_open.set()
+                        result.ended_early += 1
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    result.error(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+                finally:
+                    if counted:
+                        open_now -= 1
+                    if not holding:
+                        gate.release()
+                    if first_events + result.error_count >= s.streams:
+                        all_open.set()
+
+            started = time.monotonic()
+            tasks = [asyncio.create_task(one()) for _ in range(s.streams)]
             try:
-                async with session.post(call.url, data=call.body, headers=call.headers) as r:
-                    if r.status != 200:
-                        body = (await r.read())[:200].decode(errors="replace")
-                        result.error(f"HTTP {r.status}", body)
-                        return
-                    pending = b""
-                    async for chunk in r.content.iter_any():
-                        *complete, pending = (pending + chunk).split(b"\n\n")
-                        result.events += len(complete)
-                        if complete and not counted:
-                            counted = True
-                            first_events += 1
-                            open_now += 1
-                            holding = True
-                            gate.release()
-                            if first_events >= s.streams:
-                                all_open.set()
-                    result.ended_early += 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                result.error(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+                last_say = started
+                while not all_open.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(all_open.wait(), 1.0)
+                    gateway.check_alive()
+                    simulator.check_alive()
+                    if time.monotonic() - last_say >= 5:
+                        last_say = time.monotonic()
+                        say(f"open streams: {first_events:,} open after {last_say - started:.0f} s")
+                    if time.monotonic() - started > s.open_within:
+                        result.error(
+                            "not open in time", f"{first_events} open after {s.open_within}"
+                        )
+                        break
+                result.open_seconds = time.monotonic() - started
+                result.opened = first_events
+                # All open: sample for a while; the peak is the highest reading.
+                hold_until = time.monotonic() + s.hold_seconds
+                while True:
+                    rss = rss_kib(gateway.pid)
+                    if rss > result.rss_peak_kib:
+                        result.rss_peak_kib = rss
+                        result.open_at_peak = open_now
+                        result.active_gauge_at_peak = (await _scrape(admin, metrics_url))[
+                            "gateway_active_streams"
+                        ]
+                    result.fds_peak = max(result.fds_peak, open_fds(gateway.pid))
+                    result.sim_rss_peak_kib = max(result.sim_rss_peak_kib, rss_kib(simulator.pid))
+                    if time.monotonic() >= hold_until:
+                        break
+                    await asyncio.sleep(0.5)
+                say(
+                    f"open streams: {result.opened:,} open in {result.open_seconds:.1f} s; "
+                    f"gateway RSS peak {result.rss_peak_kib / KIB:.1f} MiB with "
+                    f"{result.open_at_peak:,} open "
+                    f"(its gauge: {result.active_gauge_at_peak:.0f}), fds {result.fds_peak}; "
+                    "closing them ..."
+                )
             finally:
-                if counted:
-                    open_now -= 1
-                if not holding:
-                    gate.release()
-                if first_events + result.error_count >= s.streams:
-                    all_open.set()
-
-        started = time.monotonic()
-        tasks = [asyncio.create_task(one()) for _ in range(s.streams)]
-        try:
-            last_say = started
-            while not all_open.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(all_open.wait(), 1.0)
-                gateway.check_alive()
-                simulator.check_alive()
-                if time.monotonic() - last_say >= 5:
-                    last_say = time.monotonic()
-                    say(f"open streams: {first_events:,} open after {last_say - started:.0f} s")
-                if time.monotonic() - started > s.open_within:
-                    result.error("not open in time", f"{first_events} open after {s.open_within}")
-                    break
-            result.open_seconds = time.monotonic() - started
-            result.opened = first_events
-            # All open: sample for a while; the peak is the highest reading.
-            hold_until = time.monotonic() + s.hold_seconds
-            while True:
-                rss = rss_kib(gateway.pid)
-                if rss > result.rss_peak_kib:
-                    result.rss_peak_kib = rss
-                    result.open_at_peak = open_now
-                    result.active_gauge_at_peak = (await _scrape(admin, metrics_url))[
-                        "gateway_active_streams"
-                    ]
-                result.fds_peak = max(result.fds_peak, open_fds(gateway.pid))
-                result.sim_rss_peak_kib = max(result.sim_rss_peak_kib, rss_kib(simulator.pid))
-                if time.monotonic() >= hold_until:
-                    break
-                await asyncio.sleep(0.5)
-            say(
-                f"open streams: {result.opened:,} open in {result.open_seconds:.1f} s; gateway "
-                f"RSS peak {result.rss_peak_kib / KIB:.1f} MiB with {result.open_at_peak:,} open "
-                f"(its gauge: {result.active_gauge_at_peak:.0f}), fds {result.fds_peak}; "
-                "closing them ..."
-            )
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            async with admin.delete(f"{simulator_url}/_sim/faults") as response:
-                response.raise_for_status()
-        settle_started = time.monotonic()
-        result.settled = await _wait_settled(admin, metrics_url, s.settle_within)
-        result.settle_seconds = time.monotonic() - settle_started
-        # A moment more: memory freed by the last handlers and their connections.
-        await asyncio.sleep(1.0)
-        result.rss_end_kib = rss_kib(gateway.pid)
-        result.fds_end = open_fds(gateway.pid)
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                async with admin.delete(f"{simulator_url}/_sim/faults") as response:
+                    response.raise_for_status()
+            settle_started = time.monotonic()
+            result.settled = await _wait_settled(admin, metrics_url, s.settle_within)
+            result.settle_seconds = time.monotonic() - settle_started
+            # A moment more: memory freed by the last handlers and their connections.
+            await asyncio.sleep(1.0)
+            result.rss_end_kib = rss_kib(gateway.pid)
+            result.fds_end = open_fds(gateway.pid)
+            if first:
+                continue
+            result.second_peak_kib = result.rss_peak_kib
+            result.second_end_kib = result.rss_end_kib
+            # The report's figures are the first wave's; errors and events count both.
+            for name in _FIRST_WAVE_FIGURES:
+                setattr(result, name, getattr(first_wave, name))
     result.seconds = time.monotonic() - clock
     return result
 
@@ -279,6 +320,24 @@ def summary_line(r: OpenStreamsResult) -> str:
         f"{r.rss_peak_kib / KIB:.1f} → {r.rss_end_kib / KIB:.1f} MiB (start → all open → "
         f"closed), {r.per_stream_kib:.1f} KiB per open stream"
     )
+
+
+REUSE_SLACK = 0.10
+"""A second wave may peak this share of the first wave's growth higher and still count as
+reusing the first wave's memory (the peak is sampled, and allocators are not exact)."""
+
+
+def reuses_memory(r: OpenStreamsResult) -> bool:
+    growth = max(r.rss_peak_kib - r.rss_start_kib, 1)
+    return r.second_peak_kib <= r.rss_peak_kib + REUSE_SLACK * growth
+
+
+def reuse_verdict(r: OpenStreamsResult) -> str:
+    if r.second_peak_kib == 0:
+        return "not measured"
+    if reuses_memory(r):
+        return "the memory the first wave left behind was reused, not added to (no leak)"
+    return "**the second wave needed more memory than the first: something is kept per stream**"
 
 
 def section(r: OpenStreamsResult) -> list[str]:
@@ -318,6 +377,12 @@ def section(r: OpenStreamsResult) -> list[str]:
                 ],
                 ["gateway fds", str(r.fds_start), str(r.fds_peak), str(r.fds_end)],
                 [
+                    "gateway RSS, second wave",
+                    f"{r.rss_end_kib / KIB:.1f} MiB",
+                    f"{r.second_peak_kib / KIB:.1f} MiB",
+                    f"{r.second_end_kib / KIB:.1f} MiB",
+                ],
+                [
                     "simulator RSS",
                     f"{r.sim_rss_start_kib / KIB:.1f} MiB",
                     f"{r.sim_rss_peak_kib / KIB:.1f} MiB",
@@ -332,7 +397,11 @@ def section(r: OpenStreamsResult) -> list[str]:
         f"Per open stream: (peak - start) / open = {r.per_stream_kib:.1f} KiB "
         f"(target ≤ {s.rss_limit_kib:g} KiB). After closing, RSS was "
         f"{(r.rss_end_kib - r.rss_start_kib) / KIB:+.1f} MiB from its start (CPython returns "
-        "freed memory to the system only when whole arenas empty).",
+        "freed memory to the system only when whole arenas empty, and glibc's heap only from "
+        f"its top). A second wave of {s.streams:,} streams then peaked at "
+        f"{r.second_peak_kib / KIB:.1f} MiB, {(r.second_peak_kib - r.rss_peak_kib) / KIB:+.1f} "
+        "MiB from the first wave's peak, and ended at "
+        f"{r.second_end_kib / KIB:.1f} MiB: {reuse_verdict(r)}.",
         "",
         *(errors or ["Errors: none."]),
     ]

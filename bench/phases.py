@@ -22,12 +22,12 @@ T = TypeVar("T")
 class Settings:
     rounds: int = 3
     connections: int = 32
-    seconds: float = 10.0
+    seconds: float = 8.0
     warmup_seconds: float = 2.0
     ttfe_streams: int = 200
     ttfe_concurrency: int = 20
-    drip_streams: int = 60
-    drip_concurrency: int = 10
+    drip_streams: int = 150
+    drip_concurrency: int = 50
     drip_interval: float = 0.05
 
 

@@ -67,6 +67,8 @@ class Comparison:
     """Every process on the path (proxy + simulator) per request."""
     ttfe_p50_delta_ms: Spread
     ttfe_p99_delta_ms: Spread
+    paced_ttfe_p50_delta_ms: Spread
+    paced_ttfe_p99_delta_ms: Spread
     chunk_p50_delta_ms: Spread
     chunk_p99_delta_ms: Spread
 
@@ -78,6 +80,9 @@ class Summary:
     """The targets measured in the streaming phases too."""
     load: dict[str, LoadFigures]
     ttfe: dict[str, StreamFigures]
+    """Back to back, unpaced: a stream starts as soon as one ends (CPU-bound, queueing)."""
+    paced_ttfe: dict[str, StreamFigures]
+    """The slow_drip streams' first events: many open at once, every path side by side."""
     chunk_delay: dict[str, StreamFigures]
     """Added per-chunk delay against direct's median for the same event index."""
     gap_change: dict[str, StreamFigures]
@@ -135,6 +140,10 @@ def _ttfe(results: Results, name: str) -> PerRound:
     return lambda pct: [_ms(ttfes(timings), pct) for timings in results.ttfe.get(name, [])]
 
 
+def _paced_ttfe(results: Results, name: str) -> PerRound:
+    return lambda pct: [_ms(ttfes(timings), pct) for timings in results.drip.get(name, [])]
+
+
 def _gap(results: Results, name: str) -> PerRound:
     return lambda pct: [_ms(gaps(timings), pct) for timings in results.drip[name]]
 
@@ -186,6 +195,12 @@ def _compare(results: Results, name: str, base: str) -> Comparison:
         ),
         ttfe_p50_delta_ms=_minus(_ttfe(results, name)(50), _ttfe(results, base)(50)),
         ttfe_p99_delta_ms=_minus(_ttfe(results, name)(99), _ttfe(results, base)(99)),
+        paced_ttfe_p50_delta_ms=_minus(
+            _paced_ttfe(results, name)(50), _paced_ttfe(results, base)(50)
+        ),
+        paced_ttfe_p99_delta_ms=_minus(
+            _paced_ttfe(results, name)(99), _paced_ttfe(results, base)(99)
+        ),
         chunk_p50_delta_ms=_minus(_chunk(results, name)(50), _chunk(results, base)(50)),
         chunk_p99_delta_ms=_minus(_chunk(results, name)(99), _chunk(results, base)(99)),
     )
@@ -202,6 +217,10 @@ def summarise(results: Results, targets: Sequence[str]) -> Summary:
             for name in targets
         },
         ttfe={name: _stream_figures(results.ttfe[name], _ttfe(results, name)) for name in streamed},
+        paced_ttfe={
+            name: _stream_figures(results.drip[name], _paced_ttfe(results, name))
+            for name in streamed
+        },
         chunk_delay={
             name: _stream_figures(results.drip[name], _chunk(results, name)) for name in streamed
         },
