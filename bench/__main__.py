@@ -113,6 +113,7 @@ class Plan:
                 warmup_seconds=1.0,
                 ttfe_streams=40,
                 drip_streams=20,
+                paced_streams=50,
             ),
             OpenLoopSettings(rounds=1, seconds=3.0, warmup_seconds=1.0),
             OpenStreamsSettings(streams=min(args.streams, 500), hold_seconds=2.0),
@@ -208,6 +209,8 @@ async def _measure(
             clock = time.monotonic()
             _say("streams: time to first event ...")
             await runner.ttfe_phase()
+            _say("streams: time to first event, paced ...")
+            await runner.paced_phase()
             _say("streams: per-chunk delay under slow_drip ...")
             await runner.drip_phase()
             seconds["streams"] = time.monotonic() - clock

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -26,8 +27,10 @@ class Settings:
     warmup_seconds: float = 2.0
     ttfe_streams: int = 200
     ttfe_concurrency: int = 20
-    drip_streams: int = 150
-    drip_concurrency: int = 50
+    drip_streams: int = 60
+    drip_concurrency: int = 10
+    paced_streams: int = 100
+    paced_concurrency: int = 50
     drip_interval: float = 0.05
 
 
@@ -67,6 +70,7 @@ class Results:
     """Per target, what went wrong in rounds with errors: wrk's error kinds and a probe."""
     ttfe: dict[str, list[list[StreamTiming]]] = field(default_factory=dict)
     drip: dict[str, list[list[StreamTiming]]] = field(default_factory=dict)
+    paced: dict[str, list[list[StreamTiming]]] = field(default_factory=dict)
 
 
 def rotated(items: Sequence[T], by: int) -> list[T]:
@@ -190,7 +194,35 @@ class Runner:
         s = self.settings
         await self._streams(self.results.ttfe, "TTFE", s.ttfe_streams, s.ttfe_concurrency)
 
+    async def paced_phase(self) -> None:
+        """Time to first event of paced streams, many open, one path at a time: a stream's
+        own latency on a box that is not saturated (the back-to-back phase saturates it)."""
+        s = self.settings
+        async with self._slow_drip():
+            await self._streams(
+                self.results.paced,
+                "paced TTFE",
+                s.paced_streams,
+                s.paced_concurrency,
+                spread_over=s.drip_interval,
+            )
+
     async def drip_phase(self) -> None:
+        s = self.settings
+        async with self._slow_drip():
+            await self._streams(
+                self.results.drip,
+                "drip",
+                s.drip_streams,
+                s.drip_concurrency,
+                spread_over=s.drip_interval,
+                # The simulator's pacing drifts with its load (it sleeps after each write);
+                # run side by side, every path sees the same drift.
+                together=True,
+            )
+
+    @contextlib.asynccontextmanager
+    async def _slow_drip(self) -> AsyncIterator[None]:
         s = self.settings
         async with aiohttp.ClientSession(base_url=self.simulator_url) as control:
             fault = {"kind": "slow_drip", "interval": s.drip_interval}
@@ -199,16 +231,7 @@ class Runner:
                     text = await response.text()
                     raise RuntimeError(f"simulator refused {fault}: {response.status} {text}")
             try:
-                await self._streams(
-                    self.results.drip,
-                    "drip",
-                    s.drip_streams,
-                    s.drip_concurrency,
-                    spread_over=s.drip_interval,
-                    # The simulator's pacing drifts with its load (it sleeps after each
-                    # write); run side by side, every path sees the same drift.
-                    together=True,
-                )
+                yield
             finally:
                 async with control.delete("/_sim/faults") as response:
                     response.raise_for_status()

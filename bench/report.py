@@ -419,10 +419,11 @@ def write_markdown(
         *(line for note in quota_notes(summary) for line in (note, "")),
         "### Streaming: time to first event",
         "",
-        "Paced: the slow_drip streams of the per-chunk phase below (events "
-        f"{info.settings.drip_interval * 1000:g} ms apart, {info.settings.drip_concurrency} "
-        "open at once per path, every path side by side, so each sees the same simulator "
-        "load). This is a stream's own added latency, and what the target is measured on.",
+        f"Paced: {info.settings.paced_streams} slow_drip streams per path and round (events "
+        f"{info.settings.drip_interval * 1000:g} ms apart, {info.settings.paced_concurrency} "
+        "open at once, the first ones started evenly over one interval, one path at a time). "
+        "The box is not saturated, so this is a stream's own added latency: what the target "
+        "is measured on.",
         "",
         *parts["paced"],
         "",

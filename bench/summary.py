@@ -82,7 +82,7 @@ class Summary:
     ttfe: dict[str, StreamFigures]
     """Back to back, unpaced: a stream starts as soon as one ends (CPU-bound, queueing)."""
     paced_ttfe: dict[str, StreamFigures]
-    """The slow_drip streams' first events: many open at once, every path side by side."""
+    """Paced slow_drip streams, many open at once, one path at a time: first events."""
     chunk_delay: dict[str, StreamFigures]
     """Added per-chunk delay against direct's median for the same event index."""
     gap_change: dict[str, StreamFigures]
@@ -141,7 +141,7 @@ def _ttfe(results: Results, name: str) -> PerRound:
 
 
 def _paced_ttfe(results: Results, name: str) -> PerRound:
-    return lambda pct: [_ms(ttfes(timings), pct) for timings in results.drip.get(name, [])]
+    return lambda pct: [_ms(ttfes(timings), pct) for timings in results.paced.get(name, [])]
 
 
 def _gap(results: Results, name: str) -> PerRound:
@@ -218,7 +218,7 @@ def summarise(results: Results, targets: Sequence[str]) -> Summary:
         },
         ttfe={name: _stream_figures(results.ttfe[name], _ttfe(results, name)) for name in streamed},
         paced_ttfe={
-            name: _stream_figures(results.drip[name], _paced_ttfe(results, name))
+            name: _stream_figures(results.paced[name], _paced_ttfe(results, name))
             for name in streamed
         },
         chunk_delay={
