@@ -276,7 +276,7 @@ def stdout_summary(summary: Summary) -> str:
         + [f"* {line}" for line in headlines(summary)]
         + ["", "JSON (non-streaming):", *parts["load"], ""]
         + [f"* {note}" for note in quota_notes(summary)]
-        + ["", "Time to first event, paced (slow_drip, side by side):", *parts["paced"]]
+        + ["", "Time to first event, paced (slow_drip, one path at a time):", *parts["paced"]]
         + ["", "Time to first event, back to back (CPU-bound):", *parts["ttfe"]]
         + ["", "Per-chunk delay under slow_drip:", *parts["chunks"], ""]
     )

@@ -29,10 +29,11 @@ class BucketSpec:
     refill: int  # added per `window`, continuously
     window: int  # seconds
     tokens: bool  # costs the request's tokens, else one request
+    rate: float = field(init=False, compare=False, repr=False)
+    """Refill per second; derived once, every bucket computation asks."""
 
-    @property
-    def rate(self) -> float:
-        return self.refill / self.window
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rate", self.refill / self.window)
 
     def cost(self, tokens: int) -> int:
         return tokens if self.tokens else 1
