@@ -386,6 +386,8 @@ def write_markdown(
             [
                 *targets.table(target_rows(summary, extras)),
                 "",
+                *targets.why_missed(target_rows(summary, extras)),
+                "",
                 "Each figure is the median over rounds (lowest and highest round in brackets) of "
                 "this run; ratios and differences are taken within a round first. Details and "
                 "method below.",
