@@ -31,7 +31,7 @@ REQUEST_TIMEOUT = 30.0
 MIB = 1024 * 1024
 SETTLE_MARKER_TTL = 60.0
 """How long the memory quota backend keeps a request's settle marker (`settled_ttl` in
-gateway/app.py; gateway/quota/memory.py caps them at 100,000): RSS may grow for this long."""
+gateway/app.py; gateway/quota/memory.py caps their number): RSS may grow for this long."""
 
 
 @dataclass(frozen=True, slots=True)

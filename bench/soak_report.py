@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 from bench.soak import KINDS, SETTLE_MARKER_TTL, SoakResult, SoakSettings
+from gateway.quota.memory import MAX_SETTLED
 
 KIND_LABELS = {"json": "JSON", "stream": "complete streams", "aborted": "aborted streams"}
 LOG_KINDS_SHOWN = 5
@@ -55,7 +56,8 @@ def method_bullet(s: SoakSettings) -> str:
         "read 0 twice in a row), the harness reads the gateway process's RSS (`VmRSS` in "
         "`/proc/PID/status`) and its open file descriptors (`/proc/PID/fd`). The memory quota "
         f"backend keeps one settle marker per request for {SETTLE_MARKER_TTL:g} s (at most "
-        "100,000), so RSS rises through the first minute whatever else happens: the slope is "
+        f"{MAX_SETTLED:,}), so RSS rises until they stop accumulating whatever else happens: "
+        "the slope is "
         "a least-squares fit of RSS against requests over the samples taken after the first "
         f"{SETTLE_MARKER_TTL:g} s of measured rounds (over all of them if fewer than three came "
         f"that late). *Flat* means RSS grew by less than {s.growth_limit:.0%} over those "
@@ -148,10 +150,10 @@ def marker_note(result: SoakResult) -> str:
     return (
         f"Expected growth: the measured rounds ran {span:.0f} s, less than the "
         f"{SETTLE_MARKER_TTL:g} s the memory quota backend (used with quotas on or off) keeps "
-        "one settle marker per request (`settled_ttl` in gateway/app.py, at most 100,000 in "
-        "gateway/quota/memory.py), so every measured request's marker was still held at the "
-        "last sample: part of the slope is those markers, and it stops once they start to "
-        "expire. Growth beyond them is what would keep going."
+        "one settle marker per request (`settled_ttl` in gateway/app.py, at most "
+        f"{MAX_SETTLED:,} in gateway/quota/memory.py), so markers may still have been "
+        "accumulating at the last sample: part of the slope may be those markers, and it stops "
+        "once they start to expire. Growth beyond them is what would keep going."
     )
 
 

@@ -70,9 +70,13 @@ async def run_streams(
         gate = asyncio.Semaphore(concurrency)
 
         async def one(index: int) -> StreamTiming:
-            if index < concurrency:
-                await asyncio.sleep(spread_over * index / concurrency)
+            # Inside the gate: the first holders (the semaphore is first come, first served)
+            # are the ones spread out, and each later stream takes the place of one that ended,
+            # so starts stay spread. Spread outside it, the unspread later streams took the
+            # free places first and started all at once.
             async with gate:
+                if index < concurrency:
+                    await asyncio.sleep(spread_over * index / concurrency)
                 return await stream_once(session, call)
 
         return list(await asyncio.gather(*(one(index) for index in range(total))))
