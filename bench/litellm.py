@@ -38,7 +38,7 @@ from aiohttp import web
 
 from bench.load import Call, LoadResult, LoadTool, find_load_tool, run_load, write_lua, wrk_version
 from bench.phases import rotated
-from bench.procs import Proc, ProcessFailed, ProcessSet, die_with_parent, free_ports, wait_ready
+from bench.procs import Proc, ProcessFailed, ProcessSet, free_ports, run_capped, wait_ready
 from bench.stats import EN_DASH, Spread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,26 +135,6 @@ class Install:
     note: str
 
 
-async def _run(*argv: str, limit: float) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), limit)
-    except TimeoutError:
-        return -1, f"{argv[0]} timed out after {limit:.0f} s"
-    finally:
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.shield(process.wait())
-    return process.returncode or 0, out.decode(errors="replace")
-
-
 def _last_line(out: str) -> str:
     lines = [line for line in out.splitlines() if line.strip() and "is ignored" not in line]
     return lines[-1].strip() if lines else "no output"
@@ -166,11 +146,11 @@ async def install(limit: float = INSTALL_LIMIT) -> Install:
     shutil.rmtree(VENV, ignore_errors=True)
     VENV.parent.mkdir(parents=True, exist_ok=True)
     python = shutil.which("python3") or sys.executable
-    code, out = await _run(python, "-m", "venv", str(VENV), limit=120)
+    code, out = await run_capped(python, "-m", "venv", str(VENV), limit=120)
     if code == 0:
         remaining = max(limit - (time.monotonic() - started), 1.0)
         pip = str(VENV / "bin" / "pip")
-        code, out = await _run(pip, "install", "-q", REQUIREMENT, limit=remaining)
+        code, out = await run_capped(pip, "install", "-q", REQUIREMENT, limit=remaining)
     seconds = time.monotonic() - started
     if code != 0 or not LITELLM.exists():
         return Install(False, seconds, f"exit {code}: {_last_line(out)}")
@@ -179,7 +159,7 @@ async def install(limit: float = INSTALL_LIMIT) -> Install:
 
 
 async def litellm_version() -> str:
-    code, out = await _run(
+    code, out = await run_capped(
         str(VENV / "bin" / "python"),
         "-c",
         "import importlib.metadata as m; print(m.version('litellm'))",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.procs import die_with_parent
+from bench.procs import run_capped
 from bench.stats import percentile
 
 APT_TIMEOUT = 240.0
@@ -71,28 +70,6 @@ class LoadTool:
         return "wrk" if self.wrk else "python-aiohttp"
 
 
-async def _run(*argv: str, limit: float) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        preexec_fn=die_with_parent,
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), limit)
-    except TimeoutError:
-        return -1, f"{argv[0]} timed out after {limit:.0f} s"
-    finally:
-        # Also on cancellation (Ctrl-C, SIGTERM): wrk must not outlive the run.
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await asyncio.shield(process.wait())
-    return process.returncode or 0, out.decode(errors="replace")
-
-
 async def _installed(program: str, package: str) -> tuple[str | None, str]:
     """`program`'s path, installing `package` with apt-get if missing; else None and why."""
     found = shutil.which(program)
@@ -101,11 +78,11 @@ async def _installed(program: str, package: str) -> tuple[str | None, str]:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return None, f"{program} is not installed and apt-get cannot run here (not root)"
     print(f"bench: {program} is missing; installing it with apt-get ...", flush=True)
-    code, out = await _run("apt-get", "install", "-y", "-q", package, limit=APT_TIMEOUT)
+    code, out = await run_capped("apt-get", "install", "-y", "-q", package, limit=APT_TIMEOUT)
     if code != 0:
         # A fresh machine may have no package lists yet.
-        await _run("apt-get", "update", "-q", limit=APT_TIMEOUT)
-        code, out = await _run("apt-get", "install", "-y", "-q", package, limit=APT_TIMEOUT)
+        await run_capped("apt-get", "update", "-q", limit=APT_TIMEOUT)
+        code, out = await run_capped("apt-get", "install", "-y", "-q", package, limit=APT_TIMEOUT)
     found = shutil.which(program)
     if found:
         return found, ""
@@ -130,7 +107,7 @@ async def find_redis() -> str:
 async def wrk_version(tool: LoadTool) -> str:
     if tool.wrk is None:
         return "-"
-    _, out = await _run(tool.wrk, "-v", limit=10)
+    _, out = await run_capped(tool.wrk, "-v", limit=10)
     return out.strip().splitlines()[0] if out.strip() else "wrk"
 
 
@@ -151,7 +128,7 @@ async def run_load(
     if tool.wrk is None:
         return await _python_load(call, connections, seconds)
     argv = [tool.wrk, "-t1", f"-c{connections}", f"-d{seconds:g}s", "--timeout", "5s"]
-    code, out = await _run(*argv, "-s", str(lua), call.url, limit=seconds + 60)
+    code, out = await run_capped(*argv, "-s", str(lua), call.url, limit=seconds + 60)
     summary = next(
         (line for line in reversed(out.splitlines()) if line.startswith('{"requests"')), None
     )

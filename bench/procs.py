@@ -237,3 +237,26 @@ async def wait_redis(proc: Proc, port: int, *, within: float = 30.0) -> float:
         f"{proc.name} (pid {proc.pid}) did not answer PING on port {port} after {within:.0f} s "
         f"({last_error}); its log {proc.log} ends:\n{tail(proc.log)}"
     )
+
+
+async def run_capped(*argv: str, limit: float) -> tuple[int, str]:
+    """Run a command to its end within `limit` seconds: (exit code, output); -1 on timeout."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        preexec_fn=die_with_parent,
+    )
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), limit)
+    except TimeoutError:
+        return -1, f"{argv[0]} timed out after {limit:.0f} s"
+    finally:
+        # Also on cancellation (Ctrl-C, SIGTERM): the command must not outlive the run.
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await asyncio.shield(process.wait())
+    return process.returncode or 0, out.decode(errors="replace")

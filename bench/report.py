@@ -22,6 +22,7 @@ from bench.summary import (
     MEMORY_QUOTAS,
     REDIS_QUOTAS,
     Comparison,
+    StreamFigures,
     Summary,
 )
 
@@ -174,30 +175,8 @@ def tables(summary: Summary) -> dict[str, list[str]]:
             for n in summary.targets
         ],
     )
-    ttfe = _table(
-        ["path", "TTFE p50", "TTFE p99", "failed streams"],
-        [
-            [
-                LABELS[n],
-                _ms(summary.ttfe[n].p50_ms, False),
-                _ms(summary.ttfe[n].p99_ms, False),
-                f"{summary.ttfe[n].failed} / {summary.ttfe[n].streams}",
-            ]
-            for n in names
-        ],
-    )
-    paced = _table(
-        ["path", "TTFE p50", "TTFE p99", "failed streams"],
-        [
-            [
-                LABELS[n],
-                _ms(summary.paced_ttfe[n].p50_ms, False),
-                _ms(summary.paced_ttfe[n].p99_ms, False),
-                f"{summary.paced_ttfe[n].failed} / {summary.paced_ttfe[n].streams}",
-            ]
-            for n in names
-        ],
-    )
+    ttfe = _ttfe_table(summary.ttfe, names)
+    paced = _ttfe_table(summary.paced_ttfe, names)
     chunks = _table(
         ["path", "added delay p50", "p99", "gap change p50", "p99", "gap p50", "failed streams"],
         [
@@ -222,6 +201,21 @@ def tables(summary: Summary) -> dict[str, list[str]]:
         rows += _comparison_rows(f"{SHORT[n]} vs floor", c)
     ratios = _table(["compared", "figure", "ratio or difference, per round"], rows)
     return {"load": load, "ttfe": ttfe, "paced": paced, "chunks": chunks, "ratios": ratios}
+
+
+def _ttfe_table(figures: Mapping[str, StreamFigures], names: Sequence[str]) -> list[str]:
+    return _table(
+        ["path", "TTFE p50", "TTFE p99", "failed streams"],
+        [
+            [
+                LABELS[n],
+                _ms(figures[n].p50_ms, False),
+                _ms(figures[n].p99_ms, False),
+                f"{figures[n].failed} / {figures[n].streams}",
+            ]
+            for n in names
+        ],
+    )
 
 
 def open_loop_headline(results: openloop.OpenLoopResults, path: str) -> str:
