@@ -2,7 +2,8 @@
 
 Every key of a tenant carries the hash tag `{tenant}`, so one script touches one slot and runs
 unchanged on Redis Cluster. The scripts are package files, registered once and called by
-EVALSHA; redis-py loads them again when the server answers NOSCRIPT (a restart, SCRIPT FLUSH).
+EVALSHA; a call the server answers NOSCRIPT (a restart, SCRIPT FLUSH) is sent again with the
+script's source, which loads it again.
 Timeouts, retries and the circuit breaker are the service's business, not this module's.
 
 On a single server (or Sentinel's master) script calls go out in batches over a connection of
@@ -190,7 +191,7 @@ class _Pipelined:
     ) -> asyncio.Future[Any]:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((script, keys, args, reply, False))
-        if self._worker is None:
+        if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work())
         self._wake.set()
         return reply
@@ -227,9 +228,12 @@ class _Pipelined:
                         replies.append(await connection.read_response())
                     except ResponseError as error:  # this call's own answer (NOSCRIPT, ...)
                         replies.append(error)
-        except Exception as exc:
+        except BaseException as exc:
             # Part of a reply may still be on the wire: this connection cannot be reused.
             await connection.disconnect(nowait=True)
+            if not isinstance(exc, Exception):  # cancelled: the store is closing
+                _fail(batch, ConnectionError("the quota store is closing"))
+                raise
             _fail(batch, exc)
             return
         for (script, keys, args, reply, source), result in zip(batch, replies, strict=True):
