@@ -69,11 +69,8 @@ async def read_chat_request(
             raise InvalidRequest(
                 f"Content-Type must be application/json, got {mime[:64] or 'nothing'!r}"
             )
-    too_large = RequestTooLarge(
-        f"request body is larger than {max_bytes} bytes (limits.max_body_bytes); send less"
-    )
     if request.content_length is not None and request.content_length > max_bytes:
-        raise too_large
+        raise _too_large(max_bytes)
     seconds = BODY_READ_TIMEOUT if body_timeout is None else body_timeout
     try:
         if request.content.is_eof():
@@ -82,7 +79,7 @@ async def read_chat_request(
             async with asyncio.timeout(seconds):
                 body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise too_large from None
+        raise _too_large(max_bytes) from None
     except TimeoutError:
         raise InvalidRequest(
             f"request body did not arrive within {seconds:g} s; send the whole body at once"
@@ -156,6 +153,12 @@ def _check_depth(body: bytes) -> None:
     steps = _JSON_STRING.sub(b"", body).translate(_BRACKET_STEPS, _NOT_BRACKETS)
     if max(accumulate(memoryview(steps).cast("b")), default=0) > MAX_DEPTH:
         raise _too_deep()
+
+
+def _too_large(max_bytes: int) -> RequestTooLarge:
+    return RequestTooLarge(
+        f"request body is larger than {max_bytes} bytes (limits.max_body_bytes); send less"
+    )
 
 
 def _too_deep() -> InvalidRequest:
