@@ -108,10 +108,15 @@ def method(info: RunInfo) -> list[str]:
         "round trip. *CPU per request*: user + system CPU time of the proxy process (and of the "
         "simulator) from `/proc/PID/stat`, read before and after the round, divided by the "
         "requests completed in it.",
-        f"- **Time to first event (TTFE)**: an aiohttp client opens {s.ttfe_streams} streams "
-        f"per path per round, {s.ttfe_concurrency} at a time, after one untimed batch that "
-        "warms its connection pool. TTFE is the time from sending the request to receiving "
-        "the first bytes of a `data:` event.",
+        "- **Time to first event (TTFE)**: the time from sending the request to receiving the "
+        "first bytes of a `data:` event, from an aiohttp client, after one untimed batch that "
+        f"warms its connection pool. *Paced* (the target's figure): {s.paced_streams} streams "
+        f"per path per round, {s.paced_concurrency} open at a time, events "
+        f"{s.drip_interval * 1e3:g} ms apart (`slow_drip`), the first ones started evenly over "
+        "one interval and each later one in the place of one that ended, one path at a time. "
+        f"*Back to back*: {s.ttfe_streams} streams per path per round, {s.ttfe_concurrency} at "
+        "a time, events unpaced, a new stream as soon as one ends: every path is then "
+        "CPU-bound, so it measures queueing as much as latency.",
         f"- **Added per-chunk delay**: the simulator's `slow_drip` fault spaces events "
         f"{s.drip_interval * 1e3:g} ms apart; {s.drip_streams} streams per path per round, "
         f"{s.drip_concurrency} at a time per path, the three paths side by side (the "

@@ -327,7 +327,7 @@ def how_to_run() -> list[str]:
         "",
         "```sh",
         "make bench        # or: .venv/bin/python -m bench (installs wrk and redis-server "
-        "with apt-get if missing)",
+        "with apt-get, and LiteLLM in .bench/, if missing)",
         ".venv/bin/python -m bench --quick      # every phase, shortened: a smoke test of the "
         "harness",
         ".venv/bin/python -m bench --only openloop       # one phase alone: rewrites only its "
