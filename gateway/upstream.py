@@ -188,6 +188,8 @@ class UpstreamClient:
 
     async def read_body(self, response: ClientResponse, deadline: Deadline) -> bytes:
         try:
+            if response.content.is_eof():
+                return await response.read()  # all of it is here already: no timer to arm
             async with asyncio.timeout_at(deadline.within(self.timeouts.idle)):
                 return await response.read()
         except TimeoutError as exc:
