@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from aiohttp import web
 from bench.load import Call, LoadResult, LoadTool, find_load_tool, run_load, write_lua, wrk_version
 from bench.phases import rotated
 from bench.procs import Proc, ProcessFailed, ProcessSet, free_ports, run_capped, wait_ready
+from bench.stack import TENANT, gateway_config
 from bench.stats import EN_DASH, Spread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,6 @@ TIMES = "\u00d7"
 HEADING = "## Against LiteLLM's proxy"
 
 AGENT = "ag_support"
-TENANT = "bench"
 SESSION = "sess_bench"
 # Not secrets: keys that only this benchmark's throwaway processes accept.
 UPSTREAM_KEY = "thns_sk_bench_litellm"
@@ -80,11 +79,6 @@ READY_WITHIN = 180.0
 GATEWAY_NAME = "gateway"
 LITELLM_NAME = "litellm"
 UPSTREAM_NAME = "static-upstream"
-# Far out of reach: every request reserves and settles, and none is refused.
-QUOTA_LIMITS = {
-    "requests": {"per_minute": 100_000_000, "per_day": 1_000_000_000},
-    "tokens": {"per_minute": 1_000_000_000, "per_day": 10_000_000_000},
-}
 LITELLM_ENV = {
     # No network here: read the bundled model cost map rather than retry a download.
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",
@@ -186,30 +180,6 @@ def litellm_config(upstream_port: int) -> dict[str, object]:
             ],
         },
         "litellm_settings": {"set_verbose": False},
-    }
-
-
-def gateway_config(upstream_port: int, port: int, admin_port: int) -> dict[str, object]:
-    return {
-        "listen": {"host": "127.0.0.1", "port": port},
-        "admin": {"host": "127.0.0.1", "port": admin_port},
-        "upstream": {
-            "base_url": f"http://127.0.0.1:{upstream_port}",
-            "api_key": "${BENCH_UPSTREAM_KEY}",
-        },
-        "agents": {AGENT: {}},
-        "quota": {"backend": "memory"},
-        "tenants": {
-            TENANT: {
-                "keys": [
-                    {"name": "loadgen", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}
-                ],
-                "agents": [AGENT],
-                "limits": QUOTA_LIMITS,
-            }
-        },
-        # info: one access log line per request, as in production.
-        "logging": {"level": "info", "format": "json"},
     }
 
 
@@ -525,7 +495,16 @@ async def run(
     upstream_port, ll_port, gw_port, admin_port = free_ports(4)
     ll_yaml = yaml.safe_dump(litellm_config(upstream_port), sort_keys=False)
     (workdir / "litellm.yaml").write_text(ll_yaml)
-    gw_yaml = yaml.safe_dump(gateway_config(upstream_port, gw_port, admin_port), sort_keys=False)
+    # The benchmark's gateway (memory quotas, access log at info) for this upstream's agent.
+    gw_config = gateway_config(
+        upstream_port,
+        gw_port,
+        admin_port,
+        {"backend": "memory"},
+        agent=AGENT,
+        caller_key=CALLER_KEY,
+    )
+    gw_yaml = yaml.safe_dump(gw_config, sort_keys=False)
     (workdir / "litellm-gateway.yaml").write_text(gw_yaml)
     async with ProcessSet(workdir) as procs:
         upstream = await procs.start(

@@ -24,6 +24,7 @@ from bench.procs import Proc, ProcessFailed, ProcessSet, free_ports, wait_ready,
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT = "ag_bench"
+TENANT = "bench"
 AGENT_KEY = "ak_bench_0001"
 PLATFORM_KEY = "thns_sk_bench_0001"
 # Not a secret: a key that only this benchmark's throwaway gateway accepts.
@@ -51,12 +52,18 @@ def executable(name: str) -> str:
 
 
 def gateway_config(
-    sim_port: int, gw_port: int, admin_port: int, quota: QuotaSpec
+    sim_port: int,
+    gw_port: int,
+    admin_port: int,
+    quota: QuotaSpec,
+    *,
+    agent: str = AGENT,
+    caller_key: str = CALLER_KEY,
 ) -> dict[str, object]:
     """One gateway's YAML; `quota` None is quotas off (the tenant has no `limits`)."""
     tenant: dict[str, object] = {
-        "keys": [{"name": "loadgen", "sha256": hashlib.sha256(CALLER_KEY.encode()).hexdigest()}],
-        "agents": [AGENT],
+        "keys": [{"name": "loadgen", "sha256": hashlib.sha256(caller_key.encode()).hexdigest()}],
+        "agents": [agent],
     }
     if quota is not None:
         tenant["limits"] = dict(QUOTA_LIMITS)
@@ -67,9 +74,9 @@ def gateway_config(
             "base_url": f"http://127.0.0.1:{sim_port}",
             "api_key": "${BENCH_UPSTREAM_KEY}",
         },
-        "agents": {AGENT: {}},
+        "agents": {agent: {}},
         "quota": dict(quota) if quota else {"backend": "memory"},
-        "tenants": {"bench": tenant},
+        "tenants": {TENANT: tenant},
         "logging": {"level": GATEWAY_LOG_LEVEL, "format": "json"},
     }
 
