@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import redis
 
@@ -78,7 +78,26 @@ def _incomplete(reply: bytes) -> bool:
     return False
 
 
-class RedisServer:
+class _Started:
+    """`with` starts it and stops it, whatever happens in between."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class RedisServer(_Started):
     """`password`: requirepass and masterauth (a replica that may be promoted needs both);
     `replica_of`: the port of the master it replicates; `options`: more `--name value`s."""
 
@@ -174,17 +193,8 @@ class RedisServer:
         self._process.send_signal(signal.SIGCONT)
         self._frozen = False
 
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class RedisClusterServers:
+class RedisClusterServers(_Started):
     """Three masters, no replicas, every slot covered."""
 
     def __init__(self, workdir: Path, masters: int = 3) -> None:
@@ -211,11 +221,10 @@ class RedisClusterServers:
             if created.returncode != 0:
                 output = (created.stdout + created.stderr).decode(errors="replace")[-2000:]
                 raise RuntimeError(f"redis-cli --cluster create failed:\n{output}")
-            deadline = time.monotonic() + START_TIMEOUT
-            while not all(b"cluster_state:ok" in self.info(node) for node in self.nodes):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the test cluster did not reach cluster_state:ok")
-                time.sleep(0.05)
+            _until(
+                lambda: all(b"cluster_state:ok" in self.info(node) for node in self.nodes),
+                "the test cluster to reach cluster_state:ok",
+            )
         except BaseException:
             self.stop()
             raise
@@ -227,15 +236,6 @@ class RedisClusterServers:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
-
-    def __enter__(self) -> RedisClusterServers:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 SENTINEL_MASTER = "mymaster"
@@ -291,7 +291,7 @@ class SentinelServer(RedisServer):
         return int(address[1]) if address else None
 
 
-class RedisSentinelServers:
+class RedisSentinelServers(_Started):
     """A master, one replica (`--replicaof`) and 1 or 3 Sentinels (quorum: a majority), all on
     free loopback ports, each in its own directory of `workdir` with its own *.log.
 
@@ -397,15 +397,6 @@ class RedisSentinelServers:
     def stop(self) -> None:
         for server in (*self.sentinels, self.replica, self.master):
             server.stop()
-
-    def __enter__(self) -> RedisSentinelServers:
-        self.start()
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _until(condition: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:

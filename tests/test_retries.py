@@ -231,16 +231,24 @@ async def test_persistent_429_is_tried_attempts_plus_one_times(
 # --- connections and timeouts ----------------------------------------------------------
 
 
-async def test_refused_connection_is_retried_then_502(
-    make_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str]
-) -> None:
-    budget = 2.0
-    retries = f"{{attempts: 3, backoff: 0.05, budget: {budget}}}"
+async def chat_with_nobody_listening(
+    make_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str], retries: str
+) -> tuple[aiohttp.ClientResponse, float]:
+    """One chat through a gateway whose upstream port refuses connections, and its duration."""
     gateway = await gateway_for(make_gateway, f"http://127.0.0.1:{free_port()}", retries)
     capsys.readouterr()
     started = now()
     response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
-    elapsed = now() - started
+    return response, now() - started
+
+
+async def test_refused_connection_is_retried_then_502(
+    make_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    budget = 2.0
+    response, elapsed = await chat_with_nobody_listening(
+        make_gateway, capsys, f"{{attempts: 3, backoff: 0.05, budget: {budget}}}"
+    )
     assert response.status == 502
     assert (await response.json())["error"]["code"] == "upstream_unavailable"
     lines = retry_lines(capsys)
@@ -253,12 +261,9 @@ async def test_retries_stop_at_the_budget(
     make_gateway: GatewayFactory, capsys: pytest.CaptureFixture[str]
 ) -> None:
     budget = 0.5
-    retries = f"{{attempts: 50, backoff: 0.2, budget: {budget}}}"
-    gateway = await gateway_for(make_gateway, f"http://127.0.0.1:{free_port()}", retries)
-    capsys.readouterr()
-    started = now()
-    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
-    elapsed = now() - started
+    response, elapsed = await chat_with_nobody_listening(
+        make_gateway, capsys, f"{{attempts: 50, backoff: 0.2, budget: {budget}}}"
+    )
     assert response.status == 502
     assert elapsed <= budget + SLACK
     assert len(retry_lines(capsys)) < 50
