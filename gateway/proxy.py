@@ -115,10 +115,13 @@ def _agent_for(agent_id: str, caller: Caller, upstream: UpstreamClient) -> str:
     return agent_id
 
 
+def _passed_back(response: ClientResponse) -> dict[str, str]:
+    return {name: response.headers[name] for name in _PASSED_BACK if name in response.headers}
+
+
 def _headers_from(response: ClientResponse, record: AccessRecord) -> dict[str, str]:
-    headers: dict[str, str] = {
-        name: response.headers[name] for name in _PASSED_BACK if name in response.headers
-    }
+    """For a stream, prepared here: the edge can no longer add the record's headers to it."""
+    headers = _passed_back(response)
     headers.update(record.extra_headers)
     headers["X-Request-ID"] = record.request_id
     return headers
@@ -142,7 +145,8 @@ async def _relay_body(
         # Upstream answered; when it did not say what it cost, the answer's size is charged.
         await account.settle(estimate_tokens(len(body)), usage=record.usage)
     body = sessions.caller_body(body, parsed)
-    return web.Response(status=response.status, body=body, headers=_headers_from(response, record))
+    # The edge adds the caller's rate-limit headers and request id to an unprepared response.
+    return web.Response(status=response.status, body=body, headers=_passed_back(response))
 
 
 async def _relay_stream(
