@@ -16,9 +16,10 @@ from aiohttp import hdrs, web
 from prometheus_client.registry import Collector
 
 from gateway import errors
-from gateway.accounting import Drains, usage_headers
 from gateway.auth import KeyRing
 from gateway.config import Config
+from gateway.drains import Drains
+from gateway.headers import add_caller_headers, buckets_of
 from gateway.logs import AccessRecord, access_logger
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import (
@@ -40,6 +41,7 @@ from gateway.state import (
     KEYRING,
     LIFECYCLE,
     LIMITER,
+    LIMITS,
     METRICS,
     QUOTA,
     UPSTREAM,
@@ -57,8 +59,6 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # ...and one that looks like a key (ours, an agent's, a platform key) is replaced too: it would
 # be logged and sent upstream, and a caller pasting its key there must not leak it.
 _KEY_PREFIXES = ("gw_", "ak_", "thns_")
-# Abandoned streams read on at once to charge their tokens; past this, the charge is estimated.
-MAX_CONCURRENT_DRAINS = 1024
 KEEPALIVE_TIMEOUT = 75.0
 _QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -82,6 +82,7 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)
+    app.on_response_prepare.append(add_caller_headers)
     app.on_shutdown.append(_start_draining)
     return app
 
@@ -110,7 +111,7 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
         config.quota, buckets, clock=app[CLOCK], lease_ttl=lease_ttl, settled_ttl=60
     ) as quota:
         app[QUOTA] = quota
-        drains = app[DRAINS] = Drains(config.quota.drain_timeout, MAX_CONCURRENT_DRAINS)
+        drains = app[DRAINS] = Drains(config.quota.drain_timeout, config.quota.max_drains)
         with _sampled(
             app,
             quota_backend_errors(lambda: quota.backend_errors),
@@ -170,10 +171,6 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise
     finally:
         inflight.dec()
-    if not response.prepared:
-        for name, value in record.extra_headers.items():
-            response.headers.setdefault(name, value)
-        response.headers["X-Request-ID"] = record.request_id
     # nginx's 499: the caller closed the connection before the response was complete.
     record.status = 499 if record.client_closed else response.status
     _finished(request, record)
@@ -269,7 +266,8 @@ async def usage(request: web.Request) -> web.Response:
     caller = request.app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     request[ACCESS].tenant, request[ACCESS].key_name = caller.tenant.name, caller.key_name
     body = await request.app[QUOTA].usage(caller.tenant.name)
-    return web.json_response(body, headers=usage_headers(body))
+    request[LIMITS] = buckets_of(body)
+    return web.json_response(body)
 
 
 def serve(config: Config) -> None:
@@ -288,7 +286,7 @@ async def _serve(config: Config, *, loop_name: str) -> None:
     log = structlog.get_logger("gateway")
     app = create_app(config)
     # A caller gone before upstream answered cancels the upstream request; a stream's caller
-    # gone mid-way hands the upstream response to a drain (see accounting.py).
+    # gone mid-way hands the upstream response to a drain (see admission.py, drains.py).
     runner = web.AppRunner(
         app,
         access_log=None,

@@ -135,6 +135,9 @@ class Quota:
     timeout_ms: int = 50
     expected_replicas: int = 1
     drain_timeout: float = 30.0
+    # Abandoned exchanges read on at once to charge their exact tokens (each tenant at most
+    # an eighth of them); past that they are charged by the admission's rule without reading.
+    max_drains: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -451,6 +454,7 @@ def _quota(s: _Section) -> Quota:
         timeout_ms=s.whole("timeout_ms", 50, minimum=1),
         expected_replicas=s.whole("expected_replicas", 1, minimum=1),
         drain_timeout=s.number("drain_timeout", 30.0),
+        max_drains=s.whole("max_drains", 1024, minimum=1),
     )
     s.done()
     return quota

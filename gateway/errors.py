@@ -9,8 +9,10 @@
      ├── RequestTooLarge              413   request_too_large
      ├── RateLimited                  429   rate_limited
      ├── UpstreamUnavailable          502   upstream_unavailable
+     │    └── UpstreamUnreached       502   upstream_unavailable  (nothing was sent)
      ├── Unavailable                  503   unavailable
      └── UpstreamTimeout              504   upstream_timeout
+          └── UpstreamConnectTimeout  504   upstream_timeout      (nothing was sent)
 
     ConfigError                     (start-up only; never reaches a caller)
 
@@ -31,6 +33,8 @@ class GatewayError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    # True when the request never reached upstream, so upstream did no work for it.
+    unsent: bool = False
 
     def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -97,6 +101,13 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamUnreached(UpstreamUnavailable):
+    """Upstream never received the request (no connection, or the breaker held it back), so
+    it did no work for it: the admission refunds the request in full."""
+
+    unsent = True
+
+
 class Unavailable(GatewayError):
     """The gateway is not serving (shutting down, or a required backend is down)."""
 
@@ -109,6 +120,12 @@ class UpstreamTimeout(GatewayError):
 
     status = 504
     code = "upstream_timeout"
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """No connection to upstream within `timeouts.connect`: the request never left."""
+
+    unsent = True
 
 
 class ConfigError(Exception):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -123,8 +123,6 @@ class AccessRecord:
     error: str | None = None
     client_closed: bool = False
     upstream_error: str | None = None
-    # Applied by the edge to whatever response this request ends with, errors included.
-    extra_headers: dict[str, str] = field(default_factory=dict)
 
     def fields(self, finished: float) -> dict[str, Any]:
         fields: dict[str, Any] = {

@@ -1,40 +1,44 @@
 """The chat handler: authenticate → validate → reserve quota (the tenant's, then upstream's
 per-key slot) → forward → stream → settle.
 
+Its quota belongs to one `Admission` (admission.py) from reservation to settlement: the handler
+only reports what happens, and leaving the `async with` block settles by the admission's rule
+table, or hands the exchange to a drain when the caller has gone.
+
 JSON answers pass back with upstream's status and body unchanged. Event streams pass back
-chunk by chunk as they arrive, unchanged; an SSE scanner reads the same bytes alongside to
-learn the `done` event's usage, and a stream that breaks off ends with one SSE error event.
-With session isolation (gateway/sessions.py) the session id is namespaced on the way up and
-translated back on the way down: in the body, and in the stream's `done` event (each event is
-passed on as soon as it is complete).
+chunk by chunk as they arrive; an SSE scanner reads the same bytes alongside to learn the
+`done` event's usage, and a stream that breaks off ends with one SSE error event. With session
+isolation (gateway/sessions.py) the session id is namespaced on the way up and translated back
+on the way down: in the body, and in the stream's `done` event (each event is passed on as soon
+as it is complete). Response headers are not this module's business: gateway/headers.py adds
+the request id and rate-limit headers to every response, streams included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
 from aiohttp import ClientResponse, hdrs, web
 
-from gateway.accounting import (
-    Account,
-    current_limits,
-    estimate_tokens,
-    rate_limit_headers,
-    refusal,
-    settle_stream,
-)
+from gateway.admission import Admission, estimate_tokens
 from gateway.auth import Caller
 from gateway.config import AGENT_ID_PATTERN
-from gateway.errors import AgentNotFound, GatewayError, UpstreamTimeout, UpstreamUnavailable
-from gateway.logs import AccessRecord
+from gateway.errors import (
+    AgentNotFound,
+    GatewayError,
+    RateLimited,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.headers import buckets_of
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
+from gateway.quota import QuotaUnavailable, Reservation
 from gateway.sessions import DoneEventRewriter, SessionScope, parse_answer
-from gateway.sse import SSEScanner
-from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, LIMITER, METRICS, QUOTA, UPSTREAM
-from gateway.upstream import Deadline, UpstreamClient
-from gateway.usage import StreamTally, usage_from
+from gateway.state import ACCESS, CONFIG, KEYRING, LIMITER, LIMITS, METRICS, QUOTA, UPSTREAM
+from gateway.upstream import Deadline, UpstreamClient, next_chunk
 from gateway.validation import ChatRequest, read_chat_request
 
 # Response headers of upstream's that mean something to the caller; the rest (its own
@@ -59,49 +63,61 @@ async def chat(request: web.Request) -> web.StreamResponse:
         body = sessions.upstream_body(chat_request)
     except GatewayError:
         # Refused before admission: costs nothing, but still tells the caller where it stands.
-        record.extra_headers.update(await current_limits(app[QUOTA], caller.tenant.name))
+        await _current_limits(request, caller.tenant.name)
         raise
 
-    account = await _reserve(request, caller, chat_request)
-    try:
+    async with await _admit(request, caller, chat_request) as admission:
         deadline = Deadline(upstream.timeouts)
         # Upstream's own per-key limit, after the tenant's: a refused tenant costs it nothing.
         await app[LIMITER].admit(app[QUOTA], agent_id, record, deadline)
         loop = asyncio.get_running_loop()
         sent = loop.time()
-        headers = upstream.headers_for(agent_id, request.headers, record.request_id)
-        response = await upstream.send(agent_id, body, headers, deadline)
+        headers = upstream.headers_for(
+            agent_id, request.headers, record.request_id, stream=chat_request.stream
+        )
+        response = await admission.send(upstream.send(agent_id, body, headers, deadline))
         record.upstream_ttfb = record.upstream_wait = loop.time() - sent
         record.upstream_status = response.status
-        try:
-            if response.content_type == "text/event-stream":
-                return await _relay_stream(request, response, upstream, deadline, account, sessions)
-            return await _relay_body(response, upstream, deadline, account, record, sessions)
-        finally:
-            if not account.detached:
-                # Back to the pool when the body was read to its end, else closed.
-                response.release()
-    finally:
-        if not account.detached:
-            # Whatever upstream did not report as used consumed nothing upstream.
-            await account.settle(0)
+        if admission.tally is not None:
+            return await _relay_stream(request, response, upstream, deadline, admission, sessions)
+        if admission.reservation.stream_lease is not None:
+            # Upstream answered JSON: the stream slot taken for it is free again at once.
+            await app[QUOTA].release_stream(admission.reservation)
+        return await _relay_body(response, upstream, deadline, admission, sessions)
 
 
-async def _reserve(request: web.Request, caller: Caller, chat: ChatRequest) -> Account:
+async def _admit(request: web.Request, caller: Caller, chat: ChatRequest) -> Admission:
     record = request[ACCESS]
-    wants_stream = chat.stream or "text/event-stream" in request.headers.get(hdrs.ACCEPT, "")
-    estimate = estimate_tokens(len(chat.message)) + caller.tenant.limits.tokens.reserve
+    input_tokens = estimate_tokens(len(chat.message))
     quota = request.app[QUOTA]
     reservation = await quota.reserve(
-        caller.tenant.name, record.request_id, tokens=estimate, stream=wants_stream
+        caller.tenant.name,
+        record.request_id,
+        tokens=input_tokens + caller.tenant.limits.tokens.reserve,
+        stream=chat.stream,
     )
     record.quota_backend = reservation.backend
-    record.extra_headers.update(rate_limit_headers(reservation.buckets))
+    request[LIMITS] = reservation.buckets
     if not reservation.allowed:
         record.quota, record.quota_limit = "rejected", reservation.rejected_by
-        raise refusal(reservation)
+        raise _refusal(reservation)
     record.quota = "allowed"
-    return Account(quota, reservation, record, request.app[METRICS])
+    return Admission(
+        request, quota, reservation, record, request.app[METRICS], input_tokens=input_tokens
+    )
+
+
+def _refusal(reservation: Reservation) -> RateLimited:
+    return RateLimited(
+        f"rate limit exceeded: {reservation.rejected_by}; retry in {reservation.retry_after} s",
+        headers={hdrs.RETRY_AFTER: str(reservation.retry_after)},
+    )
+
+
+async def _current_limits(request: web.Request, tenant: str) -> None:
+    """The caller's bucket states for a response that took nothing from them (one read)."""
+    with contextlib.suppress(QuotaUnavailable):
+        request[LIMITS] = buckets_of(await request.app[QUOTA].usage(tenant))
 
 
 def _agent_for(agent_id: str, caller: Caller, upstream: UpstreamClient) -> str:
@@ -119,33 +135,21 @@ def _passed_back(response: ClientResponse) -> dict[str, str]:
     return {name: response.headers[name] for name in _PASSED_BACK if name in response.headers}
 
 
-def _headers_from(response: ClientResponse, record: AccessRecord) -> dict[str, str]:
-    """For a stream, prepared here: the edge can no longer add the record's headers to it."""
-    headers = _passed_back(response)
-    headers.update(record.extra_headers)
-    headers["X-Request-ID"] = record.request_id
-    return headers
-
-
 async def _relay_body(
     response: ClientResponse,
     upstream: UpstreamClient,
     deadline: Deadline,
-    account: Account,
-    record: AccessRecord,
+    admission: Admission,
     sessions: SessionScope,
 ) -> web.Response:
+    record = admission.record
     loop = asyncio.get_running_loop()
     reading = loop.time()
     body = await upstream.read_body(response, deadline)
     record.upstream_wait += loop.time() - reading
     parsed = parse_answer(body)
-    if response.status == 200:
-        record.usage = usage_from(parsed) if isinstance(parsed, dict) else None
-        # Upstream answered; when it did not say what it cost, the answer's size is charged.
-        await account.settle(estimate_tokens(len(body)), usage=record.usage)
+    admission.observe_body(body, parsed)
     body = sessions.caller_body(body, parsed)
-    # The edge adds the caller's rate-limit headers and request id to an unprepared response.
     return web.Response(status=response.status, body=body, headers=_passed_back(response))
 
 
@@ -154,7 +158,7 @@ async def _relay_stream(
     response: ClientResponse,
     upstream: UpstreamClient,
     deadline: Deadline,
-    account: Account,
+    admission: Admission,
     sessions: SessionScope,
 ) -> web.StreamResponse:
     record, metrics = request[ACCESS], request.app[METRICS]
@@ -163,7 +167,7 @@ async def _relay_stream(
     active.inc()
     try:
         return await _pass_stream(
-            request, response, upstream, deadline, account, sessions.stream_rewriter()
+            request, response, upstream, deadline, admission, sessions.stream_rewriter()
         )
     finally:
         active.dec()
@@ -174,93 +178,79 @@ async def _pass_stream(
     response: ClientResponse,
     upstream: UpstreamClient,
     deadline: Deadline,
-    account: Account,
+    admission: Admission,
     rewriter: DoneEventRewriter | None,
 ) -> web.StreamResponse:
     record, chunk_gap = request[ACCESS], request.app[METRICS].chunk_gap
-    out = web.StreamResponse(
-        status=response.status, headers={**_headers_from(response, record), **STREAM_HEADERS}
-    )
-    scanner, tally = SSEScanner(), StreamTally()
+    out = web.StreamResponse(status=response.status, headers=_passed_back(response))
+    out.headers.update(STREAM_HEADERS)
+    idle = upstream.timeouts.idle
     failure: GatewayError | None = None
     loop = asyncio.get_running_loop()
-    try:
-        await out.prepare(request)
-        while True:
-            waiting = loop.time()
-            try:
-                async with asyncio.timeout_at(deadline.within(upstream.timeouts.idle)):
-                    chunk = await response.content.readany()
-            except TimeoutError:
-                failure = UpstreamTimeout("the upstream API stopped sending this stream")
-                record.upstream_error = STREAM_TIMEOUT
-                break
-            except aiohttp.ClientError as exc:
-                failure = UpstreamUnavailable(
-                    f"the upstream stream broke off ({type(exc).__name__})"
-                )
-                record.upstream_error = STREAM_BROKEN
-                break
-            finally:
-                received = loop.time()
-                record.upstream_wait += received - waiting
-            if not chunk:
-                break
-            for event in scanner.feed(chunk):
-                tally.observe(event)
-            if rewriter is not None:
-                # Whole events only, so the done event's session id can be translated back.
-                chunk = rewriter.feed(chunk)
-            if chunk:
-                await out.write(chunk)
-            chunk_gap.observe(loop.time() - received)
-    except (ConnectionError, asyncio.CancelledError) as gone:
-        # The caller left: a failed write, or aiohttp cancelling the handler on disconnect.
-        record.client_closed = True
-        record.usage, record.usage_complete = tally.usage, tally.done
-        await _abandon(request, response, scanner, tally, account)
-        if isinstance(gone, asyncio.CancelledError):
-            raise
-        return out  # a failed write is not the gateway's error: nothing more to send
-    record.usage, record.usage_complete = tally.usage, tally.done
-    await settle_stream(account, tally)
+    await out.prepare(request)
+    while True:
+        waiting = loop.time()
+        try:
+            async with asyncio.timeout_at(deadline.within(idle)):
+                chunk = await next_chunk(response.content)
+        except TimeoutError:
+            failure = UpstreamTimeout("the upstream API stopped sending this stream")
+            record.upstream_error = STREAM_TIMEOUT
+            break
+        except aiohttp.ClientError as exc:
+            failure = UpstreamUnavailable(f"the upstream stream broke off ({type(exc).__name__})")
+            record.upstream_error = STREAM_BROKEN
+            break
+        finally:
+            received = loop.time()
+            record.upstream_wait += received - waiting
+        if not chunk:
+            break
+        admission.observe_chunk(chunk)
+        if rewriter is not None:
+            # Whole events only, so the done event's session id can be translated back.
+            chunk = rewriter.feed(chunk)
+        if chunk and not await _write(request, out, chunk, idle, admission):
+            return out
+        chunk_gap.observe(loop.time() - received)
 
+    tally = admission.tally
+    assert tally is not None and admission.scanner is not None
     if failure is None and not tally.done and not tally.errored:
         failure = UpstreamUnavailable("the upstream stream ended before its done event")
         record.upstream_error = STREAM_INCOMPLETE
     # Close a half-sent event first, so an error event of ours is read as an event of its own.
-    tail = b"" if failure is None or scanner.at_boundary else b"\n\n"
+    tail = b"" if failure is None or admission.scanner.at_boundary else b"\n\n"
     if rewriter is not None:
         tail = rewriter.finish(tail)
     if failure is not None:
         tail += sse_error_event(failure)
-    try:
-        if tail:
-            await out.write(tail)
-        await out.write_eof()
-    except ConnectionError:
-        record.client_closed = True
+    if (not tail or await _write(request, out, tail, idle, admission)) and not admission.gone:
+        try:
+            await out.write_eof()
+        except ConnectionError:
+            admission.caller_left()
     return out
 
 
-async def _abandon(
-    request: web.Request,
-    response: ClientResponse,
-    scanner: SSEScanner,
-    tally: StreamTally,
-    account: Account,
-) -> None:
-    """Charge a stream whose caller left: read on to its done event, or settle what was seen."""
-    if not tally.done:
-        fields = _drain_fields(request[ACCESS])
-        if request.app[DRAINS].start(response, scanner, tally, account, fields):
-            account.detached = True
-            return
-    await settle_stream(account, tally)
-
-
-def _drain_fields(record: AccessRecord) -> dict[str, object]:
-    return {"request_id": record.request_id, "tenant": record.tenant, "agent": record.agent}
+async def _write(
+    request: web.Request, out: web.StreamResponse, data: bytes, idle: float, admission: Admission
+) -> bool:
+    """Write to the caller; False when it has gone, or accepted nothing for `idle` seconds
+    (a caller that never reads would otherwise hold the stream, and its lease, for ever)."""
+    try:
+        async with asyncio.timeout(idle):
+            await out.write(data)
+    except ConnectionError:
+        pass
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+    else:
+        return True
+    admission.caller_left()
+    request[ACCESS].client_closed = True
+    return False
 
 
 def sse_error_event(error: GatewayError) -> bytes:

@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.accounting import Drains
 from gateway.auth import KeyRing
 from gateway.config import Config
+from gateway.drains import Drains
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
-from gateway.quota import QuotaService
+from gateway.quota import BucketState, QuotaService
 from gateway.upstream import UpstreamClient
 from gateway.upstream_limits import UpstreamLimiter
 
@@ -42,3 +42,6 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 GATEWAY = web.AppKey("gateway", web.Application)
 
 ACCESS = web.RequestKey("access", AccessRecord)
+# The caller's bucket states as last learned (reservation, refund, or a read for a request
+# refused before admission): what gateway/headers.py puts in the response's rate-limit headers.
+LIMITS: web.RequestKey[tuple[BucketState, ...]] = web.RequestKey("limits")

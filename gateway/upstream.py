@@ -8,6 +8,7 @@ happen inside `send`, before anything has reached the caller.
 from __future__ import annotations
 
 import asyncio
+import io
 import math
 import random
 import time
@@ -15,20 +16,27 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 import structlog
-from aiohttp import ClientResponse, ClientSession, hdrs
+from aiohttp import ClientResponse, ClientSession, StreamReader, hdrs
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import __version__
 from gateway.breaker import CircuitBreaker
 from gateway.config import Agent, Secret, Timeouts, Upstream
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    UpstreamConnectTimeout,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamUnreached,
+)
 from gateway.retries import Retry, RetryPolicy
 
 # Only these caller headers go upstream; Authorization, cookies, hop-by-hop and anything
-# else a caller sends stay at the gateway.
-FORWARDED_HEADERS = ("Content-Type", "Accept", "User-Agent")
+# else a caller sends stay at the gateway. Accept is the gateway's own reading of the caller's
+# (headers_for's `stream`): upstream must not stream what the gateway did not count as a stream.
+FORWARDED_HEADERS = ("Content-Type", "User-Agent")
 USER_AGENT = f"thinnest-gateway/{__version__}"
+LARGE_BODY = 2**20  # aiohttp's payload.TOO_LARGE_BYTES_BODY
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -97,7 +105,7 @@ class UpstreamClient:
         return agent_id in self._agent_keys or self._platform_key is not None
 
     def headers_for(
-        self, agent_id: str, caller_headers: Mapping[str, str], request_id: str
+        self, agent_id: str, caller_headers: Mapping[str, str], request_id: str, *, stream: bool
     ) -> CIMultiDict[str]:
         key = self._agent_keys.get(agent_id) or self._platform_key
         assert key is not None, "can_reach() is checked before forwarding"
@@ -107,6 +115,7 @@ class UpstreamClient:
             if value is not None:
                 headers[name] = value
         headers.setdefault("Content-Type", "application/json")
+        headers["Accept"] = "text/event-stream" if stream else "application/json"
         headers.setdefault("User-Agent", USER_AGENT)
         headers["Accept-Encoding"] = "identity"  # pass bytes through, never re-encode them
         headers["X-Request-ID"] = request_id
@@ -130,7 +139,7 @@ class UpstreamClient:
             tries += 1
             retry: Retry | None
             if not self.breaker.allow():
-                raise UpstreamUnavailable(
+                raise UpstreamUnreached(
                     "the upstream API is failing; the gateway is not sending to it for a few "
                     "seconds",
                     headers={hdrs.RETRY_AFTER: self._pause},
@@ -178,7 +187,19 @@ class UpstreamClient:
         """One try; `first_byte` runs afresh for each, all of them within the deadline."""
         try:
             async with asyncio.timeout_at(deadline.within(self.timeouts.first_byte)):
-                return await self._session.post(url, data=body, headers=headers)
+                # aiohttp sends a large bytes body in one blocking write (and warns): as a
+                # stream it goes out piecewise, with the event loop free in between.
+                data = body if len(body) < LARGE_BODY else io.BytesIO(body)
+                return await self._session.post(url, data=data, headers=headers)
+        except aiohttp.ClientConnectorError as exc:
+            # Refused, unreachable, DNS, TLS: the request never left (see gateway/retries.py).
+            raise UpstreamUnreached(
+                f"the upstream API could not be reached ({type(exc).__name__})"
+            ) from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise UpstreamConnectTimeout(
+                "the upstream API did not accept a connection in time"
+            ) from exc
         except TimeoutError as exc:
             raise UpstreamTimeout("the upstream API did not answer in time") from exc
         except aiohttp.ClientError as exc:
@@ -198,3 +219,12 @@ class UpstreamClient:
             raise UpstreamUnavailable(
                 f"the upstream API broke off its response ({type(exc).__name__})"
             ) from exc
+
+
+async def next_chunk(content: StreamReader) -> bytes:
+    """`content.readany()`, except that bytes which arrived before the connection broke are
+    handed over before the error: aiohttp raises a stored error ahead of buffered data, and
+    those bytes were upstream's (the caller should see them; they count in an estimate)."""
+    if content.exception() is not None and content._buffer:
+        return content._read_nowait(-1)
+    return await content.readany()

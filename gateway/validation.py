@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 
 from aiohttp import web
@@ -44,7 +44,7 @@ _KEY_PREFIXES = ("gw_", "ak_", "thns_")
 class ChatRequest:
     message: str
     session_id: str | None
-    stream: bool
+    stream: bool  # asked for by the body's `stream` or by the Accept header
     body: bytes  # exactly what the caller sent; forwarded unchanged
     fields: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
     """The body as parsed here, so nothing downstream parses it again."""
@@ -93,7 +93,33 @@ async def read_chat_request(
         # The caller left mid-body (aiohttp usually cancels the handler first): nobody reads
         # this answer, but the log and metrics should not say 500.
         raise InvalidRequest("request body ended early: the connection closed") from None
-    return parse_chat_body(body)
+    chat = parse_chat_body(body)
+    if not chat.stream and accepts_event_stream(request.headers.get("Accept")):
+        return replace(chat, stream=True)
+    return chat
+
+
+EVENT_STREAM = "text/event-stream"
+
+
+def accepts_event_stream(accept: str | None) -> bool:
+    """Whether an Accept header asks for an event stream, read as upstream reads it (media
+    types are case-insensitive) and as RFC 9110 reads it (`;q=0` means "not this")."""
+    if not accept:
+        return False
+    for media_range in accept.split(","):
+        media, _, params = media_range.partition(";")
+        if media.strip().lower() != EVENT_STREAM:
+            continue
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    return float(value.strip()) > 0
+                except ValueError:
+                    return False
+        return True
+    return False
 
 
 def parse_chat_body(body: bytes) -> ChatRequest:

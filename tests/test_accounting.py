@@ -32,12 +32,12 @@ async def make_limited(make_gateway: Any, yaml_limits: str, **kwargs: Any) -> Cl
     return gateway
 
 
-async def tokens_reported(simulator: Sim, body: dict[str, Any]) -> int:
+async def tokens_reported(simulator: Sim, body: dict[str, Any], *, tenant: str = "acme") -> int:
     """What upstream charges for this in a fresh session (the simulator is deterministic)."""
     direct = await simulator.post(
         CHAT,
         # The reply quotes its session id: use one as long as the gateway's namespaced ids.
-        json={**body, "stream": False, "session_id": f"gw:acme:{new_session_id()}"},
+        json={**body, "stream": False, "session_id": f"gw:{tenant}:{new_session_id()}"},
         headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
     )
     total: int = (await direct.json())["usage"]["total_tokens"]
@@ -206,14 +206,15 @@ async def test_tokens_charged_equal_tokens_reported_over_a_mix_of_streams(
     make_gateway: Any, simulator_url: str, simulator: Sim
 ) -> None:
     """Completed, abandoned and upstream-dropped streams: every reported token is charged;
-    only a stream upstream never finished is charged by estimate (its text / 4)."""
+    only a stream upstream never finished is charged by estimate (its input and text / 4)."""
     gateway = await make_limited(make_gateway, "{tokens: {per_day: 10000000}}", url=simulator_url)
     rng = random.Random(7)
     expected = drains = 0
     kinds = [rng.choice(["completed", "abandoned", "dropped"]) for _ in range(24)]
     assert min(kinds.count(k) for k in ("completed", "abandoned", "dropped")) >= 4
     for i, kind in enumerate(kinds):
-        body = {"message": f"Question {i}: " + "tell me more " * rng.randint(1, 40), "stream": True}
+        message = f"Question {i}: " + "tell me more " * rng.randint(1, 40)
+        body = {"message": message, "stream": True}
         if kind == "completed":
             expected += await tokens_reported(simulator, body)
             response = await gateway.post(CHAT, json=body, headers=ACME)
@@ -236,5 +237,6 @@ async def test_tokens_charged_equal_tokens_reported_over_a_mix_of_streams(
             received = sse_events(await response.read())
             assert received[-1]["type"] == "error"
             text = "".join(e["content"] for e in received if e["type"] == "content")
-            expected += math.ceil(len(text) / 4)
+            # Estimated, never below the request's own input: message / 4 + text seen / 4.
+            expected += math.ceil(len(message) / 4) + math.ceil(len(text) / 4)
     assert (await usage_of(gateway))["tokens_today"] == expected

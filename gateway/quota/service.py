@@ -118,6 +118,11 @@ class QuotaService:
         except _Down:
             log.warning("quota settle lost", tenant=reservation.tenant, tokens=actual_tokens)
 
+    async def refund(self, reservation: Reservation) -> None:
+        """TEMPORARY shim until the quota branch lands: tokens back, lease released."""
+        await self.settle(reservation, 0)
+        await self.release_stream(reservation)
+
     async def release_stream(self, reservation: Reservation) -> None:
         lease = reservation.stream_lease
         if lease is None:

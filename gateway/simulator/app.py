@@ -18,12 +18,16 @@ from .recorder import RequestRecorder
 from .sessions import SessionStore
 from .state import CONFIG, FAULTS, HELD_STREAMS, KEYS, RATE_LIMITER, REQUESTS, SESSIONS
 
+MAX_BODY_BYTES = 16 * 2**20
+
 
 def create_simulator_app(
     config: SimulatorConfig, *, clock: Callable[[], float] = time.time
 ) -> web.Application:
     """`clock` (epoch seconds) drives the rate-limit windows, so tests need not sleep."""
-    app = web.Application()
+    # Upstream documents no body limit; the gateway enforces its own (limits.max_body_bytes),
+    # so the stand-in takes what a gateway configured for large messages may send.
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[CONFIG] = config
     app[KEYS] = KeyIndex(config)
     app[SESSIONS] = SessionStore(config.max_sessions)

@@ -89,6 +89,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     session_id = body.session_id or SessionStore.new_id()
     reply = compose_reply(agent_id, body.message, app[SESSIONS].advance(session_id, body.message))
+    # The turn has run (the session remembers it) whether or not anyone reads the answer.
+    if (
+        fault is not None
+        and fault.kind == "hold_answer"
+        and not await app[HELD_STREAMS].hold(_gone(request))
+    ):
+        return web.Response(status=499)  # nobody is there to read it
     if not streaming:
         return json_response(json_body(reply, agent.usage_format), headers=headers)
     return await _stream(request, reply, agent.usage_format, headers, fault)

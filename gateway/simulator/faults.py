@@ -21,6 +21,7 @@ FaultKind = Literal[
     "rate_limited",
     "error",
     "hold_stream",
+    "hold_answer",
 ]
 
 # The parameters each kind accepts besides kind, agent_id and times.
@@ -32,6 +33,9 @@ _PARAMS: Mapping[str, tuple[str, ...]] = {
     "rate_limited": ("retry_after",),
     "error": ("status", "code", "message"),
     "hold_stream": ("after_events",),
+    # Runs the turn, then holds its answer (before any header) until released: a model's
+    # generation as a JSON caller meets it, and as a stream's caller before its first byte.
+    "hold_answer": (),
 }
 # These only make sense for a stream; a JSON request skips them and leaves `times` alone.
 STREAM_ONLY: frozenset[str] = frozenset({"slow_drip", "drop_mid_stream", "hold_stream"})

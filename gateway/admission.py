@@ -1,0 +1,241 @@
+"""One admitted request's quota, from its reservation to its one settlement.
+
+Token cost is known only afterwards, so a request first reserves (one request and an estimate of
+its tokens from every bucket, and a stream lease when it asks for a stream) and settles when it
+is over. `Admission` owns that, and nothing else in the gateway settles, refunds or releases:
+the handler only tells it what happened (the body went upstream, upstream answered, what the
+answer said it cost, what text went by, the caller left), and on leaving its `async with` block
+it applies the rule table, once, whatever the exit:
+
+    how the request ended                             tokens charged
+    ────────────────────────────────────────────────  ──────────────────────────────────────────
+    never reached upstream (breaker open, no          none, and the request itself is refunded
+      connection, upstream key's own limit)
+    upstream reported its usage                       what upstream reported
+    upstream answered an error status                 0 (the request still counts)
+    answered without usage, or broke off / timed out  input estimate + text seen / 4
+    caller gone and the drain could not finish        max(reservation, input estimate + seen / 4)
+
+A caller that leaves once the body has gone upstream does not end the exchange: the admission
+is handed to a drain (drains.py) that reads the answer on, JSON or stream, and settles by the
+same table; its log line is then the one that carries the tokens charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Awaitable
+from types import TracebackType
+
+import aiohttp
+import structlog
+from aiohttp import ClientResponse, web
+
+from gateway.errors import GatewayError
+from gateway.logs import AccessRecord
+from gateway.metrics import Metrics
+from gateway.quota import BucketState, QuotaService, Reservation
+from gateway.sessions import parse_answer
+from gateway.sse import SSEScanner
+from gateway.state import DRAINS, LIMITS
+from gateway.upstream import next_chunk
+from gateway.usage import StreamTally, Usage, usage_from
+
+log = structlog.get_logger("gateway.admission")
+
+CHARS_PER_TOKEN = 4
+EVENT_STREAM = "text/event-stream"
+
+
+def estimate_tokens(text_chars: int) -> int:
+    return math.ceil(text_chars / CHARS_PER_TOKEN)
+
+
+class Admission:
+    """Entered once the tenant's buckets allowed the request; settles exactly once."""
+
+    __slots__ = (
+        "_done",
+        "_metrics",
+        "_quota",
+        "_request",
+        "abandoned",
+        "complete",
+        "gone",
+        "input_tokens",
+        "pending",
+        "record",
+        "reservation",
+        "response",
+        "scanner",
+        "seen_chars",
+        "sent",
+        "status",
+        "tally",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        request: web.Request,
+        quota: QuotaService,
+        reservation: Reservation,
+        record: AccessRecord,
+        metrics: Metrics,
+        *,
+        input_tokens: int,
+    ) -> None:
+        self._request = request
+        self._quota = quota
+        self._metrics = metrics
+        self.reservation = reservation
+        self.record = record
+        self.input_tokens = input_tokens
+        self.sent = False  # the body was handed to upstream
+        self.pending: asyncio.Future[ClientResponse] | None = None  # upstream's answer to come
+        self.response: ClientResponse | None = None
+        self.status: int | None = None
+        self.usage: Usage | None = None
+        self.seen_chars = 0  # answer text seen, for an estimate
+        self.scanner: SSEScanner | None = None  # a stream's events, once upstream streams
+        self.tally: StreamTally | None = None
+        self.complete = False  # the answer was read to its end (a stream: its done event)
+        self.gone = False  # the caller left (or stopped reading) before the end
+        self.abandoned = False  # ...and the answer could not be read to its end
+        self._done = False  # settled, or handed to a drain
+
+    async def __aenter__(self) -> Admission:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._done:
+            return
+        if isinstance(error, asyncio.CancelledError):
+            # aiohttp cancels the handler when its caller disconnects.
+            self.gone = True
+        if self.gone:
+            # Nothing may be awaited under a cancellation: a drain task finishes the rest.
+            self._done = True
+            self._request.app[DRAINS].take(self, error)
+            return
+        await self.settle(error)
+
+    # --- what the handler reports -------------------------------------------------------
+
+    async def send(self, sending: Awaitable[ClientResponse]) -> ClientResponse:
+        """Hand the body to upstream. The call goes on if the caller leaves meanwhile: upstream
+        is already working, and the drain that takes over reads its answer."""
+        self.sent = True
+        pending = self.pending = asyncio.ensure_future(sending)
+        response = await asyncio.shield(pending)
+        self.pending = None
+        self.answered(response)
+        return response
+
+    def answered(self, response: ClientResponse) -> None:
+        self.response, self.status = response, response.status
+        if response.content_type == EVENT_STREAM and self.scanner is None:
+            self.scanner, self.tally = SSEScanner(), StreamTally()
+
+    def observe_body(self, body: bytes, parsed: object) -> None:
+        """A JSON answer read whole."""
+        self.seen_chars, self.complete = len(body), True
+        if self.status == 200 and isinstance(parsed, dict):
+            self.usage = usage_from(parsed)
+
+    def observe_chunk(self, chunk: bytes) -> None:
+        """Bytes of a stream, as they arrive."""
+        assert self.scanner is not None and self.tally is not None
+        for event in self.scanner.feed(chunk):
+            self.tally.observe(event)
+        self.usage, self.seen_chars = self.tally.usage, self.tally.content_chars
+        self.complete = self.tally.done
+
+    def caller_left(self) -> None:
+        self.gone = True
+
+    # --- reading on after the caller left (a drain's work) -------------------------------
+
+    async def read_on(self) -> None:
+        """Read upstream's answer to its end without a caller: await it if it has not come
+        yet, then the whole body, or the stream up to its `done` event."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.answered(await pending)
+        response = self.response
+        assert response is not None
+        if self.tally is None:
+            body = await response.read()
+            self.observe_body(body, parse_answer(body))
+            return
+        while not self.tally.done:
+            chunk = await next_chunk(response.content)
+            if not chunk:
+                return
+            self.observe_chunk(chunk)
+
+    # --- settlement ------------------------------------------------------------------------
+
+    def charge(self, error: BaseException | None) -> int | None:
+        """The rule table (module docstring): tokens to charge, or None for a full refund."""
+        if not self.sent or (isinstance(error, GatewayError) and error.unsent):
+            return None
+        if self.usage is not None:
+            return self.usage.total
+        if self.status is not None and self.status != 200:
+            return 0
+        seen = self.input_tokens + estimate_tokens(self.seen_chars)
+        if self.abandoned:
+            return max(self.reservation.reserved_tokens, seen)
+        return seen
+
+    async def settle(self, error: BaseException | None) -> int | None:
+        """Once: charge by the table, release the lease, let go of upstream's answer."""
+        self._done = True
+        if self.pending is not None:
+            self.pending.cancel()  # a drain gave up waiting for it
+        if self.response is not None:
+            # Back to the pool when the body was read to its end, else closed.
+            self.response.release()
+        tokens = self.charge(error)
+        record, reservation = self.record, self.reservation
+        if tokens is None:
+            self._request[LIMITS] = _refunded(reservation.buckets, reservation.reserved_tokens)
+            await self._quota.refund(reservation)
+            return None
+        estimated = self.usage is None and tokens > 0
+        record.usage, record.usage_complete = self.usage, self.complete or self.tally is None
+        record.tokens_charged, record.tokens_estimated = tokens, estimated
+        self._metrics.settled(
+            reservation.tenant, record.agent, self.usage, estimated=tokens if estimated else None
+        )
+        try:
+            await self._quota.settle(reservation, tokens)
+        finally:
+            await self._quota.release_stream(reservation)
+        return tokens
+
+
+def _refunded(buckets: tuple[BucketState, ...], tokens: int) -> tuple[BucketState, ...]:
+    """Bucket states as the caller's headers show them once a reservation is given back."""
+    return tuple(
+        BucketState(
+            b.name, b.limit, min(b.limit, b.remaining + (tokens if _is_tokens(b) else 1)), b.reset
+        )
+        for b in buckets
+    )
+
+
+def _is_tokens(bucket: BucketState) -> bool:
+    return bucket.name.startswith("tokens")
+
+
+UPSTREAM_BROKE = (aiohttp.ClientError, GatewayError)
+"""How reading on can fail on upstream's side: the answer broke off, or the call itself failed
+(one that never reached upstream is a GatewayError that says so)."""

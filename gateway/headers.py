@@ -1,0 +1,55 @@
+"""The headers every response on the caller port carries, set in one place.
+
+aiohttp's `on_response_prepare` runs for every response just before its headers leave: JSON
+answers, errors the edge rendered, streams the handler prepared itself. So `X-Request-ID` and
+the caller's own rate-limit headers are added here and nowhere else; the pipeline only records
+the tenant's bucket states on the request (`LIMITS`) as it learns them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+from aiohttp import web
+
+from gateway.quota import REQUESTS_PER_MINUTE, BucketState
+from gateway.state import ACCESS, LIMITS
+
+
+def rate_limit_headers(buckets: Sequence[BucketState]) -> dict[str, str]:
+    """The caller's own limits: its requests-per-minute bucket and its tightest token bucket."""
+    headers: dict[str, str] = {}
+    requests = next((b for b in buckets if b.name == REQUESTS_PER_MINUTE), None)
+    if requests is not None:
+        remaining = max(requests.remaining, 0)
+        reset = math.ceil(requests.reset)
+        headers["X-RateLimit-Limit"] = str(requests.limit)
+        headers["X-RateLimit-Remaining"] = str(remaining)
+        # Epoch seconds, as upstream's own X-RateLimit-Reset; the IETF fields carry the delta.
+        headers["X-RateLimit-Reset"] = str(math.ceil(time.time() + requests.reset))
+        headers["RateLimit-Policy"] = f'"requests";q={requests.limit};w=60'
+        headers["RateLimit"] = f'"requests";r={remaining};t={reset}'
+    tokens = [b for b in buckets if b.name.startswith("tokens")]
+    if tokens:
+        headers["X-RateLimit-Remaining-Tokens"] = str(max(min(b.remaining for b in tokens), 0))
+    return headers
+
+
+def buckets_of(usage: Mapping[str, object]) -> tuple[BucketState, ...]:
+    """The bucket states of a `QuotaService.usage()` report."""
+    buckets = usage["buckets"]
+    assert isinstance(buckets, list)
+    return tuple(BucketState(**bucket) for bucket in buckets)
+
+
+async def add_caller_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` of the caller app."""
+    record = request.get(ACCESS)
+    if record is None:  # refused before the edge saw it
+        return
+    buckets = request.get(LIMITS)
+    if buckets:
+        response.headers.update(rate_limit_headers(buckets))
+    response.headers["X-Request-ID"] = record.request_id

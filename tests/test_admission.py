@@ -1,0 +1,269 @@
+"""One admission owns a request's quota: every way a request can end is charged by the rule
+table (README, "Quotas"), and no path gets upstream work the quota never sees.
+
+Each test here reproduces a way a tenant once slipped past its quota (issue 12's findings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.config import parse_config
+from gateway.state import DRAINS, METRICS
+from tests.conftest import ACME, GLOBEX, gateway_yaml, sse_events
+from tests.test_accounting import make_limited, tokens_reported, usage_of
+
+Client = TestClient[web.Request, web.Application]
+Sim = TestClient[Any, Any]
+CHAT = "/v1/agents/ag_support/chat"
+
+
+def estimate(chars: int) -> int:
+    return math.ceil(chars / 4)
+
+
+async def held(simulator: Sim, at_least: int) -> None:
+    response = await simulator.get("/_sim/held", params={"at_least": at_least, "timeout": 10})
+    assert (await response.json())["held"] >= at_least
+
+
+async def until(condition: Any, what: str, *, seconds: float = 10) -> None:
+    """Wait for a condition the gateway announces nowhere else (bounded, polled)."""
+    async with asyncio.timeout(seconds):
+        while not await condition():  # noqa: ASYNC110  (no event to await: polled)
+            await asyncio.sleep(0.01)
+
+
+def disconnects(gateway: Client) -> float:
+    registry = gateway.app[METRICS].registry
+    return sum(
+        registry.get_sample_value("gateway_client_disconnects_total", {"tenant": t, "stage": s})
+        or 0.0
+        for t in ("acme", "globex")
+        for s in ("before_upstream", "streaming")
+    )
+
+
+@pytest.mark.parametrize(
+    "accept", ["Text/Event-Stream", "text/event-stream;q=0.9, application/json;q=0.1"]
+)
+async def test_a_stream_asked_for_in_any_spelling_holds_a_lease(
+    make_gateway: Any, simulator_url: str, simulator: Sim, accept: str
+) -> None:
+    """Finding 1: upstream matches Accept without regard to case; the lease must too."""
+    gateway = await make_limited(make_gateway, "{max_concurrent_streams: 2}", url=simulator_url)
+    await simulator.post("/_sim/faults", json={"kind": "hold_stream", "after_events": 1})
+    headers = {**ACME, "Accept": accept}
+    responses = await asyncio.gather(
+        *(gateway.post(CHAT, json={"message": "Hi"}, headers=headers) for _ in range(5))
+    )
+    assert sorted(r.status for r in responses) == [200, 200, 429, 429, 429]
+    assert (await usage_of(gateway))["concurrent_streams"]["active"] == 2
+    await simulator.delete("/_sim/faults")
+    await simulator.post("/_sim/release")
+    for response in responses:
+        await response.read()
+
+
+async def test_upstream_is_asked_with_the_accept_header_the_gateway_read(
+    gateway: Client, simulator: Sim
+) -> None:
+    """Finding 1: a header the gateway reads one way must not reach upstream another way."""
+    await simulator.delete("/_sim/requests")
+    for accept in (b"TEXT/EVENT-STREAM", b"application/json", b"text/\xffevent-stream"):
+        status, content_type = await raw_post(gateway, {"message": "Hi"}, accept)
+        assert status == 200
+        assert (content_type == "text/event-stream") is (accept == b"TEXT/EVENT-STREAM")
+    recorded = await (await simulator.get("/_sim/requests")).json()
+    assert [r["headers"].get("Accept") for r in recorded] == [
+        "text/event-stream",
+        "application/json",
+        "application/json",  # the gateway read no event stream in it: nor may upstream
+    ]
+
+
+async def raw_post(gateway: Client, body: dict[str, Any], accept: bytes) -> tuple[int, str]:
+    """A request with header bytes no HTTP client library would send as they are."""
+    payload = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(gateway.host, gateway.port)
+    try:
+        writer.write(
+            f"POST {CHAT} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nAuthorization: {ACME['Authorization']}\r\n"
+            f"Content-Length: {len(payload)}\r\n".encode()
+            + b"Accept: "
+            + accept
+            + b"\r\n\r\n"
+            + payload
+        )
+        answer = await reader.read()
+    finally:
+        writer.close()
+    head = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in head[1:])
+    return int(head[0].split()[1]), fields.get("Content-Type", "").split(";")[0]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_hanging_up_before_upstream_answers_is_charged_what_upstream_reports(
+    make_gateway: Any, simulator_url: str, simulator: Sim, stream: bool
+) -> None:
+    """Finding 2: upstream runs the turn whether or not the caller waits for it."""
+    gateway = await make_limited(make_gateway, "{tokens: {per_day: 1000000}}", url=simulator_url)
+    body = {"message": "x" * 4000, "stream": stream}
+    cost = await tokens_reported(simulator, body)
+    await simulator.post("/_sim/faults", json={"kind": "hold_answer", "times": 1})
+    caller = asyncio.create_task(gateway.post(CHAT, json=body, headers=ACME))
+    await held(simulator, 1)
+    caller.cancel()  # the caller leaves while upstream is still working
+    await until(lambda: _true(disconnects(gateway) == 1), "the gateway saw the caller leave")
+    await simulator.post("/_sim/release")
+    async with asyncio.timeout(10):
+        await gateway.app[DRAINS].wait_finished(1)
+    assert (await usage_of(gateway))["tokens_today"] == cost
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_full_drain_pool_never_charges_below_the_requests_own_input(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    """Finding 3: one tenant filling the drain pool must not make another's streams cheap,
+    and past the pool a stream is charged at least its reservation."""
+    text = gateway_yaml(simulator_url).replace(
+        "    agents: [ag_support]\n",
+        "    agents: [ag_support]\n    limits: {tokens: {per_day: 10000000, reserve: 100}}\n",
+        1,
+    )
+    text = text.replace(
+        '    agents: ["*"]\n',
+        '    agents: ["*"]\n    limits: {tokens: {per_day: 10000000, reserve: 100}}\n',
+        1,
+    )
+    config = parse_config(text + "quota: {max_drains: 16}\n")
+    gateway = await make_gateway(config=config)
+    share = gateway.app[DRAINS].per_tenant
+    assert share < 16
+
+    async def abandon(headers: dict[str, str], message: str) -> None:
+        await simulator.post("/_sim/faults", json={"kind": "hold_stream", "times": 1})
+        response = await gateway.post(
+            CHAT, json={"message": message, "stream": True}, headers=headers
+        )
+        await response.content.readuntil(b"\n\n")
+        response.close()
+
+    for i in range(share):
+        await abandon(ACME, f"filler {i}")
+    async with asyncio.timeout(10):
+        await until(lambda: _true(len(gateway.app[DRAINS]) == share), "acme's drains running")
+
+    # acme's share is full: its next abandoned stream is charged without a drain.
+    big = "y" * 8000
+    before = (await usage_of(gateway))["tokens_today"]
+    await abandon(ACME, big)
+    async with asyncio.timeout(10):
+        await gateway.app[DRAINS].wait_finished(1)
+    charged = (await usage_of(gateway))["tokens_today"] - before
+    assert charged >= estimate(len(big)) + 100  # the reservation: input estimate + reserve
+
+    # globex still gets a drain of its own, and is charged exactly what upstream reports.
+    cost = await tokens_reported(simulator, {"message": big, "stream": True}, tenant="globex")
+    response = await gateway.get("/v1/usage", headers=GLOBEX)
+    globex_before = (await response.json())["tokens_today"]
+    await abandon(GLOBEX, big)
+    await until(lambda: _true(len(gateway.app[DRAINS]) == share + 1), "globex's drain running")
+    await simulator.post("/_sim/release")
+    async with asyncio.timeout(10):
+        await gateway.app[DRAINS].wait_finished(share + 2)
+    response = await gateway.get("/v1/usage", headers=GLOBEX)
+    assert (await response.json())["tokens_today"] - globex_before == cost
+
+
+async def test_a_caller_that_reads_nothing_is_cut_off_and_its_lease_freed(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    """Finding 5: a stream whose caller accepts no bytes for `timeouts.idle` ends, is drained
+    and settled, and its lease goes with it (it used to outlive the lease's TTL)."""
+    text = (
+        gateway_yaml(simulator_url)
+        .replace(
+            "    agents: [ag_support]\n",
+            "    agents: [ag_support]\n"
+            "    limits: {max_concurrent_streams: 1, tokens: {per_day: 100000000}}\n",
+            1,
+        )
+        .replace("idle: 5,", "idle: 1,")
+    )
+    config = parse_config(text + "limits: {max_body_bytes: 8000000}\n")
+    gateway = await make_gateway(config=config)
+    # The answer quotes the message: megabytes of it are more than the sockets between the
+    # gateway and a caller that never reads can hold.
+    body = json.dumps({"message": "z" * 6_000_000, "stream": True}).encode()
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        f"Authorization: {ACME['Authorization']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(stalled, (gateway.host, gateway.port))
+        await loop.sock_sendall(stalled, request)
+
+        async def leases(count: int) -> bool:
+            return bool((await usage_of(gateway))["concurrent_streams"]["active"] == count)
+
+        await until(lambda: leases(1), "the stalled stream admitted")
+        await until(lambda: leases(0), "the stalled stream's lease released", seconds=15)
+        async with asyncio.timeout(15):
+            await gateway.app[DRAINS].wait_finished(1)
+        # The tenant may stream again: its one slot is free.
+        again = await gateway.post(CHAT, json={"message": "Hi", "stream": True}, headers=ACME)
+        assert again.status == 200
+        assert sse_events(await again.read())[-1]["type"] == "done"
+    finally:
+        stalled.close()
+
+
+async def test_a_drained_stream_is_charged_in_exactly_one_log_line(
+    make_gateway: Any, simulator_url: str, simulator: Sim, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 8: chargeback from logs must see drained streams, once."""
+    gateway = await make_limited(make_gateway, "{tokens: {per_day: 1000000}}", url=simulator_url)
+    body = {"message": "Tell me everything", "stream": True}
+    cost = await tokens_reported(simulator, body)
+    capsys.readouterr()
+    await simulator.post("/_sim/faults", json={"kind": "hold_stream", "times": 1})
+    response = await gateway.post(CHAT, json=body, headers=ACME)
+    request_id = response.headers["X-Request-ID"]
+    await response.content.readuntil(b"\n\n")
+    response.close()
+    await until(lambda: _true(disconnects(gateway) == 1), "the gateway saw the caller leave")
+    await simulator.post("/_sim/release")
+    async with asyncio.timeout(10):
+        await gateway.app[DRAINS].wait_finished(1)
+
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line[:1] == "{"]
+    mine = [line for line in lines if line.get("request_id") == request_id]
+    charged = [line for line in mine if "tokens_charged" in line]
+    assert len(charged) == 1, mine
+    [line] = charged
+    assert line["event"] == "drain finished"
+    assert line["tokens_charged"] == cost
+    assert {k: line[k] for k in ("tenant", "key_name", "agent")} == {
+        "tenant": "acme",
+        "key_name": "billing-service",
+        "agent": "ag_support",
+    }
