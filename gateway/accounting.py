@@ -22,7 +22,7 @@ from gateway.errors import RateLimited
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
 from gateway.quota import BucketState, QuotaService, QuotaUnavailable, Reservation
-from gateway.sse import SSEScanner
+from gateway.relay import EventRelay
 from gateway.usage import StreamTally, Usage
 
 log = structlog.get_logger("gateway.accounting")
@@ -123,15 +123,14 @@ class Drains:
     def start(
         self,
         response: ClientResponse,
-        scanner: SSEScanner,
-        tally: StreamTally,
+        relay: EventRelay,
         account: Account,
         fields: Mapping[str, object],
     ) -> bool:
         """Take over `response`; False when no drain slot is free (the caller settles now)."""
         if len(self._tasks) >= self._limit:
             return False
-        task = asyncio.create_task(self._drain(response, scanner, tally, account, dict(fields)))
+        task = asyncio.create_task(self._drain(response, relay, account, dict(fields)))
         self.started += 1
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -140,19 +139,18 @@ class Drains:
     async def _drain(
         self,
         response: ClientResponse,
-        scanner: SSEScanner,
-        tally: StreamTally,
+        relay: EventRelay,
         account: Account,
         fields: dict[str, object],
     ) -> None:
+        tally = relay.tally
         try:
             async with asyncio.timeout(self._timeout):
                 while not tally.done:
                     chunk = await response.content.readany()
                     if not chunk:
                         break
-                    for event in scanner.feed(chunk):
-                        tally.observe(event)
+                    relay.drain(chunk)
         except (TimeoutError, aiohttp.ClientError):
             pass
         finally:

@@ -2,11 +2,10 @@
 per-key slot) → forward → stream → settle.
 
 JSON answers pass back with upstream's status and body unchanged. Event streams pass back
-chunk by chunk as they arrive, unchanged; an SSE scanner reads the same bytes alongside to
-learn the `done` event's usage, and a stream that breaks off ends with one SSE error event.
-With session isolation (gateway/sessions.py) the session id is namespaced on the way up and
-translated back on the way down: in the body, and in the stream's `done` event (each event is
-passed on as soon as it is complete).
+event by event, each as soon as it is complete and unchanged; the relay (gateway/relay.py)
+frames them once to learn the `done` event's usage, and a stream that breaks off ends with one
+SSE error event. With session isolation (gateway/sessions.py) the session id is namespaced on
+the way up and translated back on the way down: in the body, and in the stream's `done` event.
 """
 
 from __future__ import annotations
@@ -30,11 +29,11 @@ from gateway.config import AGENT_ID_PATTERN
 from gateway.errors import AgentNotFound, GatewayError, UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
-from gateway.sessions import DoneEventRewriter, SessionScope, parse_answer
-from gateway.sse import SSEScanner
+from gateway.relay import EventRelay
+from gateway.sessions import SessionScope, parse_answer
 from gateway.state import ACCESS, CONFIG, DRAINS, KEYRING, LIMITER, METRICS, QUOTA, UPSTREAM
 from gateway.upstream import Deadline, UpstreamClient
-from gateway.usage import StreamTally, usage_from
+from gateway.usage import usage_from
 from gateway.validation import ChatRequest, read_chat_request
 
 # Response headers of upstream's that mean something to the caller; the rest (its own
@@ -163,7 +162,7 @@ async def _relay_stream(
     active.inc()
     try:
         return await _pass_stream(
-            request, response, upstream, deadline, account, sessions.stream_rewriter()
+            request, response, upstream, deadline, account, EventRelay(sessions)
         )
     finally:
         active.dec()
@@ -175,13 +174,13 @@ async def _pass_stream(
     upstream: UpstreamClient,
     deadline: Deadline,
     account: Account,
-    rewriter: DoneEventRewriter | None,
+    relay: EventRelay,
 ) -> web.StreamResponse:
     record, chunk_gap = request[ACCESS], request.app[METRICS].chunk_gap
     out = web.StreamResponse(
         status=response.status, headers={**_headers_from(response, record), **STREAM_HEADERS}
     )
-    scanner, tally = SSEScanner(), StreamTally()
+    tally = relay.tally
     failure: GatewayError | None = None
     loop = asyncio.get_running_loop()
     try:
@@ -206,19 +205,15 @@ async def _pass_stream(
                 record.upstream_wait += received - waiting
             if not chunk:
                 break
-            for event in scanner.feed(chunk):
-                tally.observe(event)
-            if rewriter is not None:
-                # Whole events only, so the done event's session id can be translated back.
-                chunk = rewriter.feed(chunk)
-            if chunk:
-                await out.write(chunk)
+            # Whole events only: the done event's session id is translated back.
+            if passed := relay.feed(chunk):
+                await out.write(passed)
             chunk_gap.observe(loop.time() - received)
     except (ConnectionError, asyncio.CancelledError) as gone:
         # The caller left: a failed write, or aiohttp cancelling the handler on disconnect.
         record.client_closed = True
         record.usage, record.usage_complete = tally.usage, tally.done
-        await _abandon(request, response, scanner, tally, account)
+        await _abandon(request, response, relay, account)
         if isinstance(gone, asyncio.CancelledError):
             raise
         return out  # a failed write is not the gateway's error: nothing more to send
@@ -229,9 +224,7 @@ async def _pass_stream(
         failure = UpstreamUnavailable("the upstream stream ended before its done event")
         record.upstream_error = STREAM_INCOMPLETE
     # Close a half-sent event first, so an error event of ours is read as an event of its own.
-    tail = b"" if failure is None or scanner.at_boundary else b"\n\n"
-    if rewriter is not None:
-        tail = rewriter.finish(tail)
+    tail = relay.finish(close=failure is not None)
     if failure is not None:
         tail += sse_error_event(failure)
     try:
@@ -246,17 +239,16 @@ async def _pass_stream(
 async def _abandon(
     request: web.Request,
     response: ClientResponse,
-    scanner: SSEScanner,
-    tally: StreamTally,
+    relay: EventRelay,
     account: Account,
 ) -> None:
     """Charge a stream whose caller left: read on to its done event, or settle what was seen."""
-    if not tally.done:
+    if not relay.tally.done:
         fields = _drain_fields(request[ACCESS])
-        if request.app[DRAINS].start(response, scanner, tally, account, fields):
+        if request.app[DRAINS].start(response, relay, account, fields):
             account.detached = True
             return
-    await settle_stream(account, tally)
+    await settle_stream(account, relay.tally)
 
 
 def _drain_fields(record: AccessRecord) -> dict[str, object]:
