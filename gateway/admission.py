@@ -36,8 +36,8 @@ from gateway.errors import GatewayError
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
 from gateway.quota import BucketState, QuotaService, Reservation
-from gateway.sessions import parse_answer
-from gateway.sse import SSEScanner
+from gateway.relay import EventRelay
+from gateway.sessions import SessionScope, parse_answer
 from gateway.state import DRAINS, LIMITS
 from gateway.upstream import next_chunk
 from gateway.usage import StreamTally, Usage, usage_from
@@ -66,13 +66,13 @@ class Admission:
         "input_tokens",
         "pending",
         "record",
+        "relay",
         "reservation",
         "response",
-        "scanner",
         "seen_chars",
         "sent",
+        "sessions",
         "status",
-        "tally",
         "usage",
     )
 
@@ -85,6 +85,7 @@ class Admission:
         metrics: Metrics,
         *,
         input_tokens: int,
+        sessions: SessionScope,
     ) -> None:
         self._request = request
         self._quota = quota
@@ -92,14 +93,14 @@ class Admission:
         self.reservation = reservation
         self.record = record
         self.input_tokens = input_tokens
+        self.sessions = sessions
         self.sent = False  # the body was handed to upstream
         self.pending: asyncio.Future[ClientResponse] | None = None  # upstream's answer to come
         self.response: ClientResponse | None = None
         self.status: int | None = None
         self.usage: Usage | None = None
         self.seen_chars = 0  # answer text seen, for an estimate
-        self.scanner: SSEScanner | None = None  # a stream's events, once upstream streams
-        self.tally: StreamTally | None = None
+        self.relay: EventRelay | None = None  # once upstream answers with a stream
         self.complete = False  # the answer was read to its end (a stream: its done event)
         self.gone = False  # the caller left (or stopped reading) before the end
         self.abandoned = False  # ...and the answer could not be read to its end
@@ -140,8 +141,12 @@ class Admission:
 
     def answered(self, response: ClientResponse) -> None:
         self.response, self.status = response, response.status
-        if response.content_type == EVENT_STREAM and self.scanner is None:
-            self.scanner, self.tally = SSEScanner(), StreamTally()
+        if response.content_type == EVENT_STREAM and self.relay is None:
+            self.relay = EventRelay(self.sessions)
+
+    @property
+    def tally(self) -> StreamTally | None:
+        return None if self.relay is None else self.relay.tally
 
     def observe_body(self, body: bytes, parsed: object) -> None:
         """A JSON answer read whole."""
@@ -149,13 +154,15 @@ class Admission:
         if self.status == 200 and isinstance(parsed, dict):
             self.usage = usage_from(parsed)
 
-    def observe_chunk(self, chunk: bytes) -> None:
-        """Bytes of a stream, as they arrive."""
-        assert self.scanner is not None and self.tally is not None
-        for event in self.scanner.feed(chunk):
-            self.tally.observe(event)
-        self.usage, self.seen_chars = self.tally.usage, self.tally.content_chars
-        self.complete = self.tally.done
+    def relay_chunk(self, chunk: bytes) -> bytes:
+        """Bytes of a stream as they arrive; returns what to send the caller now."""
+        assert self.relay is not None
+        passed = self.relay.feed(chunk)
+        self._tallied(self.relay.tally)
+        return passed
+
+    def _tallied(self, tally: StreamTally) -> None:
+        self.usage, self.seen_chars, self.complete = tally.usage, tally.content_chars, tally.done
 
     def caller_left(self) -> None:
         self.gone = True
@@ -170,15 +177,17 @@ class Admission:
             self.answered(await pending)
         response = self.response
         assert response is not None
-        if self.tally is None:
+        relay = self.relay
+        if relay is None:
             body = await response.read()
             self.observe_body(body, parse_answer(body))
             return
-        while not self.tally.done:
+        while not relay.tally.done:
             chunk = await next_chunk(response.content)
             if not chunk:
                 return
-            self.observe_chunk(chunk)
+            relay.drain(chunk)
+            self._tallied(relay.tally)
 
     # --- settlement ------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from gateway.errors import (
 from gateway.headers import buckets_of
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
 from gateway.quota import QuotaUnavailable, Reservation
-from gateway.sessions import DoneEventRewriter, SessionScope, parse_answer
+from gateway.sessions import SessionScope, parse_answer
 from gateway.state import ACCESS, CONFIG, KEYRING, LIMITER, LIMITS, METRICS, QUOTA, UPSTREAM
 from gateway.upstream import Deadline, UpstreamClient, next_chunk
 from gateway.validation import ChatRequest, read_chat_request
@@ -66,7 +66,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await _current_limits(request, caller.tenant.name)
         raise
 
-    async with await _admit(request, caller, chat_request) as admission:
+    async with await _admit(request, caller, chat_request, sessions) as admission:
         deadline = Deadline(upstream.timeouts)
         # Upstream's own per-key limit, after the tenant's: a refused tenant costs it nothing.
         await app[LIMITER].admit(app[QUOTA], agent_id, record, deadline)
@@ -78,15 +78,17 @@ async def chat(request: web.Request) -> web.StreamResponse:
         response = await admission.send(upstream.send(agent_id, body, headers, deadline))
         record.upstream_ttfb = record.upstream_wait = loop.time() - sent
         record.upstream_status = response.status
-        if admission.tally is not None:
-            return await _relay_stream(request, response, upstream, deadline, admission, sessions)
+        if admission.relay is not None:
+            return await _relay_stream(request, response, upstream, deadline, admission)
         if admission.reservation.stream_lease is not None:
             # Upstream answered JSON: the stream slot taken for it is free again at once.
             await app[QUOTA].release_stream(admission.reservation)
         return await _relay_body(response, upstream, deadline, admission, sessions)
 
 
-async def _admit(request: web.Request, caller: Caller, chat: ChatRequest) -> Admission:
+async def _admit(
+    request: web.Request, caller: Caller, chat: ChatRequest, sessions: SessionScope
+) -> Admission:
     record = request[ACCESS]
     input_tokens = estimate_tokens(len(chat.message))
     quota = request.app[QUOTA]
@@ -103,7 +105,13 @@ async def _admit(request: web.Request, caller: Caller, chat: ChatRequest) -> Adm
         raise _refusal(reservation)
     record.quota = "allowed"
     return Admission(
-        request, quota, reservation, record, request.app[METRICS], input_tokens=input_tokens
+        request,
+        quota,
+        reservation,
+        record,
+        request.app[METRICS],
+        input_tokens=input_tokens,
+        sessions=sessions,
     )
 
 
@@ -159,16 +167,13 @@ async def _relay_stream(
     upstream: UpstreamClient,
     deadline: Deadline,
     admission: Admission,
-    sessions: SessionScope,
 ) -> web.StreamResponse:
     record, metrics = request[ACCESS], request.app[METRICS]
     record.stream = True
     active = metrics.streams_of(record.tenant)
     active.inc()
     try:
-        return await _pass_stream(
-            request, response, upstream, deadline, admission, sessions.stream_rewriter()
-        )
+        return await _pass_stream(request, response, upstream, deadline, admission)
     finally:
         active.dec()
 
@@ -179,9 +184,10 @@ async def _pass_stream(
     upstream: UpstreamClient,
     deadline: Deadline,
     admission: Admission,
-    rewriter: DoneEventRewriter | None,
 ) -> web.StreamResponse:
     record, chunk_gap = request[ACCESS], request.app[METRICS].chunk_gap
+    relay = admission.relay
+    assert relay is not None
     out = web.StreamResponse(status=response.status, headers=_passed_back(response))
     out.headers.update(STREAM_HEADERS)
     idle = upstream.timeouts.idle
@@ -206,23 +212,17 @@ async def _pass_stream(
             record.upstream_wait += received - waiting
         if not chunk:
             break
-        admission.observe_chunk(chunk)
-        if rewriter is not None:
-            # Whole events only, so the done event's session id can be translated back.
-            chunk = rewriter.feed(chunk)
-        if chunk and not await _write(request, out, chunk, idle, admission):
+        passed = admission.relay_chunk(chunk)
+        if passed and not await _write(request, out, passed, idle, admission):
             return out
         chunk_gap.observe(loop.time() - received)
 
-    tally = admission.tally
-    assert tally is not None and admission.scanner is not None
+    tally = relay.tally
     if failure is None and not tally.done and not tally.errored:
         failure = UpstreamUnavailable("the upstream stream ended before its done event")
         record.upstream_error = STREAM_INCOMPLETE
-    # Close a half-sent event first, so an error event of ours is read as an event of its own.
-    tail = b"" if failure is None or admission.scanner.at_boundary else b"\n\n"
-    if rewriter is not None:
-        tail = rewriter.finish(tail)
+    # A half-sent event is closed first, so an error event of ours is read as its own.
+    tail = relay.finish(close=failure is not None)
     if failure is not None:
         tail += sse_error_event(failure)
     if (not tail or await _write(request, out, tail, idle, admission)) and not admission.gone:

@@ -17,22 +17,19 @@ Everything here is pure: bytes and strings in, bytes and strings out.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gateway.config import Tenant
 from gateway.errors import InvalidRequest
-from gateway.sse import MAX_LINE
+from gateway.sse import Frame, SSEFramer, with_data
 from gateway.validation import ChatRequest
 
 NAMESPACE = "gw:"
 SEPARATOR = ":"  # never in a tenant name (config.NAME_PATTERN)
 UPSTREAM_MAX_SESSION_ID = 256  # upstream's documented limit, in characters
 
-_LINE_END = re.compile(rb"\r\n?|\n")
-_BOM = b"\xef\xbb\xbf"
 _UNPARSED = object()
 _MAX_SPLICES = 4  # strings opening with our prefix tried, each checked by one more parse
 
@@ -103,9 +100,6 @@ class SessionScope:
                 return spliced
         return _dumps(payload)
 
-    def stream_rewriter(self) -> DoneEventRewriter | None:
-        return None if self.prefix is None else DoneEventRewriter(self)
-
     @property
     def marker(self) -> bytes:
         # How our prefix opens a JSON string (its characters never need escaping).
@@ -131,108 +125,34 @@ class SessionScope:
                 return
             yield raw[: pos + 1] + raw[pos + len(marker) :]
 
-    def rewrite_done_event(self, raw: bytes) -> bytes | None:
-        """A whole SSE event (blank line included) with a `done` payload's session_id
-        translated back, or None when it is not such an event."""
-        payload = _loads(event_data(raw))
+    def caller_event(self, frame: Frame, payload: object = _UNPARSED) -> bytes:
+        """A frame's bytes for the caller: a `done` event's session_id translated back, any
+        other frame's bytes unchanged (the same object).
+
+        `payload` is the event's data already parsed (`usage.event_payload`), when the caller
+        has it; it is not changed here.
+        """
+        if self.prefix is None or frame.event is None:
+            return frame.raw
+        if payload is _UNPARSED:
+            payload = _loads(frame.event.data)
         if not isinstance(payload, dict) or payload.get("type") != "done":
-            return None
+            return frame.raw
+        payload = dict(payload)
         if not self._translate(payload):
-            return None
-        for spliced in self._spliced(raw):
-            if _loads(event_data(spliced)) == payload:
+            return frame.raw
+        for spliced in self._spliced(frame.raw):
+            if _loads(_event_data(spliced)) == payload:
                 return spliced
         # Upstream wrote the id in an unusual form: rebuild the event's data line instead.
-        bom = _BOM if raw.startswith(_BOM) else b""
-        kept = [
-            text + end
-            for text, end in _lines(raw.removeprefix(bom))
-            if text and _field(text)[0] != "data"
-        ]
-        return bom + b"".join(kept) + b"data: " + _dumps(payload) + b"\n\n"
+        return with_data(frame.raw, _dumps(payload))
 
 
-class DoneEventRewriter:
-    """Passes an SSE stream on event by event, translating back the `done` event's id.
-
-    Each complete event leaves as soon as its blank line arrives, byte for byte unless it is
-    the `done` event; only the bytes of an event still incomplete are held, and an SSE client
-    acts on nothing before that blank line anyway.
-    """
-
-    __slots__ = ("_line_start", "_pending", "_scope", "_skip_lf")
-
-    def __init__(self, scope: SessionScope) -> None:
-        self._scope = scope
-        self._pending = b""
-        self._line_start = 0  # where the current line began, in _pending (may be < 0)
-        self._skip_lf = False  # the last chunk ended in a CR: a leading LF belongs to it
-
-    def feed(self, chunk: bytes) -> bytes:
-        """The bytes to send on now."""
-        buf = self._pending + chunk if self._pending else chunk
-        start = 0  # the event being read
-        line = self._line_start
-        scan = len(self._pending)
-        if self._skip_lf:
-            self._skip_lf = False
-            if buf[scan : scan + 1] == b"\n":
-                line = scan + 1
-                if start == scan:  # it ends an event already sent: send it on too
-                    start = scan + 1
-                scan += 1
-        pieces: list[bytes] = []
-        sent = 0
-        for match in _LINE_END.finditer(buf, scan):
-            if match.start() == line:  # a blank line: the event [start, end) is whole
-                end = match.end()
-                rewritten = self._scope.rewrite_done_event(buf[start:end])
-                if rewritten is not None:
-                    pieces += (buf[sent:start], rewritten)
-                    sent = end
-                start = end
-            line = match.end()
-            self._skip_lf = match.group() == b"\r" and line == len(buf)
-        if len(buf) - start > MAX_LINE:
-            # An event this long is not upstream's done event: stop holding it.
-            start = len(buf)
-        pieces.append(buf[sent:start])
-        self._pending = buf[start:]
-        self._line_start = line - start
-        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-    def finish(self, tail: bytes = b"") -> bytes:
-        """The stream is over: `tail` (the gateway's own bytes) and whatever is still held."""
-        out = self.feed(tail)
-        rest, self._pending, self._line_start = self._pending, b"", 0
-        return out + rest
-
-
-def event_data(raw: bytes) -> str:
-    """The `data` of one raw SSE event, its lines joined with LF (as SSEScanner reads it)."""
-    data = []
-    for text, _ in _lines(raw.removeprefix(_BOM)):
-        name, value = _field(text)
-        if name == "data":
-            data.append(value)
-    return "\n".join(data)
-
-
-def _lines(raw: bytes) -> list[tuple[bytes, bytes]]:
-    lines, pos = [], 0
-    for match in _LINE_END.finditer(raw):
-        lines.append((raw[pos : match.start()], match.group()))
-        pos = match.end()
-    if pos < len(raw):
-        lines.append((raw[pos:], b""))
-    return lines
-
-
-def _field(text: bytes) -> tuple[str, str]:
-    if not text or text[:1] == b":":
-        return "", ""  # a blank line or a comment
-    name, colon, value = text.decode("utf-8", "replace").partition(":")
-    return name, value[1:] if colon and value[:1] == " " else value
+def _event_data(raw: bytes) -> str:
+    """The data of the one whole event `raw`, read as the caller will read it."""
+    frames = SSEFramer().feed(raw)
+    event = frames[0].event if frames else None
+    return "" if event is None else event.data
 
 
 def parse_answer(body: bytes) -> object:

@@ -1,9 +1,12 @@
-"""An incremental Server-Sent Events scanner (WHATWG HTML, "event stream interpretation").
+"""An incremental Server-Sent Events framer (WHATWG HTML, "event stream interpretation").
 
-It reads the bytes the proxy passes on, in whatever pieces they arrive: an event split over
-chunks, CR, LF or CRLF line ends (a CR at a chunk's end may pair with the next chunk's LF),
-comments, multi-line `data`, a leading BOM. It never changes or holds back the bytes
-themselves; it only reports the events they complete.
+Bytes go in, in whatever pieces they arrive; whole events come out, each as a `Frame`: its
+bytes exactly as upstream sent them (blank line, comments, BOM and line ends included) and
+what they mean. It reads CR, LF or CRLF line ends (a CR at a chunk's end may pair with the
+next chunk's LF), comments, multi-line `data`, a leading BOM. Every byte fed comes out once,
+unchanged, in order: a complete event as soon as its blank line arrives, the rest by
+`finish()`. The usage tally and the session-id rewriter both read these frames, so each chunk
+is framed once.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ from dataclasses import dataclass
 
 _LINE_END = re.compile(rb"\r\n?|\n")
 _BOM = b"\xef\xbb\xbf"
-# A line longer than this is not one we need to read (usage sits in a short `done` event);
-# dropping it keeps a misbehaving upstream from growing our buffer without bound.
-MAX_LINE = 1 << 20
+# An event longer than this is not one we need to read (usage sits in a short `done` event);
+# passing it on unread keeps a misbehaving upstream from growing our buffer without bound.
+MAX_EVENT = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,65 +28,97 @@ class Event:
     id: str | None = None
 
 
-class SSEScanner:
-    __slots__ = ("_data", "_event", "_id", "_partial", "_skip_lf", "_started", "overflowed")
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """Bytes to pass on as one piece: a whole event and `event`, what it dispatches.
+
+    `event` is None for bytes that dispatch nothing: a block of comments, an event without
+    data, the LF of a CRLF whose CR ended the event before it, or a piece of an event longer
+    than MAX_EVENT (passed on unread).
+    """
+
+    raw: bytes
+    event: Event | None
+
+
+class SSEFramer:
+    __slots__ = ("_data", "_event", "_held", "_id", "_line", "_passing", "_skip_lf", "_started")
 
     def __init__(self) -> None:
-        self._partial = b""
-        self._skip_lf = False
-        self._started = False
+        self._held = b""  # the bytes of the event in progress
+        self._line = 0  # where its unread line starts in _held (< 0: mid-line, _held empty)
+        self._skip_lf = False  # the last chunk ended in a CR: a leading LF belongs to it
+        self._started = False  # past a leading BOM, or sure there is none
+        self._passing = False  # inside an event over MAX_EVENT: passed on unread, not held
         self._data: list[str] = []
         self._event = ""
-        self._id: str | None = None
-        self.overflowed = False
+        self._id: str | None = None  # WHATWG's "last event ID buffer": kept across events
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes so far end exactly between events (nothing half-sent)."""
-        return not (self.overflowed or self._partial or self._data or self._event)
+        return not (self._held or self._passing)
 
-    def feed(self, chunk: bytes) -> list[Event]:
-        if self.overflowed:
-            end = _LINE_END.search(chunk)
-            if end is None:
-                return []
-            # The overlong line ends here; it is dropped whole, like a line we cannot parse.
-            self.overflowed = False
-            self._skip_lf = end.group() == b"\r" and end.end() == len(chunk)
-            chunk = chunk[end.end() :]
-        buf = self._partial + chunk if self._partial else chunk
-        if self._skip_lf and buf[:1] == b"\n":
-            buf = buf[1:]
-        self._skip_lf = False
+    def feed(self, chunk: bytes) -> list[Frame]:
+        """The frames `chunk` completes; the bytes of an event still incomplete are held."""
+        if not chunk:
+            return []
+        held = self._held
+        buf = held + chunk if held else chunk
+        frames: list[Frame] = []
+        start = 0  # where the event being read starts in buf
+        scan = len(held)  # where the bytes not yet searched for line ends start
+        line = self._line  # where the line being read starts
         if not self._started:
             if _BOM.startswith(buf):  # too short to tell yet
-                self._partial = buf
+                self._held = buf
                 return []
             self._started = True
-            if buf.startswith(_BOM):
-                buf = buf[3:]
-        events: list[Event] = []
-        pos = 0
-        for match in _LINE_END.finditer(buf):
-            event = self._line(buf[pos : match.start()])
-            if event is not None:
-                events.append(event)
-            pos = match.end()
-            if match.group() == b"\r" and pos == len(buf):
-                self._skip_lf = True
-        self._partial = buf[pos:]
-        if len(self._partial) > MAX_LINE:
-            self._partial = b""
-            self.overflowed = True
-        return events
+            scan = line = 3 if buf.startswith(_BOM) else 0
+        elif self._skip_lf:
+            self._skip_lf = False
+            if buf[scan] == 0x0A:  # the LF of a CRLF
+                scan = line = scan + 1
+                if not held and not self._passing:
+                    # Its CR ended an event already sent: the LF goes on by itself.
+                    frames.append(Frame(b"\n", None))
+                    start = scan
+        passing = self._passing
+        for match in _LINE_END.finditer(buf, scan):
+            if match.start() == line:  # a blank line: the event [start, end) is whole
+                end = match.end()
+                frames.append(Frame(buf[start:end], None if passing else self._dispatch()))
+                start = end
+                passing = False
+            elif not passing:
+                self._field(buf[line : match.start()])
+            line = match.end()
+        end = len(buf)
+        self._skip_lf = line == end and buf[-1] == 0x0D
+        if not passing and end - start > MAX_EVENT:
+            # Too long to be upstream's done event: stop holding it, pass it on unread.
+            passing = True
+            self._data, self._event = [], ""
+        self._passing = passing
+        if passing:
+            if start < end:
+                frames.append(Frame(buf[start:], None))
+            self._held, self._line = b"", line - end
+        else:
+            self._held, self._line = buf[start:], line - start
+        return frames
 
-    def _line(self, raw: bytes) -> Event | None:
-        if not raw:
-            return self._dispatch()
-        if raw[:1] == b":":
-            return None
-        line = raw.decode("utf-8", "replace")
-        name, colon, value = line.partition(":")
+    def finish(self) -> bytes:
+        """The stream is over: whatever is still held (an incomplete event, unread)."""
+        rest = self._held
+        self._held, self._line, self._passing = b"", 0, False
+        self._data, self._event = [], ""
+        return rest
+
+    def _field(self, raw: bytes) -> None:
+        if raw[:1] == b":":  # a comment
+            return
+        name, colon, value = raw.decode("utf-8", "replace").partition(":")
         if colon and value[:1] == " ":
             value = value[1:]
         if name == "data":
@@ -92,7 +127,6 @@ class SSEScanner:
             self._event = value
         elif name == "id" and "\0" not in value:
             self._id = value
-        return None
 
     def _dispatch(self) -> Event | None:
         if not self._data:
@@ -102,3 +136,16 @@ class SSEScanner:
         self._data = []
         self._event = ""
         return event
+
+
+def with_data(raw: bytes, data: bytes) -> bytes:
+    """One whole event's bytes with its data replaced by `data` (one line, no line end):
+    every other line kept as sent, a BOM kept in front."""
+    bom = _BOM if raw.startswith(_BOM) else b""
+    kept, pos = [bom], len(bom)
+    for match in _LINE_END.finditer(raw, pos):
+        line = raw[pos : match.start()]
+        if line and not (line.startswith(b"data") and line[4:5] in (b"", b":")):
+            kept.append(raw[pos : match.end()])
+        pos = match.end()
+    return b"".join(kept) + b"data: " + data + b"\n\n"

@@ -39,6 +39,15 @@ def usage_from(body: Mapping[str, object]) -> Usage | None:
     return Usage(None, None, total) if total is not None else None
 
 
+def event_payload(event: Event) -> dict[str, object] | None:
+    """An event's data as the JSON object upstream sends in each event, or None."""
+    try:
+        payload = json.loads(event.data)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 class StreamTally:
     """What a passing SSE stream has told us: its `done` event, or failing that, its text."""
 
@@ -52,12 +61,12 @@ class StreamTally:
         self.content_chars = 0
 
     def observe(self, event: Event) -> None:
-        try:
-            payload = json.loads(event.data)
-        except ValueError:
-            return
-        if not isinstance(payload, dict):
-            return
+        payload = event_payload(event)
+        if payload is not None:
+            self.record(payload)
+
+    def record(self, payload: Mapping[str, object]) -> None:
+        """Take in one event's payload (`event_payload`), for a caller that has it parsed."""
         kind = payload.get("type")
         if kind == "content":
             content = payload.get("content")

@@ -11,8 +11,9 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_config
+from gateway.relay import EventRelay
 from gateway.sessions import UPSTREAM_MAX_SESSION_ID, SessionScope
-from gateway.sse import SSEScanner
+from gateway.sse import Event, Frame, SSEFramer
 from tests.conftest import ACME, GLOBEX, SUPPORT_KEY, AiohttpClient, gateway_yaml, sse_events
 
 Client = TestClient[web.Request, web.Application]
@@ -283,30 +284,46 @@ def test_the_done_event_is_rewritten_at_every_split_point() -> None:
     scope = SessionScope("gw:acme:")
     for first in range(len(STREAM)):
         for second in range(first, len(STREAM), 5):
-            rewriter = scope.stream_rewriter()
-            assert rewriter is not None
-            out = [rewriter.feed(STREAM[:first]), rewriter.feed(STREAM[first:second])]
-            out += [rewriter.feed(STREAM[second:]), rewriter.finish()]
+            relay = EventRelay(scope)
+            out = [relay.feed(STREAM[:first]), relay.feed(STREAM[first:second])]
+            out += [relay.feed(STREAM[second:]), relay.finish(close=False)]
             assert b"".join(out) == expected, (first, second)
+            assert relay.tally.done and relay.tally.session_id == "gw:acme:s1"
+
+
+def test_only_our_done_event_is_rewritten() -> None:
+    scope = SessionScope("gw:acme:")
+    done = b'data: {"type": "done", "session_id": "gw:acme:s1"}\n\n'
+    (ours,) = SSEFramer().feed(done)
+    assert scope.caller_event(ours) == b'data: {"type": "done", "session_id": "s1"}\n\n'
+    assert SessionScope(None).caller_event(ours) is ours.raw
+    for raw in (
+        b'data: {"type": "done", "session_id": "gw:globex:s1"}\n\n',
+        b'data: {"type": "content", "session_id": "gw:acme:s1"}\n\n',
+        b'data: ["gw:acme:s1"]\n\n',
+        b": done gw:acme:s1\n\n",
+    ):
+        (frame,) = SSEFramer().feed(raw)
+        assert scope.caller_event(frame) is raw
+    # The frame's parsed event is what is read, not its bytes again.
+    assert scope.caller_event(Frame(done, Event('{"type": "content"}'))) is done
 
 
 def test_complete_events_are_passed_on_at_once() -> None:
-    rewriter = SessionScope("gw:acme:").stream_rewriter()
-    assert rewriter is not None
+    relay = EventRelay(SessionScope("gw:acme:"))
     event = b'data: {"type": "content", "content": "Hi"}\n\n'
-    assert rewriter.feed(event) is event  # untouched, not even copied
-    assert rewriter.feed(event + event[:10]) == event  # only the incomplete event waits
-    assert rewriter.feed(event[10:]) == event
+    assert relay.feed(event) is event  # untouched, not even copied
+    assert relay.feed(event + event[:10]) == event  # only the incomplete event waits
+    assert relay.feed(event[10:]) == event
     # A stream that breaks off: the held half is sent, closed, before the error event.
-    assert rewriter.feed(b"data: {") == b""
-    assert rewriter.finish(b"\n\n") == b"data: {\n\n"
+    assert relay.feed(b"data: {") == b""
+    assert relay.finish(close=True) == b"data: {\n\n"
 
 
 def test_a_done_event_in_an_unusual_form_is_rebuilt() -> None:
-    rewriter = SessionScope("gw:acme:").stream_rewriter()
-    assert rewriter is not None
+    relay = EventRelay(SessionScope("gw:acme:"))
     escaped = b'event: done\ndata: {"type":"done",\ndata: "session_id":"gw\\u003aacme:s1"}\n\n'
-    out = rewriter.feed(escaped)
-    events = SSEScanner().feed(out)
+    out = relay.feed(escaped)
+    events = [frame.event for frame in SSEFramer().feed(out) if frame.event is not None]
     assert [json.loads(e.data) for e in events] == [{"type": "done", "session_id": "s1"}]
     assert events[0].event == "done"

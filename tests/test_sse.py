@@ -1,19 +1,23 @@
-"""The SSE scanner finds exactly the events a browser would, however the bytes are cut."""
+"""The SSE framer: every byte out once and unchanged, cut into whole events, which it reads
+exactly as a browser would, however the bytes are cut."""
 
 from __future__ import annotations
 
 import itertools
+import re
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.sse import Event, SSEScanner
+from gateway.sse import MAX_EVENT, Event, Frame, SSEFramer, with_data
 
 STREAM = (
     b'data: {"type": "content", "content": "Our business"}\n\n'
     b": a comment line\n"
     b'data: {"type": "content",\ndata:  "content": " hours"}\n\n'
     b"event: ping\nid: 7\ndata\n\n"
+    b": keep-alive\n\n"
+    b"event: nothing\n\n"
     b'data: {"type": "done", "session_id": "sess_789", "tokens_used": 145}\n\n'
 )
 EXPECTED = [
@@ -22,64 +26,246 @@ EXPECTED = [
     Event(data="", event="ping", id="7"),
     Event(data='{"type": "done", "session_id": "sess_789", "tokens_used": 145}', id="7"),
 ]
+FRAMES = [
+    Frame(b'data: {"type": "content", "content": "Our business"}\n\n', EXPECTED[0]),
+    Frame(
+        b': a comment line\ndata: {"type": "content",\ndata:  "content": " hours"}\n\n', EXPECTED[1]
+    ),
+    Frame(b"event: ping\nid: 7\ndata\n\n", EXPECTED[2]),
+    Frame(b": keep-alive\n\n", None),
+    Frame(b"event: nothing\n\n", None),
+    Frame(b'data: {"type": "done", "session_id": "sess_789", "tokens_used": 145}\n\n', EXPECTED[3]),
+]
+
+
+def frame(*chunks: bytes) -> list[Frame]:
+    framer = SSEFramer()
+    frames = [frame for chunk in chunks for frame in framer.feed(chunk)]
+    assert framer.finish() == b""
+    return frames
 
 
 def scan(*chunks: bytes) -> list[Event]:
-    scanner = SSEScanner()
-    return [event for chunk in chunks for event in scanner.feed(chunk)]
+    return [f.event for f in frame(*chunks) if f.event is not None]
+
+
+def cut(stream: bytes, cuts: list[int]) -> list[bytes]:
+    points = [0, *sorted(cuts), len(stream)]
+    return [stream[a:b] for a, b in itertools.pairwise(points)]
+
+
+def crlf_rejoined(frames: list[Frame]) -> list[Frame]:
+    """`frames` with the LF of a CRLF cut from its CR put back: the one split the framer
+    cannot undo, since it passes an event on at its last CR without waiting for an LF."""
+    out: list[Frame] = []
+    for f in frames:
+        if f.raw == b"\n" and out and out[-1].raw.endswith(b"\r"):
+            out[-1] = Frame(out[-1].raw + b"\n", out[-1].event)
+        else:
+            out.append(f)
+    return out
+
+
+def reference_events(stream: bytes) -> list[Event]:
+    """WHATWG's event stream interpretation, over a whole stream at once."""
+    events, data, kind, last_id = [], list[str](), "", None
+    text = stream.removeprefix(b"\xef\xbb\xbf")
+    *lines, _incomplete = re.split(rb"\r\n|\r|\n", text)
+    for raw in lines:
+        if not raw:
+            if data:
+                events.append(Event("\n".join(data), kind or "message", last_id))
+            data, kind = [], ""
+            continue
+        name, colon, value = raw.decode("utf-8", "replace").partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if not name and colon:
+            continue
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            kind = value
+        elif name == "id" and "\0" not in value:
+            last_id = value
+    return events
+
+
+# --- frames ----------------------------------------------------------------------------
 
 
 def test_whole_stream_in_one_chunk() -> None:
+    assert frame(STREAM) == FRAMES
     assert scan(STREAM) == EXPECTED
 
 
 def test_one_byte_at_a_time() -> None:
-    assert scan(*(STREAM[i : i + 1] for i in range(len(STREAM)))) == EXPECTED
+    assert frame(*(STREAM[i : i + 1] for i in range(len(STREAM)))) == FRAMES
 
 
 @given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
-def test_any_split_gives_the_same_events(cuts: list[int]) -> None:
-    points = [0, *sorted(cuts), len(STREAM)]
-    assert scan(*(STREAM[a:b] for a, b in itertools.pairwise(points))) == EXPECTED
+def test_any_split_gives_the_same_frames(cuts: list[int]) -> None:
+    assert frame(*cut(STREAM, cuts)) == FRAMES
 
 
 @given(st.sampled_from([b"\r\n", b"\r", b"\n"]), st.integers(min_value=1, max_value=40))
-def test_every_line_ending_with_cr_split_from_lf(newline: bytes, cut: int) -> None:
+def test_every_line_ending_with_cr_split_from_lf(newline: bytes, at: int) -> None:
     stream = STREAM.replace(b"\n", newline)
-    assert scan(stream[:cut], stream[cut:]) == EXPECTED
+    frames = frame(stream[:at], stream[at:])
+    assert b"".join(f.raw for f in frames) == stream
+    assert [f.event for f in frames if f.event is not None] == EXPECTED
+    assert crlf_rejoined(frames) == [Frame(f.raw.replace(b"\n", newline), f.event) for f in FRAMES]
+
+
+_PIECES = [
+    b"data: x",
+    b"data:y",
+    b"data",
+    b"data: \xe2\x98\x83",
+    b"event: e",
+    b"id: 3",
+    b"id: a\x00b",
+    b": comment",
+    b":",
+    b"retry: 10",
+    b"\xef\xbb\xbf",
+    b"",
+    b"\r",
+    b"\n",
+    b"\r\n",
+]
+
+
+@given(
+    st.lists(st.sampled_from(_PIECES), max_size=30).map(b"".join),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_any_stream_any_split_same_bytes_same_frames_browser_events(
+    stream: bytes, cuts: list[int]
+) -> None:
+    framer = SSEFramer()
+    whole = framer.feed(stream)
+    whole_rest = framer.finish()
+    pieces = cut(stream, [c for c in cuts if c <= len(stream)])
+    framer = SSEFramer()
+    split = [f for piece in pieces for f in framer.feed(piece)]
+    split_rest = framer.finish()
+
+    assert b"".join(f.raw for f in whole) + whole_rest == stream
+    assert b"".join(f.raw for f in split) + split_rest == stream
+    assert crlf_rejoined(split) == crlf_rejoined(whole)
+    assert [f.event for f in whole if f.event is not None] == reference_events(stream)
+
+
+def test_a_frame_is_the_chunk_itself_when_the_chunk_is_one_event() -> None:
+    event = b'data: {"type": "content", "content": "Hi"}\n\n'
+    (only,) = SSEFramer().feed(event)
+    assert only.raw is event  # not copied
+
+
+def test_an_incomplete_event_is_held_until_its_blank_line() -> None:
+    framer = SSEFramer()
+    event = b'data: {"type": "content", "content": "Hi"}\n\n'
+    assert framer.feed(event + event[:10]) == [Frame(event, Event(event[6:-2].decode()))]
+    assert framer.feed(event[10:-1]) == []
+    assert framer.feed(event[-1:]) == [Frame(event, Event(event[6:-2].decode()))]
+    assert framer.feed(b"data: {") == []
+    assert framer.finish() == b"data: {"
+
+
+# --- reading ---------------------------------------------------------------------------
 
 
 def test_crlf_split_between_cr_and_lf_is_one_line_end() -> None:
     assert scan(b"data: a\r", b"\ndata: b\r\n\r\n") == [Event(data="a\nb")]
 
 
-def test_leading_bom_is_ignored() -> None:
-    assert scan(b"\xef\xbb", b"\xbfdata: x\n\n") == [Event(data="x")]
+def test_an_event_ending_in_cr_leaves_at_once_and_its_lf_after_it() -> None:
+    framer = SSEFramer()
+    assert framer.feed(b"data: a\r\r") == [Frame(b"data: a\r\r", Event("a"))]
+    assert framer.at_boundary
+    assert framer.feed(b"\ndata: b\r\n\r\n") == [
+        Frame(b"\n", None),
+        Frame(b"data: b\r\n\r\n", Event("b")),
+    ]
 
 
-def test_event_without_data_is_not_dispatched() -> None:
-    assert scan(b"event: only\n\n") == []
+def test_leading_bom_is_ignored_and_kept() -> None:
+    assert frame(b"\xef\xbb", b"\xbfdata: x\n\n") == [Frame(b"\xef\xbb\xbfdata: x\n\n", Event("x"))]
+    assert scan(b"\xef\xbb\xbf\n", b"data: x\n\n") == [Event(data="x")]
+    # Only the stream's first: another is part of a field name.
+    assert scan(b"\xef\xbb\xbfdata: x\n\n\xef\xbb\xbfdata: y\n\n") == [Event(data="x")]
+
+
+def test_event_without_data_is_framed_not_dispatched() -> None:
+    assert frame(b"event: only\n\n") == [Frame(b"event: only\n\n", None)]
 
 
 def test_boundary_tracks_half_sent_events() -> None:
-    scanner = SSEScanner()
-    assert scanner.at_boundary
-    scanner.feed(b'data: {"type": "con')
-    assert not scanner.at_boundary
-    scanner.feed(b'tent"}\n')
-    assert not scanner.at_boundary
-    scanner.feed(b"\n")
-    assert scanner.at_boundary
+    framer = SSEFramer()
+    assert framer.at_boundary
+    framer.feed(b'data: {"type": "con')
+    assert not framer.at_boundary
+    framer.feed(b'tent"}\n')
+    assert not framer.at_boundary
+    framer.feed(b"\n")
+    assert framer.at_boundary
+    framer.feed(b": comment\n")
+    assert not framer.at_boundary
+    framer.feed(b"\n")
+    assert framer.at_boundary
+    framer.feed(b"\xef")
+    assert SSEFramer().at_boundary
 
 
 def test_invalid_utf8_does_not_raise() -> None:
     assert scan(b"data: \xff\xfe\n\n") == [Event(data="\ufffd\ufffd")]
 
 
-def test_an_endless_line_is_dropped_instead_of_buffered() -> None:
-    scanner = SSEScanner()
-    scanner.feed(b"data: before\ndata: ")
-    for _ in range(20):
-        scanner.feed(b"data: " + b"x" * 65536)
-    assert scanner.overflowed
-    assert scanner.feed(b"xx\n\ndata: after\n\n") == [Event(data="before"), Event(data="after")]
+# --- an event too long to hold ----------------------------------------------------------
+
+
+def test_an_overlong_event_passes_on_unread_and_unheld() -> None:
+    framer = SSEFramer()
+    start, piece = b"data: before\ndata: ", b"data: " + b"x" * 65536
+    assert framer.feed(start) == []
+    out = [f for _ in range(20) for f in framer.feed(piece)]
+    # Once past MAX_EVENT its bytes went out, unread (`before` included), and nothing is held:
+    assert b"".join(f.raw for f in out) == start + piece * 20
+    assert all(f.event is None for f in out)
+    # each further chunk of it goes on at once,
+    assert framer.feed(piece) == [Frame(piece, None)]
+    assert framer.feed(b"xx\r") == [Frame(b"xx\r", None)]
+    assert not framer.at_boundary
+    # up to its blank line (here the CRLF after a CR); reading starts again after it.
+    assert framer.feed(b"\n\r\ndata: after\n\n") == [
+        Frame(b"\n\r\n", None),
+        Frame(b"data: after\n\n", Event("after")),
+    ]
+    assert framer.at_boundary
+
+
+def test_an_overlong_event_loses_no_byte_however_cut() -> None:
+    long = b"data: " + b"y" * (MAX_EVENT + 100_000) + b"\n\n"
+    stream = b"data: a\n\n" + long + b"data: b\n\n"
+    for size in (1000, 65536, len(stream)):
+        framer = SSEFramer()
+        frames = [
+            f for at in range(0, len(stream), size) for f in framer.feed(stream[at : at + size])
+        ]
+        assert b"".join(f.raw for f in frames) + framer.finish() == stream
+        events = [f.event for f in frames if f.event is not None]
+        if size < len(stream):  # held past MAX_EVENT: passed on unread
+            assert events == [Event("a"), Event("b")]
+        else:  # whole in one chunk, never held: read like any other
+            assert events == [Event("a"), Event(long[6:-2].decode()), Event("b")]
+
+
+# --- a done event rebuilt --------------------------------------------------------------
+
+
+def test_with_data_replaces_only_the_data_lines() -> None:
+    raw = b'\xef\xbb\xbf: note\r\nevent: done\r\ndata: {"a":\r\nid: 4\r\ndata: 1}\r\n\r\n'
+    assert with_data(raw, b'{"a": 2}') == (
+        b'\xef\xbb\xbf: note\r\nevent: done\r\nid: 4\r\ndata: {"a": 2}\n\n'
+    )
+    assert scan(with_data(raw, b'{"a": 2}')) == [Event('{"a": 2}', "done", "4")]

@@ -1,0 +1,55 @@
+"""One event stream on its way to the caller, each chunk framed once.
+
+The framer (gateway/sse.py) cuts the bytes into whole events; each event's JSON is parsed
+once, for the usage tally (gateway/usage.py) and for the session scope, which translates the
+`done` event's session id back (gateway/sessions.py). Every other byte passes unchanged, a
+complete event as soon as its blank line arrives: an SSE client acts on nothing before it.
+"""
+
+from __future__ import annotations
+
+from gateway.sessions import SessionScope
+from gateway.sse import Frame, SSEFramer
+from gateway.usage import StreamTally, event_payload
+
+
+class EventRelay:
+    __slots__ = ("_framer", "_scope", "tally")
+
+    def __init__(self, scope: SessionScope) -> None:
+        self._framer = SSEFramer()
+        self._scope = scope
+        self.tally = StreamTally()
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to send on now: every event `chunk` completes (maybe none)."""
+        frames = self._framer.feed(chunk)
+        if len(frames) == 1:  # the usual chunk, one event: sent on without a copy
+            return self._caller_bytes(frames[0])
+        return b"".join([self._caller_bytes(frame) for frame in frames])
+
+    def drain(self, chunk: bytes) -> None:
+        """Read `chunk` for the tally only: its caller has left."""
+        for frame in self._framer.feed(chunk):
+            if frame.event is not None:
+                self.tally.observe(frame.event)
+
+    def finish(self, close: bool) -> bytes:
+        """The stream is over: the bytes still held. With `close`, a half-sent event is ended
+        first by a blank line, so an error event of ours that follows is read as its own."""
+        closed = b""
+        if close and not self._framer.at_boundary:
+            # The gateway's bytes, not upstream's: not tallied, but the id is still ours.
+            closed = b"".join(
+                [self._scope.caller_event(frame) for frame in self._framer.feed(b"\n\n")]
+            )
+        return closed + self._framer.finish()
+
+    def _caller_bytes(self, frame: Frame) -> bytes:
+        if frame.event is None:
+            return frame.raw
+        payload = event_payload(frame.event)
+        if payload is None:
+            return frame.raw
+        self.tally.record(payload)
+        return self._scope.caller_event(frame, payload)

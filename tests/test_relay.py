@@ -1,0 +1,86 @@
+"""The relay: one stream's bytes framed once, tallied, and passed on unchanged but for the
+`done` event's session id."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.relay import EventRelay
+from gateway.sessions import SessionScope
+from gateway.usage import Usage
+
+STREAM = (
+    b": comment\r\n"
+    b'data: {"type": "content", "content": "Our business"}\r\n\r\n'
+    b'data: {"type": "content", "content": " hours"}\r\r'
+    b"event: ping\n\n"
+    b'data: {"type": "done", "session_id": "gw:acme:s1", "usage": '
+    b'{"input_tokens": 3, "output_tokens": 4, "total_tokens": 7}}\n\n'
+)
+TRANSLATED = STREAM.replace(b'"gw:acme:s1"', b'"s1"')
+
+
+def relayed(relay: EventRelay, cuts: list[int], stream: bytes = STREAM) -> bytes:
+    points = [0, *sorted(cuts), len(stream)]
+    out = [relay.feed(stream[a:b]) for a, b in itertools.pairwise(points)]
+    return b"".join(out) + relay.finish(close=False)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=8))
+def test_any_split_passes_the_same_bytes_and_tally(cuts: list[int]) -> None:
+    plain, isolated = EventRelay(SessionScope(None)), EventRelay(SessionScope("gw:acme:"))
+    assert relayed(plain, cuts) == STREAM
+    assert relayed(isolated, cuts) == TRANSLATED
+    for relay in (plain, isolated):
+        tally = relay.tally
+        assert tally.done and not tally.errored
+        assert tally.usage == Usage(3, 4, 7)
+        assert tally.session_id == "gw:acme:s1"  # as upstream knows it
+        assert tally.content_chars == len("Our business hours")
+
+
+def test_a_chunk_of_several_events_goes_out_in_one_piece() -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    assert relay.feed(STREAM[:-5]) == TRANSLATED[: TRANSLATED.index(b'data: {"type": "done"')]
+    assert relay.feed(STREAM[-5:]) == TRANSLATED[TRANSLATED.index(b'data: {"type": "done"') :]
+
+
+def test_finish_closes_a_half_sent_event_only_when_asked() -> None:
+    relay = EventRelay(SessionScope(None))
+    assert relay.feed(b'data: {"type": "content", "content": "Hi"}\n\ndata: {"ty') == (
+        b'data: {"type": "content", "content": "Hi"}\n\n'
+    )
+    assert relay.finish(close=False) == b'data: {"ty'
+    relay = EventRelay(SessionScope(None))
+    relay.feed(b"data: x\n\n")
+    assert relay.finish(close=True) == b""  # nothing half-sent: nothing to close
+    relay = EventRelay(SessionScope(None))
+    relay.feed(b"data: x\r")  # a CR, then the stream broke off
+    assert relay.finish(close=True) == b"data: x\r\n\n"
+
+
+def test_a_done_event_closed_by_the_gateway_is_translated_but_not_counted() -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    assert relay.feed(b'data: {"type": "done", "session_id": "gw:acme:s1"}\n') == b""
+    # A blank line after the line end: one LF more than needed, a blank line that is nothing.
+    assert relay.finish(close=True) == b'data: {"type": "done", "session_id": "s1"}\n\n\n'
+    assert not relay.tally.done  # upstream never finished it
+
+
+def test_a_drain_tallies_and_sends_nothing() -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    assert relay.feed(STREAM[:40]) == b""
+    for at in range(40, len(STREAM), 9):
+        relay.drain(STREAM[at : at + 9])
+    assert relay.tally.done and relay.tally.usage == Usage(3, 4, 7)
+
+
+def test_event_data_that_is_not_a_json_object_is_passed_and_not_counted() -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    odd = b'data: "gw:acme:s1"\n\ndata: [[[[' + b"[" * 100_000 + b"\n\ndata: not json\n\n"
+    assert relay.feed(odd) == odd
+    tally = relay.tally
+    assert (tally.done, tally.errored, tally.content_chars) == (False, False, 0)
