@@ -60,6 +60,10 @@ _KEY_PREFIXES = ("gw_", "ak_", "thns_")
 # Abandoned streams read on at once to charge their tokens; past this, the charge is estimated.
 MAX_CONCURRENT_DRAINS = 1024
 KEEPALIVE_TIMEOUT = 75.0
+LEASE_TTL = 30.0
+"""Seconds a stream lease lives unless renewed. The quota service renews the leases of every
+stream open here every 10 s, however long the stream; only a crashed replica's lapse, within
+this."""
 _QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -99,16 +103,13 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
 async def _quota(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    # A stream cannot outlive upstream's total timeout plus its drain; past that (plus slack)
-    # a lease can only belong to a replica that crashed.
-    lease_ttl = config.upstream.timeouts.total + config.quota.drain_timeout + 30
     # Settle markers only guard against a settle sent twice in quick succession; a short
     # life keeps one key per request from piling up in Redis.
-    # Upstream keys' own limits are buckets in the same store, beside the tenants'.
-    buckets = {**config.tenants, **app[LIMITER].buckets}
     async with open_quota(
-        config.quota, buckets, clock=app[CLOCK], lease_ttl=lease_ttl, settled_ttl=60
+        config.quota, config.tenants, clock=app[CLOCK], lease_ttl=LEASE_TTL, settled_ttl=60
     ) as quota:
+        # Upstream keys' own limits are buckets in the same store, beside the tenants'.
+        app[LIMITER].register(quota)
         app[QUOTA] = quota
         drains = app[DRAINS] = Drains(config.quota.drain_timeout, MAX_CONCURRENT_DRAINS)
         with _sampled(
