@@ -161,14 +161,10 @@ class MemoryStore:
             held.leases.pop(lease, None)
 
     async def renew(self, tenant: str, leases: Sequence[str]) -> None:
-        held = self._tenants.get(tenant)
-        if held is None:
-            return
-        now = self._clock()
+        state = self._touch(tenant)
+        expiry = self._clock() + self._lease_ttl
         for lease in leases:
-            expiry = held.leases.get(lease)
-            if expiry is not None and expiry > now:
-                held.leases[lease] = now + self._lease_ttl
+            state.leases[lease] = expiry
 
     def seed(
         self,

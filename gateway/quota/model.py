@@ -107,7 +107,8 @@ class Store(Protocol):
     async def release(self, tenant: str, lease: str) -> None: ...
 
     async def renew(self, tenant: str, leases: Sequence[str]) -> None:
-        """Push back the expiry of those of `leases` that are still live to a full lease ttl."""
+        """Every one of `leases` (streams still open) lives a full lease ttl from now, put
+        back if the store lost it."""
         ...
 
     async def usage(self, tenant: str, plan: Plan) -> Snapshot: ...

@@ -269,7 +269,8 @@ class QuotaService:
 
     async def renew_leases(self) -> None:
         """One renewal of every lease this process holds, one call per owner (batched on the
-        wire). A failure is logged and left to the next round: a lease outlives two."""
+        wire). A failure is logged and left to the next round: a lease outlives two, and a
+        lease Redis lost meanwhile is put back."""
         by_owner: dict[tuple[str, bool], list[str]] = {}
         for lease, held in self._held.items():
             by_owner.setdefault((held.tenant, held.local), []).append(lease)
@@ -277,7 +278,9 @@ class QuotaService:
         for (tenant, local), leases in by_owner.items():
             store = self._fallback if local and self._fallback is not None else self._primary
             calls.append(self._renew(store, tenant, leases))
-        await asyncio.gather(*calls)
+        failed = sum(not renewed for renewed in await asyncio.gather(*calls))
+        if failed:
+            log.warning("quota lease renewal failed", owners=failed, owners_held=len(calls))
 
     async def aclose(self) -> None:
         for task in (self._renewer, self._repayer):
@@ -413,11 +416,12 @@ class QuotaService:
             await asyncio.sleep(self._lease_ttl / RENEWALS_PER_TTL)
             await self.renew_leases()
 
-    async def _renew(self, store: Store, tenant: str, leases: list[str]) -> None:
+    async def _renew(self, store: Store, tenant: str, leases: list[str]) -> bool:
         try:
             await self._call(store, lambda: store.renew(tenant, leases))
         except _Down:
-            log.warning("quota lease renewal failed", tenant=tenant, leases=len(leases))
+            return False
+        return True
 
     async def _call(self, store: Store, operation: Callable[[], Awaitable[T]]) -> T:
         """Run one store call; for the primary behind a breaker, `_Down` when it fails. The
