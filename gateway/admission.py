@@ -73,6 +73,7 @@ class Admission:
         "sent",
         "sessions",
         "status",
+        "upstream_slot",
         "usage",
     )
 
@@ -94,6 +95,7 @@ class Admission:
         self.record = record
         self.input_tokens = input_tokens
         self.sessions = sessions
+        self.upstream_slot: Reservation | None = None  # from the upstream key's own limit
         self.sent = False  # the body was handed to upstream
         self.pending: asyncio.Future[ClientResponse] | None = None  # upstream's answer to come
         self.response: ClientResponse | None = None
@@ -217,6 +219,8 @@ class Admission:
         if tokens is None:
             self._request[LIMITS] = _refunded(reservation.buckets, reservation.reserved_tokens)
             await self._quota.refund(reservation)
+            if self.upstream_slot is not None:
+                await self._quota.refund(self.upstream_slot)  # upstream never saw it either
             return None
         estimated = self.usage is None and tokens > 0
         record.usage, record.usage_complete = self.usage, self.complete or self.tally is None

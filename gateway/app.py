@@ -60,6 +60,10 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # be logged and sent upstream, and a caller pasting its key there must not leak it.
 _KEY_PREFIXES = ("gw_", "ak_", "thns_")
 KEEPALIVE_TIMEOUT = 75.0
+LEASE_TTL = 30.0
+"""Seconds a stream lease lives unless renewed. The quota service renews the leases of every
+stream open here every 10 s, however long the stream; only a crashed replica's lapse, within
+this."""
 _QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 
@@ -100,16 +104,13 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
 
 async def _quota(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    # A stream cannot outlive upstream's total timeout plus its drain; past that (plus slack)
-    # a lease can only belong to a replica that crashed.
-    lease_ttl = config.upstream.timeouts.total + config.quota.drain_timeout + 30
     # Settle markers only guard against a settle sent twice in quick succession; a short
     # life keeps one key per request from piling up in Redis.
-    # Upstream keys' own limits are buckets in the same store, beside the tenants'.
-    buckets = {**config.tenants, **app[LIMITER].buckets}
     async with open_quota(
-        config.quota, buckets, clock=app[CLOCK], lease_ttl=lease_ttl, settled_ttl=60
+        config.quota, config.tenants, clock=app[CLOCK], lease_ttl=LEASE_TTL, settled_ttl=60
     ) as quota:
+        # Upstream keys' own limits are buckets in the same store, beside the tenants'.
+        app[LIMITER].register(quota)
         app[QUOTA] = quota
         drains = app[DRAINS] = Drains(config.quota.drain_timeout, config.quota.max_drains)
         with _sampled(

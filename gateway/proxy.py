@@ -69,7 +69,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     async with await _admit(request, caller, chat_request, sessions) as admission:
         deadline = Deadline(upstream.timeouts)
         # Upstream's own per-key limit, after the tenant's: a refused tenant costs it nothing.
-        await app[LIMITER].admit(app[QUOTA], agent_id, record, deadline)
+        admission.upstream_slot = await app[LIMITER].admit(app[QUOTA], agent_id, record, deadline)
         loop = asyncio.get_running_loop()
         sent = loop.time()
         headers = upstream.headers_for(

@@ -65,6 +65,7 @@ def _apply(app: web.Application, new: Config) -> None:
     # No await from here to the end: requests see all of it or none of it.
     app[KEYRING].load(new.tenants)
     app[LIMITER].use_config(new)
-    app[QUOTA].use_tenants({**new.tenants, **app[LIMITER].buckets})
+    app[QUOTA].use_tenants(new.tenants)
+    app[LIMITER].register(app[QUOTA])
     app[UPSTREAM].use_keys(new.agents, new.upstream.api_key)
     app[METRICS].use_config(new)

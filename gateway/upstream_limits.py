@@ -3,8 +3,9 @@
 api.thinnest.ai limits each key (20 or 60 requests a minute, by tier) and every tenant without
 an agent key of its own shares the platform key: left alone, one busy tenant would have
 upstream answer 429 to everybody. So each upstream key that has a limit gets a request bucket
-in the same quota backend as the tenants (exact across replicas). A request that finds it empty
-waits for the refill if that is within `upstream.rate_limits.max_wait` (and its own deadline),
+in the same quota backend as the tenants (exact across replicas): the keys are bucket owners of
+their own kind, registered with the quota service beside the tenants. A request that finds it
+empty waits for the refill if that is within `upstream.rate_limits.max_wait` (and its own deadline),
 else gets the gateway's 429 at once, before upstream sees it.
 
 Buckets are named after a digest of the key, so agents that share a key share its bucket; the
@@ -19,16 +20,17 @@ from collections.abc import Mapping
 
 import structlog
 
-from gateway.config import Config, Limit, Tenant, TenantLimits
+from gateway.config import Config, Limit, TenantLimits
 from gateway.errors import RateLimited
 from gateway.logs import AccessRecord
-from gateway.quota import QuotaService
+from gateway.quota import QuotaService, Reservation
 from gateway.upstream import Deadline
 
 log = structlog.get_logger("gateway.upstream")
 
 # No tenant name can start so (config's NAME_PATTERN has no ':'), so the buckets never meet.
 BUCKET_PREFIX = "upstream:"
+OWNER_KIND = "upstream keys"
 
 
 def _bucket_name(key: str) -> str:
@@ -57,10 +59,13 @@ class UpstreamLimiter:
             buckets.setdefault(self._platform, upstream.rate_limits.requests)
         self._by_agent = by_agent
         self._own_key = {a.id for a in config.agents.values() if a.api_key is not None}
-        self.buckets: Mapping[str, Tenant] = {
-            name: Tenant(name, (), frozenset(), TenantLimits(requests=limit))
-            for name, limit in buckets.items()
+        self.owners: Mapping[str, TenantLimits] = {
+            name: TenantLimits(requests=limit) for name, limit in buckets.items()
         }
+
+    def register(self, quota: QuotaService) -> None:
+        """The buckets of the upstream keys as quota owners (again after `use_config`)."""
+        quota.use_owners(OWNER_KIND, self.owners)
 
     def bucket_for(self, agent_id: str) -> str | None:
         bucket = self._by_agent.get(agent_id)
@@ -70,17 +75,19 @@ class UpstreamLimiter:
 
     async def admit(
         self, quota: QuotaService, agent_id: str, record: AccessRecord, deadline: Deadline
-    ) -> None:
-        """Take one request from the agent's upstream key, waiting at most `max_wait`."""
+    ) -> Reservation | None:
+        """Take one request from the agent's upstream key, waiting at most `max_wait`; the
+        reservation taken (to refund if the request then never goes out), or None when the
+        key has no limit."""
         bucket = self.bucket_for(agent_id)
         if bucket is None:
-            return
+            return None
         loop = asyncio.get_running_loop()
         give_up = min(loop.time() + self.max_wait, deadline.at)
         while True:
             taken = await quota.reserve(bucket, record.request_id, tokens=0, stream=False)
             if taken.allowed:
-                return
+                return taken
             wait = taken.retry_after  # whole seconds, like the tenant buckets'
             if loop.time() + wait > give_up:
                 limit = f"upstream {taken.rejected_by}"

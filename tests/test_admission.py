@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient
 from gateway.config import parse_config
 from gateway.state import DRAINS, METRICS
 from tests.conftest import ACME, GLOBEX, gateway_yaml, sse_events
+from tests.redis_servers import free_port
 from tests.test_accounting import make_limited, tokens_reported, usage_of
 
 Client = TestClient[web.Request, web.Application]
@@ -235,6 +236,77 @@ async def test_a_caller_that_reads_nothing_is_cut_off_and_its_lease_freed(
         assert sse_events(await again.read())[-1]["type"] == "done"
     finally:
         stalled.close()
+
+
+async def test_requests_that_never_reached_upstream_cost_nothing(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    """Finding 6: an outage that is not the tenant's doing does not use up its quota."""
+    text = (
+        gateway_yaml(simulator_url)
+        .replace(
+            "    agents: [ag_support]\n",
+            "    agents: [ag_support]\n"
+            "    limits: {requests: {per_minute: 5}, tokens: {per_minute: 100000}}\n",
+            1,
+        )
+        .replace("  timeouts:", "  breaker: {failures: 1, cooldown: 60}\n  timeouts:")
+    )
+    gateway = await make_gateway(config=parse_config(text))
+    await simulator.post("/_sim/faults", json={"kind": "error", "status": 500, "times": 1})
+    failed = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert failed.status == 500  # reached upstream: it counts
+    remaining = int(failed.headers["X-RateLimit-Remaining"])
+
+    def levels(usage: dict[str, Any]) -> dict[str, int]:
+        return {b["name"]: b["remaining"] for b in usage["buckets"]}
+
+    before = levels(await usage_of(gateway))
+    for _ in range(6):  # more than the limit: none of them may count
+        refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+        assert refused.status == 502
+        assert int(refused.headers["X-RateLimit-Remaining"]) == remaining
+    assert levels(await usage_of(gateway)) == before
+
+
+async def test_a_connection_never_made_costs_nothing(make_gateway: Any) -> None:
+    """Finding 6: nothing listens upstream; every try fails to connect."""
+    text = (
+        gateway_yaml(f"http://127.0.0.1:{free_port()}")
+        .replace(
+            "    agents: [ag_support]\n",
+            "    agents: [ag_support]\n    limits: {requests: {per_minute: 3}}\n",
+            1,
+        )
+        .replace("  timeouts:", "  breaker: {failures: 100, cooldown: 1}\n  timeouts:")
+    )
+    gateway = await make_gateway(config=parse_config(text))
+    for _ in range(5):
+        response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+        assert response.status == 502
+        assert response.headers["X-RateLimit-Remaining"] == "3"
+
+
+async def test_a_refusal_by_upstreams_own_limit_costs_the_tenant_nothing(
+    make_gateway: Any, simulator_url: str
+) -> None:
+    """Finding 6: the shared upstream key's limit refused it before upstream saw it."""
+    text = (
+        gateway_yaml(simulator_url)
+        .replace(
+            "    agents: [ag_support]\n",
+            "    agents: [ag_support]\n    limits: {requests: {per_minute: 10}}\n",
+            1,
+        )
+        .replace("  timeouts:", "  rate_limits: {per_minute: 1, max_wait: 0}\n  timeouts:")
+    )
+    gateway = await make_gateway(config=parse_config(text))
+    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 200
+    for _ in range(3):
+        refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+        assert refused.status == 429
+        assert "upstream" in (await refused.json())["error"]["message"]
+        assert refused.headers["X-RateLimit-Remaining"] == "9"
 
 
 async def test_a_drained_stream_is_charged_in_exactly_one_log_line(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections import Counter
@@ -12,10 +13,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import ACME_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
+from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import start, stop, wait_healthy
 from tests.redis_servers import RedisClusterServers, RedisServer, free_port
 from tests.secret_watch import SecretWatch
+
+# Enough concurrent requests to slow the event loop well past a 50 ms budget (measured: 300
+# did it on two replicas, 600 on one, on a 2-core machine); Redis itself stays fast.
+BURST = 600
 
 
 @pytest.fixture(params=["redis", "cluster"])
@@ -94,3 +99,107 @@ async def test_200_requests_over_two_replicas_admit_exactly_50(
     ) as session:
         statuses = await asyncio.gather(*(one(session, two_replicas[i % 2]) for i in range(200)))
     assert Counter(statuses) == {200: 50, 429: 150}
+
+
+@contextlib.asynccontextmanager
+async def replicas(
+    tmp_path: Path, redis_url: str, count: int, *, acme: str, globex: str, quota: str
+) -> AsyncIterator[tuple[list[str], str]]:
+    """A simulator and `count` gateway processes on one Redis; yields their URLs and the
+    simulator's. `acme` and `globex` are lines added to those tenants, `quota` to the quota
+    section."""
+    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
+    sim_port = free_port()
+    sim_log = tmp_path / "simulator.log"
+    processes = [await start("simulate", "--port", str(sim_port), env=env, log=sim_log)]
+    simulator = f"http://127.0.0.1:{sim_port}"
+    try:
+        await wait_healthy(f"{simulator}/healthz", processes[0], sim_log)
+        urls = []
+        for replica in range(count):
+            port = free_port()
+            config = tmp_path / f"gw{replica}.yaml"
+            text = (
+                gateway_yaml(simulator)
+                .replace("    agents: [ag_support]\n", f"    agents: [ag_support]\n{acme}", 1)
+                .replace('    agents: ["*"]\n', f'    agents: ["*"]\n{globex}', 1)
+            )
+            config.write_text(
+                text
+                + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
+                + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
+                + f"quota: {{backend: redis, redis_url: {redis_url}, {quota}}}\n"
+                + "logging: {level: warning}\n"
+            )
+            log = tmp_path / f"gw{replica}.log"
+            process = await start("serve", "--config", str(config), env=env, log=log)
+            processes.append(process)
+            await wait_healthy(f"http://127.0.0.1:{port}/readyz", process, log)
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls, simulator
+    finally:
+        for process in processes:
+            await stop(process)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("count", [1, 2], ids=["one replica", "two replicas"])
+async def test_a_burst_against_a_healthy_redis_admits_exactly_the_limit(
+    tmp_path: Path, count: int, secret_watch: SecretWatch
+) -> None:
+    """Finding 4: the default 50 ms budget and the `local` fallback. A burst slows the event
+    loop, not Redis: it must not open the breaker, nor may a fallback start with full buckets."""
+    # Per day: nothing refills while the test runs, however slow the machine is.
+    acme = "    limits: {requests: {per_day: 50}}\n"
+    globex = "    limits: {max_concurrent_streams: 2}\n"
+    quota = f"on_backend_error: local, expected_replicas: {count}"
+    with RedisServer(tmp_path / "redis") as server:
+        async with (
+            replicas(tmp_path, server.url, count, acme=acme, globex=globex, quota=quota) as (
+                urls,
+                simulator,
+            ),
+            aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                response_class=secret_watch.response_class(),
+            ) as session,
+        ):
+
+            async def one(
+                url: str,
+                headers: dict[str, str],
+                body: dict[str, object],
+                agent: str = "ag_support",
+            ) -> int:
+                async with session.post(
+                    f"{url}/v1/agents/{agent}/chat", json=body, headers=headers
+                ) as response:
+                    if response.status != 200 or not body.get("stream"):
+                        await response.read()
+                    return response.status
+
+            acme_headers = {"Authorization": f"Bearer {ACME_KEY}"}
+            one_by_one = [
+                await one(urls[i % count], acme_headers, {"message": "Hi"}) for i in range(50)
+            ]
+            assert Counter(one_by_one) == {200: 50}
+            burst = await asyncio.gather(
+                *(one(urls[i % count], acme_headers, {"message": "Hi"}) for i in range(BURST))
+            )
+            assert Counter(burst) == {429: BURST}
+
+            await session.post(f"{simulator}/_sim/faults", json={"kind": "hold_stream"})
+            globex_headers = {"Authorization": f"Bearer {GLOBEX_KEY}"}
+            streams = await asyncio.gather(
+                *(
+                    one(
+                        urls[i % count],
+                        globex_headers,
+                        {"message": "Hi", "stream": True},
+                        "ag_sales",
+                    )
+                    for i in range(BURST)
+                )
+            )
+            await session.post(f"{simulator}/_sim/release")
+            assert Counter(streams) == {200: 2, 429: BURST - 2}

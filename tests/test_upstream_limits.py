@@ -13,6 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_config
+from gateway.errors import RateLimited
+from gateway.logs import AccessRecord
+from gateway.quota import Reservation
+from gateway.state import LIMITER, QUOTA
+from gateway.upstream import Deadline
 from tests.conftest import ACME, GLOBEX, gateway_yaml
 from tests.redis_servers import RedisServer
 
@@ -111,3 +116,34 @@ async def test_two_replicas_share_the_upstream_keys_bucket_through_redis(
     results = Counter(await asyncio.gather(*(one(i) for i in range(12))))
     assert results == {200: 5, 429: 7}
     assert await upstream_requests(simulator) == 5
+
+
+async def test_an_admission_that_never_went_out_can_be_refunded(
+    make_gateway: Any, simulator_url: str
+) -> None:
+    config = parse_config(limited(simulator_url, "{per_day: 1, max_wait: 0}"))
+    gateway: Client = await make_gateway(config=config)
+    limiter, quota = gateway.app[LIMITER], gateway.app[QUOTA]
+
+    async def admit(agent: str) -> Reservation | None:
+        record = AccessRecord("r1", "POST", "/v1/agents/x/chat", 0.0)
+        return await limiter.admit(quota, agent, record, Deadline(config.upstream.timeouts))
+
+    taken = await admit("ag_sales")
+    assert taken is not None and taken.allowed
+    assert taken.tenant == limiter.bucket_for("ag_sales")
+    await quota.refund(taken)  # e.g. the upstream breaker was open: the slot comes back
+    again = await admit("ag_sales")
+    assert again is not None and again.allowed
+    with pytest.raises(RateLimited):
+        await admit("ag_sales")
+    # An agent whose upstream key has no limit of its own takes nothing.
+    unlimited = parse_config(gateway_yaml(simulator_url))
+    other: Client = await make_gateway(config=unlimited)
+    record = AccessRecord("r2", "POST", "/v1/agents/x/chat", 0.0)
+    assert (
+        await other.app[LIMITER].admit(
+            other.app[QUOTA], "ag_sales", record, Deadline(unlimited.upstream.timeouts)
+        )
+        is None
+    )

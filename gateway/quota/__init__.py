@@ -1,9 +1,10 @@
 """Per-tenant token-bucket quotas, held across every replica.
 
-Per tenant: requests per minute and per day, tokens per minute and per day (a limit left out is
-unlimited) and a count of concurrent streams. A request reserves one request and an estimate of
-its tokens in one atomic step, all or nothing; afterwards it settles to the tokens it really
-used, which may leave a token bucket in debt that refill pays off.
+Per bucket owner (a tenant, or an upstream key with a limit of its own): requests per minute
+and per day, tokens per minute and per day (a limit left out is unlimited) and a count of
+concurrent streams. A request reserves one request and an estimate of its tokens in one atomic
+step, all or nothing; afterwards it settles to the tokens it really used, which may leave a
+token bucket in debt that refill pays off, or, when it never reached upstream, is refunded.
 
     open_quota(config, tenants, lease_ttl=…) ─▶ QuotaService ─▶ MemoryStore   (memory.py)
                                                       │      └─▶ RedisStore    (redis.py + *.lua)

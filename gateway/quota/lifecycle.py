@@ -12,7 +12,7 @@ from gateway.quota.connect import MAX_CONNECTIONS, connect
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import Backend
 from gateway.quota.redis import RedisStore
-from gateway.quota.service import QuotaService
+from gateway.quota.service import STARTUP_BUDGET, QuotaService
 
 BREAKER_THRESHOLD = 3
 BREAKER_COOLDOWN = 1.0  # seconds between probes of a dead backend: one slow request per second
@@ -30,10 +30,12 @@ async def open_quota(
     breaker_threshold: int = BREAKER_THRESHOLD,
     breaker_cooldown: float = BREAKER_COOLDOWN,
 ) -> AsyncIterator[QuotaService]:
-    """`lease_ttl`: seconds after which a never-released stream lease expires (a crashed
-    replica's). `settled_ttl`: how long a settled request is remembered so that a duplicate
-    settle changes nothing (default `lease_ttl`; on Redis one small key per request lives that
-    long). `wall_clock` only dates the memory store's "tokens today" (Redis uses its own)."""
+    """`tenants` are registered as bucket owners (more kinds: `QuotaService.use_owners`).
+    `lease_ttl`: seconds after which a lease no longer renewed expires (the service renews the
+    leases it holds every third of it, so only a crashed replica's lapse). `settled_ttl`: how
+    long a settled request is remembered so that a duplicate settle changes nothing (default
+    `lease_ttl`; on Redis one small key per request lives that long). `wall_clock` only dates
+    the memory store's "tokens today" (Redis uses its own)."""
     if lease_ttl <= 0:
         raise ValueError("lease_ttl must be positive")
     remember = lease_ttl if settled_ttl is None else settled_ttl
@@ -50,25 +52,29 @@ async def open_quota(
     store: MemoryStore | RedisStore
     if config.backend == "memory":
         store = memory("memory")
-        service = QuotaService(tenants, store)
+        service = QuotaService(store, clock=clock, lease_ttl=lease_ttl)
     else:
+        budget = config.timeout_ms / 1000
         store = RedisStore(
             connect(config),
+            budget=budget,
             lease_ttl=lease_ttl,
             settled_ttl=remember,
             max_in_flight=None if len(config.redis_url) == 1 else MAX_CONNECTIONS,
         )
         service = QuotaService(
-            tenants,
             store,
+            clock=clock,
+            lease_ttl=lease_ttl,
             policy=config.on_backend_error,
             fallback=memory("local") if config.on_backend_error == "local" else None,
             breaker=CircuitBreaker(
                 threshold=breaker_threshold, cooldown=breaker_cooldown, clock=clock
             ),
-            budget=config.timeout_ms / 1000,
             replicas=config.expected_replicas,
+            startup_budget=max(budget, STARTUP_BUDGET),
         )
+    service.use_tenants(tenants)
     try:
         if isinstance(store, RedisStore):
             await service.check(store.prepare)

@@ -9,7 +9,7 @@ capped queue.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gateway.quota.model import Backend, Decision, Snapshot
 from gateway.quota.plan import (
@@ -120,14 +120,8 @@ class MemoryStore:
         self, tenant: str, plan: Plan, settle_key: str, delta: int, actual: int
     ) -> bool:
         now = self._clock()
-        while self._settled and next(iter(self._settled.values())) <= now:
-            self._settled.popitem(last=False)
-        if (tenant, settle_key) in self._settled:
+        if not self._first(tenant, settle_key, now):
             return False
-        self._settled[(tenant, settle_key)] = now + self._settled_ttl
-        if len(self._settled) > self._max_settled:
-            self._settled.popitem(last=False)
-
         if delta and plan.token_buckets:
             state = self._touch(tenant)
             for spec in plan.token_buckets:
@@ -141,10 +135,53 @@ class MemoryStore:
         self._sweep(now)
         return True
 
+    async def refund(
+        self, tenant: str, plan: Plan, settle_key: str, tokens: int, lease: str | None
+    ) -> bool:
+        now = self._clock()
+        if lease is not None:
+            self.forget_lease(tenant, lease)
+        if not self._first(tenant, settle_key, now):
+            return False
+        state = self._touch(tenant)
+        for spec in plan.buckets:
+            cost = spec.cost(tokens)
+            if cost:
+                level, stamp = self._current(state, spec, now)
+                self._put(state, spec, min(spec.capacity, level + cost), stamp)
+        self._sweep(now)
+        return True
+
     async def release(self, tenant: str, lease: str) -> None:
+        self.forget_lease(tenant, lease)
+
+    def forget_lease(self, tenant: str, lease: str) -> None:
         held = self._tenants.get(tenant)
         if held is not None:
             held.leases.pop(lease, None)
+
+    async def renew(self, tenant: str, leases: Sequence[str]) -> None:
+        state = self._touch(tenant)
+        expiry = self._clock() + self._lease_ttl
+        for lease in leases:
+            state.leases[lease] = expiry
+
+    def seed(
+        self,
+        tenant: str,
+        plan: Plan,
+        levels: Sequence[float],
+        stamp: float,
+        leases: Sequence[str],
+    ) -> None:
+        """Start `tenant` over from `levels` (valid at `stamp`) and exactly `leases`: the local
+        fallback taking over from Redis, which knew better than full buckets."""
+        state = self._touch(tenant)
+        state.buckets.clear()
+        for spec, level in zip(plan.buckets, levels, strict=True):
+            self._put(state, spec, min(float(spec.capacity), level), stamp)
+        now = self._clock()
+        state.leases = {lease: now + self._lease_ttl for lease in leases}
 
     async def usage(self, tenant: str, plan: Plan) -> Snapshot:
         now = self._clock()
@@ -157,6 +194,17 @@ class MemoryStore:
     async def aclose(self) -> None:
         self._tenants.clear()
         self._settled.clear()
+
+    def _first(self, tenant: str, settle_key: str, now: float) -> bool:
+        """Marks `settle_key` done; False when it already was (a settle or a refund)."""
+        while self._settled and next(iter(self._settled.values())) <= now:
+            self._settled.popitem(last=False)
+        if (tenant, settle_key) in self._settled:
+            return False
+        self._settled[(tenant, settle_key)] = now + self._settled_ttl
+        if len(self._settled) > self._max_settled:
+            self._settled.popitem(last=False)
+        return True
 
     def _current(self, held: _Tenant | None, spec: BucketSpec, now: float) -> tuple[float, float]:
         bucket = held.buckets.get(spec.key) if held is not None else None

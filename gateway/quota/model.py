@@ -10,6 +10,7 @@ levels into the `BucketState`s callers see.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -94,7 +95,21 @@ class Store(Protocol):
         """Debit `delta` (refund when negative) once per `settle_key`; False for a duplicate."""
         ...
 
+    async def refund(
+        self, tenant: str, plan: Plan, settle_key: str, tokens: int, lease: str | None
+    ) -> bool:
+        """Undo a reserve that never reached upstream: 1 back on each request bucket, `tokens`
+        on each token bucket (never past capacity), `lease` released, nothing counted today.
+        Shares settle's once-marker: False (and only the lease released) when either came
+        first."""
+        ...
+
     async def release(self, tenant: str, lease: str) -> None: ...
+
+    async def renew(self, tenant: str, leases: Sequence[str]) -> None:
+        """Every one of `leases` (streams still open) lives a full lease ttl from now, put
+        back if the store lost it."""
+        ...
 
     async def usage(self, tenant: str, plan: Plan) -> Snapshot: ...
 

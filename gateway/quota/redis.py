@@ -4,7 +4,8 @@ Every key of a tenant carries the hash tag `{tenant}`, so one script touches one
 unchanged on Redis Cluster. The scripts are package files, registered once and called by
 EVALSHA; a call the server answers NOSCRIPT (a restart, SCRIPT FLUSH) is sent again with the
 script's source, which loads it again.
-Timeouts, retries and the circuit breaker are the service's business, not this module's.
+Each call is bounded by the budget (`quota.timeout_ms`) of what Redis takes, not of what the
+event loop takes: see `redis_time`. Retries and the circuit breaker are the service's business.
 
 On a single server (or Sentinel's master) script calls go out in batches over a connection of
 their own (`_Pipelined`): under load most admissions and settlements share a round trip and a
@@ -18,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from importlib import resources
 from typing import Any
 
@@ -40,8 +41,11 @@ def _script(name: str) -> str:
     return package.joinpath("buckets.lua").read_text() + package.joinpath(name).read_text()
 
 
-DEFAULT_BATCH_TIMEOUT = 1.0
-"""Seconds a batch may take when the pool has no socket timeout (connect() always sets one)."""
+LOOP_LAG = 0.2
+"""A deadline check this late (as a fraction of the budget) means the event loop was too busy to
+read a reply in time, which is no sign of Redis being slow: the call gets another budget."""
+BUSY_LOOP_CAP = 2.0
+"""Seconds after which a call fails however busy the event loop has been."""
 
 
 def bucket_key(tenant: str, key: str) -> str:
@@ -53,11 +57,13 @@ class RedisStore:
         self,
         client: RedisClient,
         *,
+        budget: float,
         lease_ttl: float,
         settled_ttl: float,
         max_in_flight: int | None = None,
     ) -> None:
         self._client = client
+        self._budget = budget
         self._lease_ttl_ms = math.ceil(lease_ttl * 1000)
         self._settled_ttl_ms = math.ceil(settled_ttl * 1000)
         # The cluster client fails at once when a node's connections run out; waiting for a
@@ -66,9 +72,9 @@ class RedisStore:
         self._limit = asyncio.Semaphore(max_in_flight) if max_in_flight else None
         self._scripts = {
             name: client.register_script(_script(f"{name}.lua"))
-            for name in ("reserve", "settle", "usage")
+            for name in ("reserve", "settle", "refund", "release", "renew", "usage")
         }
-        self._pipelined = _Pipelined(client) if isinstance(client, Redis) else None
+        self._pipelined = _Pipelined(client, budget) if isinstance(client, Redis) else None
 
     @property
     def name(self) -> Backend:
@@ -129,12 +135,23 @@ class RedisStore:
             args += [b.capacity, b.refill, b.window]
         return bool(int(await self._run("settle", keys, args)))
 
+    async def refund(
+        self, tenant: str, plan: Plan, settle_key: str, tokens: int, lease: str | None
+    ) -> bool:
+        keys = [bucket_key(tenant, b.key) for b in plan.buckets]
+        keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, "streams")]
+        args: list[int | str] = [len(plan.buckets), lease or "", self._settled_ttl_ms]
+        for b in plan.buckets:
+            args += [b.capacity, b.refill, b.window, b.cost(tokens)]
+        return bool(int(await self._run("refund", keys, args)))
+
     async def release(self, tenant: str, lease: str) -> None:
-        if self._limit is None:
-            await self._client.zrem(bucket_key(tenant, "streams"), lease)
-            return
-        async with self._limit:
-            await self._client.zrem(bucket_key(tenant, "streams"), lease)
+        # A script like every other call, so it takes the same connection (and the same
+        # recovery after a Redis restart) as the reserve that took the lease.
+        await self._run("release", [bucket_key(tenant, "streams")], [lease])
+
+    async def renew(self, tenant: str, leases: Sequence[str]) -> None:
+        await self._run("renew", [bucket_key(tenant, "streams")], [self._lease_ttl_ms, *leases])
 
     async def usage(self, tenant: str, plan: Plan) -> Snapshot:
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
@@ -153,10 +170,47 @@ class RedisStore:
     async def _run(self, script: str, keys: Sequence[str], args: Sequence[int | str]) -> Any:
         if self._pipelined is not None:
             return await self._pipelined.call(self._scripts[script], keys, args)
-        if self._limit is None:
-            return await self._scripts[script](keys=keys, args=args)
-        async with self._limit:
-            return await self._scripts[script](keys=keys, args=args)
+        async with redis_time(self._budget):
+            if self._limit is None:
+                return await self._scripts[script](keys=keys, args=args)
+            async with self._limit:
+                return await self._scripts[script](keys=keys, args=args)
+
+
+@contextlib.asynccontextmanager
+async def redis_time(budget: float) -> AsyncIterator[None]:
+    """Cancel the body (TimeoutError) once Redis has had `budget` seconds to answer.
+
+    A plain timeout also counts the event loop's own delays: in a burst of requests one turn
+    of the loop can outlast the budget while Redis answered in a millisecond, its reply
+    waiting unread in the socket, and the breaker opened on a healthy Redis. So the deadline
+    is a check, and its verdict waits one more turn of the loop (a reply already here is read
+    first); a check that runs late by more than LOOP_LAG of the budget shows the loop was
+    busy (and an event loop that runs timers before reading sockets, as libuv's does, has not
+    read the reply yet): the call gets another budget. An idle loop runs the check on time, so
+    a hung or dead Redis still fails after one budget; only while the loop stays busy can a
+    call wait longer, up to BUSY_LOOP_CAP.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    give_up = started + max(budget, BUSY_LOOP_CAP)
+    handle = loop.call_at(started + budget, lambda: None)  # replaced before the loop runs it
+    async with asyncio.timeout(None) as timeout:
+
+        def check(due: float) -> None:
+            nonlocal handle
+            now = loop.time()
+            if now - due > budget * LOOP_LAG and now < give_up:
+                handle = loop.call_at(now + budget, check, now + budget)
+            else:
+                timeout.reschedule(now)
+
+        handle.cancel()
+        handle = loop.call_at(started + budget, check, started + budget)
+        try:
+            yield
+        finally:
+            handle.cancel()
 
 
 _Call = tuple[AsyncScript, Sequence[str], Sequence[int | str], "asyncio.Future[Any]", bool]
@@ -171,16 +225,17 @@ class _Pipelined:
     while a batch is on the wire: under load most admissions and settlements share a round
     trip and a socket write. Per batch this costs a hiredis pack (C) and the reads of the
     replies, nothing else: no pool checkout, no Pipeline object, no per-call timers (one
-    timer bounds the batch). A connection that fails or overruns is dropped and the next batch
-    opens a new one; each caller still has its own budget in the quota service.
+    timer bounds the batch, from its write to its last reply: `redis_time`). A connection that
+    fails or overruns is dropped and the next batch opens a new one; a caller's wait in the
+    queue behind a batch on the wire is not Redis's time, and does not count.
     """
 
-    def __init__(self, client: Redis) -> None:
+    def __init__(self, client: Redis, budget: float) -> None:
         pool = client.connection_pool
         # The pool's settings (address, password, TLS, Sentinel's master lookup) for our own
         # connection, without its socket timeouts: they would arm timers on every read.
         self._connection = pool.make_connection()  # type: ignore[no-untyped-call]
-        self._timeout = self._connection.socket_timeout or DEFAULT_BATCH_TIMEOUT
+        self._budget = budget
         self._connection.socket_timeout = None
         self._pending: list[_Call] = []
         self._wake = asyncio.Event()
@@ -211,7 +266,7 @@ class _Pipelined:
         connection = self._connection
         replies: list[Any] = []
         try:
-            async with asyncio.timeout(self._timeout):
+            async with redis_time(self._budget):
                 if not connection.is_connected:
                     # connect(), not send's own reconnect: under Sentinel, connect() is what
                     # asks the sentinels where the master is now.

@@ -1,18 +1,31 @@
-"""The quota service: which store answers, within what budget, and what happens when it cannot.
+"""The quota service: which store answers, what happens when it cannot, and what it still owes.
 
-Admission never waits longer than `quota.timeout_ms` on Redis. When Redis fails (or the breaker
-is open) `on_backend_error` decides: `local` answers from in-process buckets sized for this
-replica's share, `open` lets the request through, `closed` refuses with 503. A success through
-the breaker's probe puts Redis back in charge.
+Buckets belong to owners: tenants, and the upstream keys whose own limits the gateway keeps
+(upstream_limits.py); each kind registers its owners by name, again on a reload.
+
+Redis calls are bounded by what Redis takes (redis.py's `redis_time`), not by how long a caller
+waited behind a busy event loop. When Redis fails (or the breaker is open) `on_backend_error`
+decides: `local` answers from in-process buckets sized for this replica's share, `open` lets
+the request through, `closed` refuses with 503. The local buckets start where Redis last left
+each owner (empty for an owner never seen), never full, and count the stream leases this
+replica holds. A success through the breaker's probe puts Redis back in charge.
+
+What the service still owes Redis is not dropped on a failure: a settle, refund or release that
+failed waits in a small queue, retried with backoff until Redis answers again. Every stream
+lease it holds is renewed in the background until released, so a lease lives exactly as long
+as its stream, and a crashed replica's leases lapse within the lease ttl.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import structlog
@@ -20,6 +33,7 @@ from redis.exceptions import RedisError
 
 from gateway.breaker import CircuitBreaker
 from gateway.config import Tenant, TenantLimits
+from gateway.quota.memory import MemoryStore
 from gateway.quota.model import (
     BucketState,
     Decision,
@@ -36,35 +50,75 @@ Policy = Literal["local", "open", "closed"]
 # What a backend in trouble raises: connection and protocol errors, socket and budget timeouts.
 BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 STARTUP_BUDGET = 1.0
+TENANTS = "tenants"
+RENEWALS_PER_TTL = 3
+"""Leases are renewed every lease_ttl / 3: two renewals in a row may fail before one lapses."""
+RETRY_FIRST, RETRY_MAX = 0.05, 1.0
+"""Backoff of the owed-calls queue, in seconds: once Redis is back, a lease it still holds for a
+finished stream goes within about a second."""
+MAX_OWED = 10_000
+"""Owed calls kept at most (the oldest go first, logged): an outage must not grow memory."""
+MAX_REMEMBERED = 10_000
+"""Owners whose last Redis levels are kept for seeding the fallback (the least recent go)."""
 
 
 class _Down(Exception):
     """The primary store did not answer (already counted); the policy takes over."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Held:
+    tenant: str
+    local: bool  # taken from the fallback store, not the primary
+
+
+@dataclass(frozen=True, slots=True)
+class _Reported:
+    plan: Plan
+    levels: tuple[float, ...]
+    at: float  # service clock
+
+
+@dataclass(frozen=True, slots=True)
+class _Owed:
+    what: str  # "settle" | "refund" | "release", for the log
+    tenant: str
+    call: Callable[[], Awaitable[object]]
+
+
 class QuotaService:
     def __init__(
         self,
-        tenants: Mapping[str, Tenant],
         primary: Store,
         *,
+        clock: Callable[[], float],
+        lease_ttl: float,
         policy: Policy = "local",
-        fallback: Store | None = None,
+        fallback: MemoryStore | None = None,
         breaker: CircuitBreaker | None = None,
-        budget: float = 0.05,
         replicas: int = 1,
+        startup_budget: float = STARTUP_BUDGET,
     ) -> None:
-        """`breaker` None means the primary cannot fail (memory): no budget, no policy."""
+        """`breaker` None means the primary cannot fail (memory): no policy, nothing owed.
+        The primary bounds its own calls; `startup_budget` bounds `check`."""
         if policy == "local" and breaker is not None and fallback is None:
             raise ValueError("on_backend_error local needs a fallback store")
-        self._tenants = tenants
         self._primary = primary
+        self._clock = clock
+        self._lease_ttl = lease_ttl
         self._policy = policy
         self._fallback = fallback
         self._breaker = breaker
-        self._budget = budget
         self._replicas = replicas
-        self._plans: dict[TenantLimits, Plan] = {}  # one per distinct limits, not per tenant
+        self._startup_budget = startup_budget
+        self._owners: dict[str, Mapping[str, TenantLimits]] = {}
+        self._plans: dict[TenantLimits, Plan] = {}  # one per distinct limits, not per owner
+        self._held: dict[str, _Held] = {}  # every stream lease this process holds
+        self._reported: OrderedDict[str, _Reported] = OrderedDict()
+        self._seeded: set[str] = set()  # owners the fallback took over since Redis last answered
+        self._owed: deque[_Owed] = deque()
+        self._renewer: asyncio.Task[None] | None = None
+        self._repayer: asyncio.Task[None] | None = None
         self.backend_errors = 0
         self._unique = _Ids()
 
@@ -73,9 +127,39 @@ class QuotaService:
         """For /readyz: degraded while the breaker keeps Redis out and the policy decides."""
         return "ok" if self._breaker is None or self._breaker.state == "closed" else "degraded"
 
+    @property
+    def leases_held(self) -> int:
+        return len(self._held)
+
+    @property
+    def owed(self) -> int:
+        """Settles, refunds and releases waiting for Redis to answer again."""
+        return len(self._owed)
+
+    # --- owners ------------------------------------------------------------------------
+
+    def use_owners(self, kind: str, owners: Mapping[str, TenantLimits]) -> None:
+        """Register every bucket owner of one kind (tenants, upstream keys) by name, replacing
+        that kind's previous set: a reload. New limits apply from the next reservation; bucket
+        levels are kept (they live in the store, by name), and requests in flight settle
+        under the plan they were reserved under. Names are shared by all kinds, so two kinds
+        may not use the same one."""
+        for name in owners:
+            for other, taken in self._owners.items():
+                if other != kind and name in taken:
+                    raise ValueError(f"{kind} {name!r} is already one of the {other}")
+        self._owners[kind] = owners
+
+    def use_tenants(self, tenants: Mapping[str, Tenant]) -> None:
+        self.use_owners(TENANTS, _LimitsOf(tenants))
+
+    # --- the request path --------------------------------------------------------------
+
     async def reserve(
         self, tenant: str, request_id: str, *, tokens: int, stream: bool
     ) -> Reservation:
+        """`tenant`: any registered owner. A lease taken here is kept alive until settle,
+        refund or release_stream ends it."""
         if tokens < 0:
             raise ValueError("tokens must not be negative")
         plan = self._plan(tenant)
@@ -96,54 +180,63 @@ class QuotaService:
             return Reservation(
                 tenant, request_id, True, 0, None, 0, (), None, "open", self._unique()
             )
-        local = plan.scaled(self._replicas)
+        local = self._local(tenant, plan)
         return await self._reserve_on(self._fallback, local, tenant, request_id, tokens, lease)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Once per reservation (a duplicate changes nothing). Backend trouble is counted and
-        logged, never raised: the tokens are then lost to the quota, not to the caller."""
+        """Once per reservation (a duplicate, or one after `refund`, changes nothing). Never
+        raises for backend trouble: it is retried until Redis answers again."""
         if actual_tokens < 0:
             raise ValueError("actual_tokens must not be negative")
         if not reservation.allowed:
             return
         store, plan = self._store_for(reservation)
         delta = actual_tokens - reservation.reserved_tokens
-        try:
-            await self._call(
-                store,
-                lambda: store.settle(
-                    reservation.tenant, plan, reservation.settle_key, delta, actual_tokens
-                ),
-            )
-        except _Down:
-            log.warning("quota settle lost", tenant=reservation.tenant, tokens=actual_tokens)
+        tenant, key = reservation.tenant, reservation.settle_key
+        await self._owe_on_failure(
+            store, "settle", tenant, lambda: store.settle(tenant, plan, key, delta, actual_tokens)
+        )
 
     async def refund(self, reservation: Reservation) -> None:
-        """TEMPORARY shim until the quota branch lands: tokens back, lease released."""
-        await self.settle(reservation, 0)
-        await self.release_stream(reservation)
+        """For a request that never reached upstream: as if it had never been admitted (its
+        request, its reserved tokens and its stream slot back; no tokens counted today). Once
+        per reservation, sharing settle's marker: after a settle it changes nothing, and a
+        settle after it changes nothing. Never raises for backend trouble (retried)."""
+        if not reservation.allowed or reservation.plan is None:
+            return  # nothing was taken
+        lease = self._forget(reservation)
+        store, plan = self._store_for(reservation)
+        tenant, key, tokens = (
+            reservation.tenant,
+            reservation.settle_key,
+            reservation.reserved_tokens,
+        )
+        await self._owe_on_failure(
+            store, "refund", tenant, lambda: store.refund(tenant, plan, key, tokens, lease)
+        )
 
     async def release_stream(self, reservation: Reservation) -> None:
-        lease = reservation.stream_lease
+        """The stream is over: its lease goes (retried until Redis answers, if need be)."""
+        lease = self._forget(reservation)
         if lease is None:
             return
         store, _ = self._store_for(reservation)
-        try:
-            await self._call(store, lambda: store.release(reservation.tenant, lease))
-        except _Down:
-            # The lease expires on its own after lease_ttl.
-            log.info("quota stream release lost", tenant=reservation.tenant)
+        tenant = reservation.tenant
+        await self._owe_on_failure(store, "release", tenant, lambda: store.release(tenant, lease))
 
     async def usage(self, tenant: str) -> dict[str, object]:
         plan = self._plan(tenant)
-        store = self._primary
+        store: Store = self._primary
         try:
             snapshot = await self._call(store, lambda: store.usage(tenant, plan))
         except _Down:
             if self._policy != "local" or self._fallback is None:
                 raise QuotaUnavailable() from None
-            plan, store = plan.scaled(self._replicas), self._fallback
-            snapshot = await store.usage(tenant, plan)
+            plan, fallback = self._local(tenant, plan), self._fallback
+            snapshot = await fallback.usage(tenant, plan)
+        else:
+            if self._breaker is not None:
+                self._remember(tenant, plan, snapshot.levels)
         return {
             "tenant": tenant,
             "buckets": [
@@ -154,43 +247,82 @@ class QuotaService:
             "concurrent_streams": {"limit": plan.max_streams, "active": snapshot.active_streams},
         }
 
+    # --- lifecycle ---------------------------------------------------------------------
+
     async def check(self, probe: Callable[[], Awaitable[object]]) -> bool:
         """Run `probe` against the primary at start-up (connect, find the cluster, load the
         scripts), allowed a second: start-up can wait, a request cannot. On failure the breaker
         opens at once, so /readyz reports it before the first request finds out."""
         if self._breaker is None:
             return True
+
+        async def bounded() -> object:
+            async with asyncio.timeout(self._startup_budget):
+                return await probe()
+
         try:
-            await self._call(self._primary, probe, budget=max(self._budget, STARTUP_BUDGET))
+            await self._call(self._primary, bounded)
         except _Down:
             self._breaker.trip()
             return False
         return True
 
+    async def renew_leases(self) -> None:
+        """One renewal of every lease this process holds, one call per owner (batched on the
+        wire). A failure is logged and left to the next round: a lease outlives two, and a
+        lease Redis lost meanwhile is put back."""
+        by_owner: dict[tuple[str, bool], list[str]] = {}
+        for lease, held in self._held.items():
+            by_owner.setdefault((held.tenant, held.local), []).append(lease)
+        calls = []
+        for (tenant, local), leases in by_owner.items():
+            store = self._fallback if local and self._fallback is not None else self._primary
+            calls.append(self._renew(store, tenant, leases))
+        failed = sum(not renewed for renewed in await asyncio.gather(*calls))
+        if failed:
+            log.warning("quota lease renewal failed", owners=failed, owners_held=len(calls))
+
     async def aclose(self) -> None:
+        for task in (self._renewer, self._repayer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._owed:
+            log.warning("quota calls owed to the backend dropped at exit", count=len(self._owed))
         await self._primary.aclose()
         if self._fallback is not None:
             await self._fallback.aclose()
 
-    def _plan(self, tenant: str) -> Plan:
-        config = self._tenants.get(tenant)
-        if config is None:
-            raise ValueError(f"unknown tenant {tenant!r}")
-        plan = self._plans.get(config.limits)
-        if plan is None:
-            plan = self._plans[config.limits] = plan_for(config.limits)
-        return plan
+    # --- inside ------------------------------------------------------------------------
 
-    def use_tenants(self, tenants: Mapping[str, Tenant]) -> None:
-        """A reload: new limits apply from the next reservation; bucket levels are kept (they
-        live in the store, by tenant name), and requests in flight settle under their plan."""
-        self._tenants = tenants
+    def _plan(self, owner: str) -> Plan:
+        for owners in self._owners.values():
+            limits = owners.get(owner)
+            if limits is not None:
+                break
+        else:
+            raise ValueError(f"unknown tenant or upstream key {owner!r}")
+        plan = self._plans.get(limits)
+        if plan is None:
+            plan = self._plans[limits] = plan_for(limits)
+        return plan
 
     def _store_for(self, reservation: Reservation) -> tuple[Store, Plan]:
         plan = self._plan(reservation.tenant) if reservation.plan is None else reservation.plan
         if reservation.backend == "local" and self._fallback is not None:
             return self._fallback, plan
         return self._primary, plan
+
+    def _forget(self, reservation: Reservation) -> str | None:
+        """Stop renewing the reservation's lease; drop the fallback's copy of a Redis lease."""
+        lease = reservation.stream_lease
+        if lease is None:
+            return None
+        held = self._held.pop(lease, None)
+        if held is not None and not held.local and self._fallback is not None:
+            self._fallback.forget_lease(reservation.tenant, lease)
+        return lease
 
     async def _reserve_on(
         self, store: Store, plan: Plan, tenant: str, request_id: str, tokens: int, lease: str | None
@@ -199,6 +331,12 @@ class QuotaService:
         decision: Decision = await self._call(
             store, lambda: store.reserve(tenant, plan, cost, lease)
         )
+        if store is self._primary and self._breaker is not None:
+            self._remember(tenant, plan, decision.levels)
+        if decision.allowed and lease is not None:
+            self._held[lease] = _Held(tenant, store is not self._primary)
+            if self._renewer is None:
+                self._renewer = asyncio.create_task(self._keep_leases())
         return Reservation(
             tenant=tenant,
             request_id=request_id,
@@ -213,10 +351,82 @@ class QuotaService:
             plan=plan,
         )
 
-    async def _call(
-        self, store: Store, operation: Callable[[], Awaitable[T]], *, budget: float | None = None
-    ) -> T:
-        """Run one store call; for the primary behind a breaker, within budget or `_Down`."""
+    def _remember(self, owner: str, plan: Plan, levels: tuple[float, ...]) -> None:
+        self._reported[owner] = _Reported(plan, levels, self._clock())
+        self._reported.move_to_end(owner)
+        if len(self._reported) > MAX_REMEMBERED:
+            self._reported.popitem(last=False)
+
+    def _local(self, owner: str, plan: Plan) -> Plan:
+        """This replica's share of `plan`, its buckets seeded once per outage: at the levels
+        Redis last reported (this replica's share of them), or empty for an owner never seen,
+        since full buckets would admit a whole limit more; and with the leases held here."""
+        local = plan.scaled(self._replicas)
+        if owner in self._seeded or self._fallback is None:
+            return local
+        self._seeded.add(owner)
+        reported = self._reported.get(owner)
+        known: dict[str, float] = {}
+        at = self._clock()
+        if reported is not None:
+            known = dict(zip((b.key for b in reported.plan.buckets), reported.levels, strict=True))
+            at = reported.at
+        levels = [known.get(b.key, 0.0) / self._replicas for b in local.buckets]
+        leases = [lease for lease, held in self._held.items() if held.tenant == owner]
+        self._fallback.seed(owner, local, levels, at, leases)
+        log.info("quota fallback seeded", tenant=owner, from_redis=reported is not None)
+        return local
+
+    async def _owe_on_failure(
+        self, store: Store, what: str, tenant: str, call: Callable[[], Awaitable[object]]
+    ) -> None:
+        try:
+            await self._call(store, call)
+        except _Down:
+            self._owe(_Owed(what, tenant, call))
+
+    def _owe(self, owed: _Owed) -> None:
+        if len(self._owed) >= MAX_OWED:
+            dropped = self._owed.popleft()
+            log.warning("quota call owed to the backend dropped", what=dropped.what)
+        self._owed.append(owed)
+        log.info("quota call owed to the backend", what=owed.what, tenant=owed.tenant)
+        if self._repayer is None or self._repayer.done():
+            self._repayer = asyncio.create_task(self._repay())
+
+    async def _repay(self) -> None:
+        """While anything is owed: retry the oldest, backing off while Redis does not answer
+        (through the breaker: a retry may be its probe)."""
+        delay = RETRY_FIRST
+        while self._owed:
+            await asyncio.sleep(delay)
+            while self._owed:
+                owed = self._owed[0]
+                try:
+                    await self._call(self._primary, owed.call)
+                except _Down:
+                    delay = min(delay * 2, RETRY_MAX)
+                    break
+                self._owed.popleft()
+                delay = RETRY_FIRST
+                log.info("quota owed call repaid", what=owed.what, tenant=owed.tenant)
+
+    async def _keep_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ttl / RENEWALS_PER_TTL)
+            await self.renew_leases()
+
+    async def _renew(self, store: Store, tenant: str, leases: list[str]) -> bool:
+        try:
+            await self._call(store, lambda: store.renew(tenant, leases))
+        except _Down:
+            return False
+        return True
+
+    async def _call(self, store: Store, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one store call; for the primary behind a breaker, `_Down` when it fails. The
+        store bounds the call by what Redis takes: time spent waiting for the event loop is
+        not the backend's failure."""
         breaker = self._breaker
         if breaker is None or store is not self._primary:
             return await operation()
@@ -224,8 +434,7 @@ class QuotaService:
             raise _Down
         before = breaker.state
         try:
-            async with asyncio.timeout(budget or self._budget):
-                result = await operation()
+            result = await operation()
         except BACKEND_ERRORS as exc:
             self.backend_errors += 1
             breaker.failure()
@@ -233,9 +442,29 @@ class QuotaService:
             log.warning("quota backend failed", error=type(exc).__name__, breaker=breaker.state)
             raise _Down from exc
         breaker.success()
+        if self._seeded:
+            self._seeded.clear()  # the next fallback seeds afresh from what Redis says now
         if before != "closed":
             log.info("quota backend recovered")
         return result
+
+
+class _LimitsOf(Mapping[str, TenantLimits]):
+    """Tenants as bucket owners: a view, so a large (or lazily built) tenant map is not copied."""
+
+    __slots__ = ("_tenants",)
+
+    def __init__(self, tenants: Mapping[str, Tenant]) -> None:
+        self._tenants = tenants
+
+    def __getitem__(self, name: str) -> TenantLimits:
+        return self._tenants[name].limits
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tenants)
+
+    def __len__(self) -> int:
+        return len(self._tenants)
 
 
 class _Ids:
