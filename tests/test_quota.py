@@ -823,7 +823,7 @@ async def test_leases_of_a_replica_that_is_gone_lapse_and_the_others_stay(
             assert await active_streams(alive) == 2
         # `gone` stopped renewing without releasing (as a crashed process would).
         lapsed = await until_active(alive, 1, within=3)
-        assert lapsed <= 0.6 + 0.3
+        assert lapsed <= 0.6 + 0.4  # within the ttl, and a poll or two
         while time.monotonic() - taken < 1.5:  # well past the ttl: still renewed
             assert await active_streams(alive) == 1
             await asyncio.sleep(0.1)

@@ -192,25 +192,37 @@ async def redis_time(budget: float) -> AsyncIterator[None]:
     call wait longer, up to BUSY_LOOP_CAP.
     """
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    give_up = started + max(budget, BUSY_LOOP_CAP)
-    handle = loop.call_at(started + budget, lambda: None)  # replaced before the loop runs it
     async with asyncio.timeout(None) as timeout:
-
-        def check(due: float) -> None:
-            nonlocal handle
-            now = loop.time()
-            if now - due > budget * LOOP_LAG and now < give_up:
-                handle = loop.call_at(now + budget, check, now + budget)
-            else:
-                timeout.reschedule(now)
-
-        handle.cancel()
-        handle = loop.call_at(started + budget, check, started + budget)
+        deadline = _Deadline(loop, timeout, budget)
         try:
             yield
         finally:
-            handle.cancel()
+            deadline.cancel()
+
+
+class _Deadline:
+    """One call's deadline check (see `redis_time`), armed again while the loop runs it late."""
+
+    __slots__ = ("_budget", "_give_up", "_handle", "_loop", "_timeout")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: asyncio.Timeout, budget: float
+    ) -> None:
+        self._loop, self._timeout, self._budget = loop, timeout, budget
+        now = loop.time()
+        self._give_up = now + max(budget, BUSY_LOOP_CAP)
+        self._handle = loop.call_at(now + budget, self._check, now + budget)
+
+    def _check(self, due: float) -> None:
+        now = self._loop.time()
+        if now - due > self._budget * LOOP_LAG and now < self._give_up:
+            self._handle = self._loop.call_at(now + self._budget, self._check, now + self._budget)
+        else:
+            # Through the loop (call_soon), so a reply that has arrived is read first.
+            self._timeout.reschedule(now)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 _Call = tuple[AsyncScript, Sequence[str], Sequence[int | str], "asyncio.Future[Any]", bool]
