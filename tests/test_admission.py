@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import random
 import socket
 from typing import Any
 
@@ -18,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.config import parse_config
 from gateway.state import DRAINS, METRICS
-from tests.conftest import ACME, GLOBEX, gateway_yaml, sse_events
+from tests.conftest import ACME, GLOBEX, FakeClock, gateway_yaml, sse_events
 from tests.redis_servers import free_port
 from tests.test_accounting import make_limited, tokens_reported, usage_of
 
@@ -339,3 +340,147 @@ async def test_a_drained_stream_is_charged_in_exactly_one_log_line(
         "key_name": "billing-service",
         "agent": "ag_support",
     }
+
+
+KINDS = (
+    "json",
+    "stream",
+    "json_gone_before_answer",
+    "stream_gone_before_answer",
+    "stream_gone_mid_way",
+    "upstream_drop",
+    "upstream_error",
+    "breaker_refusal",
+    "no_drain_free",
+)
+
+
+async def test_tokens_charged_equal_tokens_upstream_reported_over_every_way_a_request_ends(
+    make_gateway: Any, simulator_url: str, simulator: Sim, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The accounting invariant, over a seeded mix of every way a request can end: the tokens
+    charged are the same in /v1/usage, the metrics and the log lines, and equal what upstream
+    reported (or the rule table's estimate where it reported nothing); the requests charged
+    are exactly the requests that reached upstream."""
+    clock = FakeClock()
+    text = (
+        gateway_yaml(simulator_url)
+        .replace(
+            "    agents: [ag_support]\n",
+            "    agents: [ag_support]\n"
+            "    limits: {requests: {per_day: 1000}, tokens: {per_day: 100000000, reserve: 300}}\n",
+            1,
+        )
+        .replace("  timeouts:", "  breaker: {failures: 1, cooldown: 1}\n  timeouts:")
+    )
+    # One drain at a time per tenant (8 / 8), so one stream held open fills acme's share.
+    gateway = await make_gateway(
+        config=parse_config(text + "quota: {max_drains: 8}\n"), clock=clock
+    )
+    drains = gateway.app[DRAINS]
+    rng = random.Random(12)
+    kinds = [rng.choice(KINDS) for _ in range(36)]
+    assert set(kinds) == set(KINDS)
+    await simulator.delete("/_sim/requests")
+    capsys.readouterr()
+    expected = reached = gone = drained = 0
+
+    async def fault(spec: dict[str, Any]) -> None:
+        await simulator.post("/_sim/faults", json={**spec, "times": 1})
+
+    async def hang_up_before_answer(body: dict[str, Any]) -> None:
+        nonlocal gone, drained
+        await fault({"kind": "hold_answer"})
+        caller = asyncio.create_task(gateway.post(CHAT, json=body, headers=ACME))
+        await held(simulator, 1)
+        caller.cancel()
+        gone += 1
+        await until(lambda: _true(disconnects(gateway) == gone), "the caller gone")
+        await simulator.post("/_sim/release")
+        drained += 1
+        async with asyncio.timeout(10):
+            await drains.wait_finished(drained)
+
+    async def hang_up_after_first_event(body: dict[str, Any]) -> str:
+        nonlocal gone
+        await fault({"kind": "hold_stream", "after_events": 1})
+        response = await gateway.post(CHAT, json=body, headers=ACME)
+        first = sse_events(await response.content.readuntil(b"\n\n"))[0]["content"]
+        response.close()
+        gone += 1
+        await until(lambda: _true(disconnects(gateway) == gone), "the caller gone")
+        return str(first)
+
+    for i, kind in enumerate(kinds):
+        message = f"Question {i}: " + "tell me more " * rng.randint(1, 60)
+        stream = kind not in ("json", "json_gone_before_answer", "upstream_error")
+        body = {"message": message, "stream": stream}
+        if kind in ("json", "stream"):
+            expected += await tokens_reported(simulator, body)
+            response = await gateway.post(CHAT, json=body, headers=ACME)
+            assert response.status == 200
+            await response.read()
+        elif kind in ("json_gone_before_answer", "stream_gone_before_answer"):
+            expected += await tokens_reported(simulator, body)
+            await hang_up_before_answer(body)
+        elif kind == "stream_gone_mid_way":
+            expected += await tokens_reported(simulator, body)
+            await hang_up_after_first_event(body)
+            await simulator.post("/_sim/release")
+            drained += 1
+            async with asyncio.timeout(10):
+                await drains.wait_finished(drained)
+        elif kind == "upstream_drop":
+            await fault({"kind": "drop_mid_stream", "after_events": 2})
+            response = await gateway.post(CHAT, json=body, headers=ACME)
+            received = sse_events(await response.read())
+            assert received[-1]["type"] == "error"
+            seen = "".join(e["content"] for e in received if e["type"] == "content")
+            expected += estimate(len(message)) + estimate(len(seen))
+        elif kind == "upstream_error":
+            await fault({"kind": "error", "status": 500})
+            assert (await gateway.post(CHAT, json=body, headers=ACME)).status == 500
+            # The breaker is open now: the next request never reaches upstream.
+            assert (await gateway.post(CHAT, json=body, headers=ACME)).status == 502
+            clock.advance(1.5)  # past the cooldown: the next request is the probe
+        elif kind == "breaker_refusal":
+            await fault({"kind": "error", "status": 503})
+            assert (await gateway.post(CHAT, json=body, headers=ACME)).status == 503
+            for _ in range(2):
+                assert (await gateway.post(CHAT, json=body, headers=ACME)).status == 502
+            clock.advance(1.5)
+        else:  # no_drain_free: acme's share of the drains is taken by a stream held open
+            expected += await tokens_reported(simulator, {"message": "filler", "stream": True})
+            await hang_up_after_first_event({"message": "filler", "stream": True})
+            await until(lambda: _true(len(drains) == drains.per_tenant), "acme's share taken")
+            seen = await hang_up_after_first_event(body)
+            # Charged at once, not read: at least its reservation (input estimate + reserve).
+            expected += estimate(len(message)) + max(300, estimate(len(seen)))
+            drained += 1
+            async with asyncio.timeout(10):
+                await drains.wait_finished(drained)
+            await simulator.post("/_sim/release")
+            drained += 1
+            async with asyncio.timeout(10):
+                await drains.wait_finished(drained)
+        # Every kind sends one request that reaches upstream; no_drain_free sends two.
+        reached += 2 if kind == "no_drain_free" else 1
+
+    usage = await usage_of(gateway)
+    registry = gateway.app[METRICS].registry
+    metric = sum(
+        registry.get_sample_value(name, labels) or 0.0
+        for name, labels in (
+            ("gateway_tokens_total", {"tenant": "acme", "agent": "ag_support", "kind": "total"}),
+            ("gateway_tokens_estimated_total", {"tenant": "acme"}),
+        )
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line[:1] == "{"]
+    logged = sum(line.get("tokens_charged") or 0 for line in lines if line.get("tenant") == "acme")
+    assert (usage["tokens_today"], metric, logged) == (expected, expected, expected)
+
+    recorded = await (await simulator.get("/_sim/requests")).json()
+    from_gateway = [r for r in recorded if "X-Request-ID" in r["headers"]]
+    assert len(from_gateway) == reached
+    requests = {b["name"]: b for b in usage["buckets"]}["requests per day"]
+    assert requests["limit"] - requests["remaining"] == reached
