@@ -32,10 +32,10 @@ import aiohttp
 import structlog
 from aiohttp import ClientResponse, web
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, RateLimited
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
-from gateway.quota import BucketState, QuotaService, Reservation
+from gateway.quota import CONCURRENT_STREAMS, BucketState, QuotaService, Reservation
 from gateway.relay import EventRelay
 from gateway.sessions import SessionScope, parse_answer
 from gateway.state import DRAINS, LIMITS
@@ -165,6 +165,24 @@ class Admission:
 
     def _tallied(self, tally: StreamTally) -> None:
         self.usage, self.seen_chars, self.complete = tally.usage, tally.content_chars, tally.done
+
+    async def hold_stream_slot(self) -> None:
+        """Upstream answered with a stream: it must hold a stream slot, even one the request
+        never asked for. With none free the caller gets 429, and the exchange, which upstream
+        is already running, goes to a drain that charges what it reports."""
+        reservation = self.reservation
+        if reservation.stream_lease is not None:
+            return
+        leased = await self._quota.take_stream(reservation)
+        if leased is None:
+            self.gone = True  # nobody will read this answer but a drain
+            self.record.quota, self.record.quota_limit = "rejected", CONCURRENT_STREAMS
+            raise RateLimited(
+                f"rate limit exceeded: {CONCURRENT_STREAMS}; upstream answered with a stream "
+                "and every stream slot is taken",
+                headers={"Retry-After": "1"},
+            )
+        self.reservation = leased
 
     def caller_left(self) -> None:
         self.gone = True

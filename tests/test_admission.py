@@ -114,6 +114,36 @@ async def raw_post(gateway: Client, body: dict[str, Any], accept: bytes) -> tupl
     return int(head[0].split()[1]), fields.get("Content-Type", "").split(";")[0]
 
 
+async def test_a_stream_upstream_sends_unasked_still_needs_a_slot(
+    make_gateway: Any, simulator_url: str, simulator: Sim
+) -> None:
+    """Finding 1: whether a response is a stream, and so holds a lease, is decided by what
+    upstream answered, not by what the request asked for."""
+    gateway = await make_limited(make_gateway, "{max_concurrent_streams: 1}", url=simulator_url)
+    await simulator.post("/_sim/faults", json={"kind": "hold_stream", "times": 1})
+    holding = await gateway.post(CHAT, json={"message": "Hi", "stream": True}, headers=ACME)
+    await holding.content.readuntil(b"\n\n")
+
+    body = {"message": "Tell me about your products"}
+    cost = await tokens_reported(simulator, body)
+    await simulator.post("/_sim/faults", json={"kind": "stream_unasked", "times": 1})
+    refused = await gateway.post(CHAT, json=body, headers=ACME)
+    assert refused.status == 429
+    assert "concurrent streams" in (await refused.json())["error"]["message"]
+    # Upstream ran the turn all the same: a drain reads it and charges what it reported.
+    async with asyncio.timeout(10):
+        await gateway.app[DRAINS].wait_finished(1)
+    assert (await usage_of(gateway))["tokens_today"] == cost
+
+    await simulator.post("/_sim/release")
+    await holding.read()
+    await simulator.post("/_sim/faults", json={"kind": "stream_unasked", "times": 1})
+    answered = await gateway.post(CHAT, json=body, headers=ACME)
+    assert answered.status == 200
+    assert sse_events(await answered.read())[-1]["type"] == "done"
+    assert (await usage_of(gateway))["concurrent_streams"]["active"] == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 async def test_hanging_up_before_upstream_answers_is_charged_what_upstream_reports(
     make_gateway: Any, simulator_url: str, simulator: Sim, stream: bool

@@ -330,6 +330,20 @@ async def test_stream_leases_up_to_the_limit(harness: Harness) -> None:
     assert not (await quota.reserve("acme", "e", tokens=0, stream=True)).allowed
 
 
+async def test_a_stream_not_asked_for_takes_a_slot_when_one_is_free(harness: Harness) -> None:
+    """Upstream may stream a request that asked for JSON: the slot is taken then."""
+    quota = await harness.open(limits(rpm=10, streams=1))
+    plain = await quota.reserve("acme", "a", tokens=0, stream=False)
+    leased = await quota.take_stream(plain)
+    assert leased is not None and leased.stream_lease is not None
+    assert (await quota.usage("acme"))["concurrent_streams"] == {"limit": 1, "active": 1}
+    other = await quota.reserve("acme", "b", tokens=0, stream=False)
+    assert await quota.take_stream(other) is None
+    assert await quota.take_stream(leased) is leased  # holds one already
+    await quota.release_stream(leased)
+    assert (await quota.take_stream(other)) is not None
+
+
 async def test_a_lease_is_kept_for_as_long_as_it_is_held(harness: Harness) -> None:
     # Renewed every lease_ttl / 3 in the background; renew_leases() is one such round, called
     # here so the memory store's injected clock needs no real wait.

@@ -25,7 +25,7 @@ import math
 import secrets
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, TypeVar
 
 import structlog
@@ -215,6 +215,27 @@ class QuotaService:
             store, "refund", tenant, lambda: store.refund(tenant, plan, key, tokens, lease)
         )
 
+    async def take_stream(self, reservation: Reservation) -> Reservation | None:
+        """A stream lease for an admitted request that took none (upstream streamed although
+        the request did not ask to): the reservation holding it, unchanged when the tenant has
+        no stream limit or it holds one already, or None when every stream slot is taken. A
+        backend in trouble leaves it to the policy, as for any admission."""
+        if reservation.backend == "open" or reservation.stream_lease is not None:
+            return reservation  # the policy let it through uncounted, or it holds one
+        store, plan = self._store_for(reservation)
+        if plan.max_streams is None:
+            return reservation
+        lease, streams_only = self._unique(), Plan((), plan.max_streams)
+        try:
+            taken = await self._reserve_on(
+                store, streams_only, reservation.tenant, reservation.request_id, 0, lease
+            )
+        except _Down:
+            if self._policy == "closed":
+                raise QuotaUnavailable() from None
+            return reservation  # open or local: the slot goes uncounted, as the policy says
+        return replace(reservation, stream_lease=lease) if taken.allowed else None
+
     async def release_stream(self, reservation: Reservation) -> None:
         """The stream is over: its lease goes (retried until Redis answers, if need be)."""
         lease = self._forget(reservation)
@@ -331,7 +352,7 @@ class QuotaService:
         decision: Decision = await self._call(
             store, lambda: store.reserve(tenant, plan, cost, lease)
         )
-        if store is self._primary and self._breaker is not None:
+        if store is self._primary and self._breaker is not None and plan.buckets:
             self._remember(tenant, plan, decision.levels)
         if decision.allowed and lease is not None:
             self._held[lease] = _Held(tenant, store is not self._primary)

@@ -82,6 +82,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     streaming = body.stream or "text/event-stream" in request.headers.get("Accept", "").lower()
 
     fault = app[FAULTS].take(agent_id, streaming)
+    if fault is not None and fault.kind == "stream_unasked":
+        streaming = True
     if fault is not None:
         refusal = await _before_reply(request, fault, headers)
         if refusal is not None:

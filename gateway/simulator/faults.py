@@ -22,6 +22,7 @@ FaultKind = Literal[
     "error",
     "hold_stream",
     "hold_answer",
+    "stream_unasked",
 ]
 
 # The parameters each kind accepts besides kind, agent_id and times.
@@ -36,6 +37,8 @@ _PARAMS: Mapping[str, tuple[str, ...]] = {
     # Runs the turn, then holds its answer (before any header) until released: a model's
     # generation as a JSON caller meets it, and as a stream's caller before its first byte.
     "hold_answer": (),
+    # Streams a request that did not ask for a stream: misbehaviour a gateway must survive.
+    "stream_unasked": (),
 }
 # These only make sense for a stream; a JSON request skips them and leaves `times` alone.
 STREAM_ONLY: frozenset[str] = frozenset({"slow_drip", "drop_mid_stream", "hold_stream"})
