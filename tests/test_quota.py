@@ -667,21 +667,29 @@ async def test_a_dead_redis_follows_the_policy_within_budget_and_recovers(
     async with open_quota(
         config, tenants, lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
     ) as quota:
-        before = await quota.reserve("acme", "warm", tokens=0, stream=False)
-        assert (before.backend, quota.state, quota.backend_errors) == ("redis", "ok", 0)
+        # A live Redis answers, though on a loaded machine not always within 50 ms: the
+        # outage below is what this test is about, so it starts from one answer in budget.
+        for attempt in range(20):
+            before = await quota.reserve("acme", f"warm{attempt}", tokens=0, stream=False)
+            if before.backend == "redis":
+                break
+            await until(lambda: readiness(quota) == "ok", within=COOLDOWN + 2)
+        assert (before.backend, quota.state) == ("redis", "ok")
+        errors_before = quota.backend_errors
 
         own_redis.kill()
         outcomes = [await timed_reserve(quota, f"r{i}") for i in range(20)]
         assert max(took for _, took in outcomes) < BUDGET_MS / 1000 + SLACK
         # Three failures opened the breaker; the other calls never touched the network.
-        assert quota.backend_errors == 3
+        assert quota.backend_errors - errors_before == 3
         assert readiness(quota) == "degraded"
         reservations = [r for r, _ in outcomes]
         if policy == "local":
             assert all(r is not None and r.backend == "local" for r in reservations)
             allowed = [r for r in reservations if r is not None and r.allowed]
-            # A share of ceil(10 / 3 replicas) = 4, seeded with a third of the 9 Redis left.
-            assert len(allowed) == 3
+            # A share of ceil(10 / 3 replicas) = 4, seeded with a third of what Redis had left
+            # (9 after the warm-up: 3).
+            assert len(allowed) == before.buckets[0].remaining // 3
             buckets = (await quota.usage("acme"))["buckets"]
             assert isinstance(buckets, list)
             assert [(b["limit"], b["remaining"]) for b in buckets] == [(4, 0)]

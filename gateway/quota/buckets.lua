@@ -40,3 +40,14 @@ local function save(key, level, stamp, capacity, rate)
   local full_in = (capacity - level) / rate + (stamp - now)
   redis.call('PEXPIRE', key, math.ceil(full_in * 1000) + 1)
 end
+
+-- Take `amount` from a bucket (give back when negative): a give-back never lifts it past its
+-- capacity; a take may leave it below zero (debt, which refill pays off).
+local function adjust(key, capacity, rate, amount)
+  local level, stamp = level_of(key, capacity, rate)
+  level = level - amount
+  if level > capacity then
+    level = capacity
+  end
+  save(key, level, stamp, capacity, rate)
+end

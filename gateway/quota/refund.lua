@@ -17,13 +17,7 @@ for i = 1, n do
   local at = 4 + (i - 1) * 4
   local capacity, back = tonumber(ARGV[at]), tonumber(ARGV[at + 3])
   if back > 0 then
-    local rate = tonumber(ARGV[at + 1]) / tonumber(ARGV[at + 2])
-    local level, stamp = level_of(KEYS[i], capacity, rate)
-    level = level + back
-    if level > capacity then
-      level = capacity
-    end
-    save(KEYS[i], level, stamp, capacity, rate)
+    adjust(KEYS[i], capacity, tonumber(ARGV[at + 1]) / tonumber(ARGV[at + 2]), -back)
   end
 end
 return 1

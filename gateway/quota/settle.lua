@@ -13,15 +13,7 @@ local delta = tonumber(ARGV[2])
 if delta ~= 0 then
   for i = 1, n do
     local at = 5 + (i - 1) * 3
-    local capacity = tonumber(ARGV[at])
-    local rate = tonumber(ARGV[at + 1]) / tonumber(ARGV[at + 2])
-    local level, stamp = level_of(KEYS[i], capacity, rate)
-    -- A refund never lifts a bucket past its capacity; a debit may go below zero (debt).
-    level = level - delta
-    if level > capacity then
-      level = capacity
-    end
-    save(KEYS[i], level, stamp, capacity, rate)
+    adjust(KEYS[i], tonumber(ARGV[at]), tonumber(ARGV[at + 1]) / tonumber(ARGV[at + 2]), delta)
   end
 end
 
