@@ -28,7 +28,6 @@ import math
 from collections.abc import Awaitable
 from types import TracebackType
 
-import aiohttp
 import structlog
 from aiohttp import ClientResponse, web
 
@@ -265,8 +264,3 @@ def _refunded(buckets: tuple[BucketState, ...], tokens: int) -> tuple[BucketStat
 
 def _is_tokens(bucket: BucketState) -> bool:
     return bucket.name.startswith("tokens")
-
-
-UPSTREAM_BROKE = (aiohttp.ClientError, GatewayError)
-"""How reading on can fail on upstream's side: the answer broke off, or the call itself failed
-(one that never reached upstream is a GatewayError that says so)."""

@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+import aiohttp
 import structlog
+
+from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
     from gateway.admission import Admission
@@ -22,6 +25,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.drains")
 
 TENANT_SHARE = 8  # a tenant may hold at most 1/TENANT_SHARE of the drains
+UPSTREAM_BROKE = (aiohttp.ClientError, GatewayError)
+"""How reading on can fail on upstream's side: the answer broke off, or the call itself failed
+(one that never reached upstream is a GatewayError that says so)."""
 
 
 class Drains:
@@ -59,8 +65,6 @@ class Drains:
         task.add_done_callback(self._tasks.discard)
 
     async def _finish(self, admission: Admission, error: BaseException | None, read: bool) -> None:
-        from gateway.admission import UPSTREAM_BROKE
-
         cancelled = False
         if read:
             tenant = admission.reservation.tenant
