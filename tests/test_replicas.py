@@ -37,47 +37,17 @@ def redis_urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[
 @pytest.fixture
 async def two_replicas(tmp_path: Path, redis_urls: list[str]) -> AsyncIterator[list[str]]:
     """A simulator and two `thinnest-gateway serve` processes sharing one Redis or cluster."""
-    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
-    sim_port = free_port()
-    sim_log = tmp_path / "simulator.log"
-    sim_config = tmp_path / "sim.yaml"
-    sim_config.write_text("rate_limit: {per_minute: 100000, per_day: 1000000}\n")
-    processes = [
-        await start(
-            "simulate", "--port", str(sim_port), "--config", str(sim_config), env=env, log=sim_log
-        )
-    ]
-    urls = []
-    try:
-        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", processes[0], sim_log)
-        for replica in range(2):
-            port = free_port()
-            config = tmp_path / f"gw{replica}.yaml"
-            # Per day: nothing refills while the burst runs, however slow the machine is.
-            text = gateway_yaml(f"http://127.0.0.1:{sim_port}").replace(
-                "    agents: [ag_support]\n",
-                "    agents: [ag_support]\n    limits: {requests: {per_day: 50}}\n",
-                1,
-            )
-            config.write_text(
-                text
-                + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
-                + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
-                # A budget no busy CI machine overruns: a Redis call that timed out would fall
-                # back to local buckets (on_backend_error: local), and exactness is the point.
-                + f"quota: {{backend: redis, redis_url: {json.dumps(redis_urls)}, "
-                + "timeout_ms: 2000, on_backend_error: closed}\n"
-                + "logging: {level: warning}\n"
-            )
-            log = tmp_path / f"gw{replica}.log"
-            process = await start("serve", "--config", str(config), env=env, log=log)
-            processes.append(process)
-            await wait_healthy(f"http://127.0.0.1:{port}/healthz", process, log)
-            urls.append(f"http://127.0.0.1:{port}")
+    async with replicas(
+        tmp_path,
+        redis_urls,
+        2,
+        # Per day: nothing refills while the burst runs, however slow the machine is.
+        acme="    limits: {requests: {per_day: 50}}\n",
+        # A budget no busy CI machine overruns: a Redis call that timed out would fall back to
+        # local buckets (on_backend_error: local), and exactness is the point.
+        quota="timeout_ms: 2000, on_backend_error: closed",
+    ) as (urls, _):
         yield urls
-    finally:
-        for process in processes:
-            await stop(process)
 
 
 @pytest.mark.timeout(120)
@@ -103,15 +73,27 @@ async def test_200_requests_over_two_replicas_admit_exactly_50(
 
 @contextlib.asynccontextmanager
 async def replicas(
-    tmp_path: Path, redis_url: str, count: int, *, acme: str, globex: str, quota: str
+    tmp_path: Path,
+    redis_urls: list[str],
+    count: int,
+    *,
+    acme: str,
+    globex: str = "",
+    quota: str,
 ) -> AsyncIterator[tuple[list[str], str]]:
-    """A simulator and `count` gateway processes on one Redis; yields their URLs and the
-    simulator's. `acme` and `globex` are lines added to those tenants, `quota` to the quota
-    section."""
+    """A simulator and `count` gateway processes on one Redis (or cluster); yields their URLs
+    and the simulator's. `acme` and `globex` are lines added to those tenants, `quota` to the
+    quota section."""
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     sim_port = free_port()
     sim_log = tmp_path / "simulator.log"
-    processes = [await start("simulate", "--port", str(sim_port), env=env, log=sim_log)]
+    sim_config = tmp_path / "sim.yaml"
+    sim_config.write_text("rate_limit: {per_minute: 100000, per_day: 1000000}\n")
+    processes = [
+        await start(
+            "simulate", "--port", str(sim_port), "--config", str(sim_config), env=env, log=sim_log
+        )
+    ]
     simulator = f"http://127.0.0.1:{sim_port}"
     try:
         await wait_healthy(f"{simulator}/healthz", processes[0], sim_log)
@@ -128,7 +110,7 @@ async def replicas(
                 text
                 + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
                 + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
-                + f"quota: {{backend: redis, redis_url: {redis_url}, {quota}}}\n"
+                + f"quota: {{backend: redis, redis_url: {json.dumps(redis_urls)}, {quota}}}\n"
                 + "logging: {level: warning}\n"
             )
             log = tmp_path / f"gw{replica}.log"
@@ -155,7 +137,7 @@ async def test_a_burst_against_a_healthy_redis_admits_exactly_the_limit(
     quota = f"on_backend_error: local, expected_replicas: {count}"
     with RedisServer(tmp_path / "redis") as server:
         async with (
-            replicas(tmp_path, server.url, count, acme=acme, globex=globex, quota=quota) as (
+            replicas(tmp_path, [server.url], count, acme=acme, globex=globex, quota=quota) as (
                 urls,
                 simulator,
             ),
