@@ -45,10 +45,13 @@ from bench.report import (
     LABELS,
     PROFILE_ANCHOR,
     PROFILE_SECTION,
+    TIMES,
     Extras,
     litellm_section,
     profile_section,
+    quota_notes,
     stdout_summary,
+    tables,
     target_rows,
     write_markdown,
 )
@@ -78,7 +81,10 @@ SOAK_MARGIN = 20.0
 """Kept back from the budget after the soak: stopping processes and writing the report."""
 FD_LIMIT = 65_536
 OPEN_LOOP_PATHS = (DIRECT, REDIS_QUOTAS)
-PHASES = ("openloop", "open-streams", "litellm", "soak")
+PHASES = ("json", "openloop", "open-streams", "litellm", "soak")
+PRINT_ONLY = frozenset({"json"})
+"""Phases `--only` measures and prints without touching the report (the JSON section is one
+table of a whole run's summary, so a run of its own is for comparing commits, side by side)."""
 
 
 def _say(text: str) -> None:
@@ -145,9 +151,16 @@ class Core:
 
 
 async def _measure(
-    workdir: Path, tool: LoadTool, plan: Plan, redis_server: str, *, open_loop_only: bool = False
+    workdir: Path,
+    tool: LoadTool,
+    plan: Plan,
+    redis_server: str,
+    *,
+    open_loop_only: bool = False,
+    json_only: bool = False,
 ) -> Core:
-    """The JSON and streaming phases and the open-loop phase, on one set of processes."""
+    """The JSON and streaming phases and the open-loop phase, on one set of processes (or
+    only the open loop, or only JSON)."""
     seconds: dict[str, float] = {}
     async with ProcessSet(workdir) as procs:
         stack = Stack(procs, workdir)
@@ -206,6 +219,8 @@ async def _measure(
             await runner.load_phase()
             await _check_quota_state(gateways[name].url for name in names if name != GATEWAY)
             seconds["JSON"] = time.monotonic() - clock
+            if json_only:
+                return Core(runner.results, None, _log_summary(procs), "", seconds)
             clock = time.monotonic()
             _say("streams: time to first event ...")
             await runner.ttfe_phase()
@@ -341,6 +356,20 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
         soak = await _soak(workdir, plan.soak, None)
         _splice_only(phase, soak_section(soak), targets.soak_row(soak))
         print("\n".join(["", *soak_stdout(soak), ""]), flush=True)
+    elif phase == "json":
+        tool = await find_load_tool()
+        core = await _measure(workdir, tool, plan, await find_redis(), json_only=True)
+        summary = summarise(core.results, [DIRECT, FLOOR, *GATEWAYS])
+        lines = ["JSON (non-streaming):", *tables(summary)["load"], ""]
+        ratios = {GATEWAY: summary.gateway_vs_floor, **summary.quotas_vs_floor}
+        lines += [
+            f"* CPU per request, {LABELS[name]}: {summary.load[name].proxy_cpu_us.fmt(0)} µs = "
+            f"{compared.cpu_ratio.fmt(2, suffix=TIMES)} the floor's"
+            for name, compared in ratios.items()
+            if compared is not None
+        ]
+        lines += [f"* {line}" for line in quota_notes(summary)]
+        print("\n".join(["", *lines, ""]), flush=True)
     elif phase == "openloop":
         tool = await find_load_tool()
         core = await _measure(workdir, tool, plan, await find_redis(), open_loop_only=True)
@@ -358,7 +387,8 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
         lines = litellm_section(section, why)
         _splice_only(phase, lines, targets.litellm_row(section, why))
         print("\n".join(["", *lines, ""]), flush=True)
-    _say(f"{phase} took {time.monotonic() - clock:.0f} s; replaced its section of {REPORT}")
+    done = "printed" if phase in PRINT_ONLY else f"replaced its section of {REPORT}"
+    _say(f"{phase} took {time.monotonic() - clock:.0f} s; {done}")
 
 
 async def _full(plan: Plan, workdir: Path) -> None:
@@ -456,7 +486,7 @@ def _parser() -> argparse.ArgumentParser:
         "--only",
         choices=PHASES,
         help="run only this phase and rewrite only its section (and its rows of the targets "
-        "table) of the report",
+        "table) of the report; `json` only prints its figures, for comparing commits",
     )
     parser.add_argument(
         "--quick",

@@ -149,8 +149,8 @@ def _gap(results: Results, name: str) -> PerRound:
 
 
 def _chunk(results: Results, name: str) -> PerRound:
-    # Each round's streams against direct's streams of the same round.
-    direct = results.drip[DIRECT]
+    # Each round's streams against direct's streams of the same round (none in a JSON-only run).
+    direct = results.drip.get(DIRECT, [])
     return lambda pct: [
         _ms(added_delays(timings, reference_offsets(direct[index])), pct)
         for index, timings in enumerate(results.drip.get(name, []))
