@@ -153,13 +153,19 @@ class TenantLimits:
     max_concurrent_streams: int | None = None
 
 
+SessionIsolation = Literal["tenant", "key", "off"]
+"""Whose conversations a session id names: the tenant's, each key's (service's), or upstream's
+as sent (see gateway/sessions.py)."""
+_ISOLATION_FLAGS: dict[bool, SessionIsolation] = {True: "tenant", False: "off"}
+
+
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
     keys: tuple[TenantKey, ...]
     agents: frozenset[str]
     limits: TenantLimits = TenantLimits()
-    session_isolation: bool = True
+    session_isolation: SessionIsolation = "tenant"
 
     def may_use(self, agent_id: str) -> bool:
         return ALL_AGENTS in self.agents or agent_id in self.agents
@@ -499,7 +505,7 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
         keys=tuple(keys),
         agents=frozenset(str(a) for a in raw_agents),
         limits=limits,
-        session_isolation=s.flag("session_isolation", True),
+        session_isolation=_isolation(s),
     )
     s.done()
     return tenant
@@ -573,3 +579,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def config_path(given: str | None) -> str | None:
     """`--config`, else the GATEWAY_CONFIG environment variable."""
     return given or os.environ.get("GATEWAY_CONFIG") or None
+
+
+def _isolation(s: _Section) -> SessionIsolation:
+    """`tenant | key | off`; the booleans of earlier versions still mean tenant and off."""
+    value = s.get("session_isolation")
+    if isinstance(value, bool):
+        return _ISOLATION_FLAGS[value]
+    chosen: SessionIsolation = s.choice("session_isolation", "tenant", ("tenant", "key", "off"))
+    return chosen

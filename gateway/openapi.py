@@ -282,7 +282,8 @@ def _schemas() -> dict[str, Any]:
                         "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]*$",
                         "description": (
                             "continues a conversation; with session_isolation (the default) "
-                            "at most 252 minus the length of the tenant's name"
+                            "at most 252 minus the length of the tenant's name (per key: "
+                            "minus the key's name and one more)"
                         ),
                     },
                     "stream": {"type": "boolean", "description": "true asks for events"},

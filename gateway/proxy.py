@@ -55,7 +55,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     app, record = request.app, request[ACCESS]
     caller = app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     record.tenant, record.key_name = caller.tenant.name, caller.key_name
-    upstream, sessions = app[UPSTREAM], SessionScope.of(caller.tenant)
+    upstream, sessions = app[UPSTREAM], SessionScope.of(caller.tenant, caller.key_name)
     try:
         agent_id = _agent_for(request.match_info["agent_id"], caller, upstream)
         record.agent = agent_id

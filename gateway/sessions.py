@@ -1,15 +1,18 @@
-"""Per-tenant session namespaces upstream.
+"""Session namespaces upstream, per tenant or per key (service).
 
 Upstream keys a conversation by `session_id` alone and tenants may share one upstream key, so
 without this a tenant could continue another tenant's conversation by sending its id. With
-`session_isolation` (the default) a tenant's ids travel upstream as `gw:<tenant>:<id>` and come
-back without the prefix, in JSON bodies and in the stream's `done` event.
+`session_isolation: tenant` (the default) a tenant's ids travel upstream as `gw:<tenant>:<id>`;
+with `key`, each of its keys (services) has its own, `gw:<tenant>/<key>:<id>`, so services of one
+team do not share conversations either; `off` sends ids as they are. Ids come back without the
+prefix, in JSON bodies and in the stream's `done` event.
 
-The mapping is injective: tenant names cannot contain `:` (config's NAME_PATTERN), so the first
-`:` after `gw:` ends the tenant name and the rest is the caller's id, verbatim. A caller's own
-`gw:…` id only lands deeper inside its own namespace; tenants without isolation may not send ids
-starting with `gw:` at all, so no caller can name an id in another tenant's namespace. Upstream
-takes ids of at most 256 characters, so a tenant's callers get 252 - len(tenant) of them.
+The mapping is injective: tenant and key names cannot contain `:` or `/` (config's
+NAME_PATTERN), so the first `:` after `gw:` ends the owner and the rest is the caller's id,
+verbatim, and a tenant's namespace and its keys' never overlap. A caller's own `gw:…` id only
+lands deeper inside its own namespace; tenants without isolation may not send ids starting
+with `gw:` at all, so no caller can name an id in another's namespace. Upstream takes ids of at
+most 256 characters, so a caller gets 256 minus its prefix's length of them.
 
 Everything here is pure: bytes and strings in, bytes and strings out.
 """
@@ -27,15 +30,19 @@ from gateway.sse import Frame, SSEFramer, with_data
 from gateway.validation import ChatRequest
 
 NAMESPACE = "gw:"
-SEPARATOR = ":"  # never in a tenant name (config.NAME_PATTERN)
+SEPARATOR = ":"  # never in a tenant or key name (config.NAME_PATTERN)
+KEY_SEPARATOR = "/"  # nor this
 UPSTREAM_MAX_SESSION_ID = 256  # upstream's documented limit, in characters
 
 _UNPARSED = object()
 _MAX_SPLICES = 4  # strings opening with our prefix tried, each checked by one more parse
 
 
-def namespace_prefix(tenant: str) -> str:
-    return f"{NAMESPACE}{tenant}{SEPARATOR}"
+def namespace_prefix(tenant: str, key: str | None = None) -> str:
+    """`gw:<tenant>:`, or per key `gw:<tenant>/<key>:` (names never hold `/` or `:`, so no
+    namespace is a prefix of another's ids)."""
+    owner = tenant if key is None else f"{tenant}{KEY_SEPARATOR}{key}"
+    return f"{NAMESPACE}{owner}{SEPARATOR}"
 
 
 def new_session_id() -> str:
@@ -50,8 +57,13 @@ class SessionScope:
     prefix: str | None
 
     @classmethod
-    def of(cls, tenant: Tenant) -> SessionScope:
-        return cls(namespace_prefix(tenant.name) if tenant.session_isolation else None)
+    def of(cls, tenant: Tenant, key_name: str) -> SessionScope:
+        """The scope of one caller: its tenant's (`session_isolation: tenant`), its key's
+        (`key`), or none (`off`)."""
+        if tenant.session_isolation == "off":
+            return cls(None)
+        key = key_name if tenant.session_isolation == "key" else None
+        return cls(namespace_prefix(tenant.name, key))
 
     @property
     def max_caller_id(self) -> int:

@@ -108,7 +108,7 @@ def test_secrets_never_show_in_repr() -> None:
         ),
         (
             ("agents: [ag_support]", "agents: [ag_support]\n    session_isolation: sure"),
-            "tenants.acme.session_isolation: expected true or false",
+            "tenants.acme.session_isolation: expected one of tenant, key, off, got 'sure'",
         ),
         (
             ("tenants:", "quota: {backend: redis}\ntenants:"),

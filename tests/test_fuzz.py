@@ -259,7 +259,9 @@ def acceptable(value: object, max_session_id: int) -> bool:
 
 async def test_random_json_as_a_body(documented_gateway: Client, secret_watch: SecretWatch) -> None:
     # With session isolation (the default) the tenant's prefix shortens the ids it may send.
-    max_session_id = SessionScope.of(documented_gateway.app[CONFIG].tenants["acme"]).max_caller_id
+    max_session_id = SessionScope.of(
+        documented_gateway.app[CONFIG].tenants["acme"], "billing-service"
+    ).max_caller_id
 
     @PROPERTY_SETTINGS
     @given(value=_CHAT_BODIES | _JSON_VALUES)

@@ -10,6 +10,7 @@ import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
 
+from gateway.auth import hash_key
 from gateway.config import parse_config
 from gateway.relay import EventRelay
 from gateway.sessions import UPSTREAM_MAX_SESSION_ID, SessionScope
@@ -68,6 +69,70 @@ async def test_same_session_id_in_two_tenants_is_two_conversations(
 
     upstream = await upstream_session_ids(simulator)
     assert upstream == [f"gw:acme:{sid}", f"gw:globex:{sid}"] * 2
+
+
+# --- two keys (services) of one tenant ----------------------------------------------------
+
+SECOND_KEY = "gw_test_acme_reports_0003"
+SECOND = {"Authorization": f"Bearer {SECOND_KEY}"}
+
+
+async def two_services(make_gateway: Any, simulator_url: str, isolation: str) -> Client:
+    """acme with a second key (its `reports` service), and `session_isolation` as given."""
+    yaml = (
+        gateway_yaml(simulator_url)
+        .replace(
+            "{name: billing-service, sha256: ",
+            f"{{name: reports, sha256: {hash_key(SECOND_KEY)}}}, {{name: billing-service, sha256: ",
+            1,
+        )
+        .replace(
+            "    agents: [ag_support]\n",
+            f"    agents: [ag_support]\n    session_isolation: {isolation}\n",
+            1,
+        )
+    )
+    gateway: Client = await make_gateway(config=parse_config(yaml))
+    return gateway
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_with_isolation_per_key_two_services_of_one_tenant_hold_two_conversations(
+    make_gateway: Any, simulator: Sim, simulator_url: str, stream: bool
+) -> None:
+    gateway = await two_services(make_gateway, simulator_url, "key")
+    sid = "sess_team_1"
+    billing_1 = await turn(
+        gateway, ACME, "billing asks about invoices", session_id=sid, stream=stream
+    )
+    reports_1 = await turn(
+        gateway, SECOND, "reports asks about charts", session_id=sid, stream=stream
+    )
+    billing_2 = await turn(gateway, ACME, "billing follows up", session_id=sid, stream=stream)
+    assert [t["session_id"] for t in (billing_1, reports_1, billing_2)] == [sid] * 3
+    assert "turn 1 " in reports_1["response"]  # not billing's conversation
+    assert "turn 2 " in billing_2["response"]
+    assert "reports" not in billing_2["response"]
+    upstream = await upstream_session_ids(simulator)
+    assert upstream == [
+        f"gw:acme/billing-service:{sid}",
+        f"gw:acme/reports:{sid}",
+        f"gw:acme/billing-service:{sid}",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("setting", "shared"), [("tenant", True), ("true", True), ("off", None), ("false", None)]
+)
+async def test_isolation_per_tenant_lets_a_tenants_services_share_a_conversation(
+    make_gateway: Any, simulator: Sim, simulator_url: str, setting: str, shared: bool | None
+) -> None:
+    gateway = await two_services(make_gateway, simulator_url, setting)
+    await turn(gateway, ACME, "billing starts", session_id="sess_team_2")
+    second = await turn(gateway, SECOND, "reports continues", session_id="sess_team_2")
+    assert "turn 2 " in second["response"]
+    expected = "gw:acme:sess_team_2" if shared else "sess_team_2"
+    assert await upstream_session_ids(simulator) == [expected, expected]
 
 
 async def test_the_upstream_body_keeps_every_other_field(gateway: Client, simulator: Sim) -> None:
