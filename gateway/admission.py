@@ -34,7 +34,13 @@ from aiohttp import ClientResponse, web
 from gateway.errors import GatewayError, RateLimited
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
-from gateway.quota import CONCURRENT_STREAMS, BucketState, QuotaService, Reservation
+from gateway.quota import (
+    CONCURRENT_STREAMS,
+    BucketState,
+    QuotaService,
+    Reservation,
+    is_token_bucket,
+)
 from gateway.relay import EventRelay
 from gateway.sessions import SessionScope, parse_answer
 from gateway.state import DRAINS, LIMITS
@@ -256,11 +262,10 @@ def _refunded(buckets: tuple[BucketState, ...], tokens: int) -> tuple[BucketStat
     """Bucket states as the caller's headers show them once a reservation is given back."""
     return tuple(
         BucketState(
-            b.name, b.limit, min(b.limit, b.remaining + (tokens if _is_tokens(b) else 1)), b.reset
+            b.name,
+            b.limit,
+            min(b.limit, b.remaining + (tokens if is_token_bucket(b.name) else 1)),
+            b.reset,
         )
         for b in buckets
     )
-
-
-def _is_tokens(bucket: BucketState) -> bool:
-    return bucket.name.startswith("tokens")

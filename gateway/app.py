@@ -266,7 +266,7 @@ async def usage(request: web.Request) -> web.Response:
     """The calling tenant's own buckets and tokens used today."""
     caller = request.app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     request[ACCESS].tenant, request[ACCESS].key_name = caller.tenant.name, caller.key_name
-    body = await request.app[QUOTA].usage(caller.tenant.name)
+    body = await request.app[QUOTA].usage(caller.tenant.name, caller.key_name)
     request[LIMITS] = buckets_of(body)
     return web.json_response(body)
 

@@ -141,16 +141,18 @@ class Quota:
 
 
 @dataclass(frozen=True, slots=True)
-class TenantKey:
-    name: str
-    sha256: str
-
-
-@dataclass(frozen=True, slots=True)
 class TenantLimits:
     requests: Limit = Limit()
     tokens: TokenLimit = TokenLimit()
     max_concurrent_streams: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKey:
+    name: str
+    sha256: str
+    # The key's (a service's) own limits inside its tenant's: a request passes both.
+    limits: TenantLimits | None = None
 
 
 SessionIsolation = Literal["tenant", "key", "off"]
@@ -169,6 +171,13 @@ class Tenant:
 
     def may_use(self, agent_id: str) -> bool:
         return ALL_AGENTS in self.agents or agent_id in self.agents
+
+    def limits_of_key(self, name: str) -> TenantLimits | None:
+        """A key's own limits, or None when it has none (only the tenant's apply)."""
+        for key in self.keys:
+            if key.name == name:
+                return key.limits
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -466,6 +475,22 @@ def _quota(s: _Section) -> Quota:
     return quota
 
 
+def _key_limits(s: _Section) -> TenantLimits:
+    """A key's `limits`: request and token buckets of its own (its tokens are reserved as the
+    tenant's are, so a `reserve` here has no meaning)."""
+    if s.has("max_concurrent_streams"):
+        raise _Problem(
+            s.at("max_concurrent_streams"),
+            "streams are capped per tenant for now; set max_concurrent_streams on the tenant",
+        )
+    tokens = s.section("tokens")
+    if tokens.has("reserve"):
+        raise _Problem(tokens.at("reserve"), "the reserve is the tenant's; set it there")
+    limits = TenantLimits(requests=_limit(s.section("requests")), tokens=_token_limit(tokens))
+    s.done()
+    return limits
+
+
 def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
     if not NAME_PATTERN.fullmatch(name):
         raise _Problem(s.path, "tenant names are letters, digits, _ . and - (at most 64)")
@@ -479,10 +504,11 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
         digest = k.text("sha256").lower()
         if not _SHA256.fullmatch(digest):
             raise _Problem(k.at("sha256"), "expected 64 hex characters")
+        key_limits = _key_limits(k.section("limits")) if k.has("limits") else None
         k.done()
         if any(key.name == key_name for key in keys):
             raise _Problem(k.at("name"), f"duplicate key name {key_name!r}")
-        keys.append(TenantKey(name=key_name, sha256=digest))
+        keys.append(TenantKey(name=key_name, sha256=digest, limits=key_limits))
 
     raw_agents = s.get("agents")
     if not isinstance(raw_agents, list) or not raw_agents:

@@ -14,14 +14,19 @@ from collections.abc import Mapping, Sequence
 
 from aiohttp import web
 
-from gateway.quota import REQUESTS_PER_MINUTE, BucketState
+from gateway.quota import REQUESTS_PER_MINUTE, BucketState, is_token_bucket
 from gateway.state import ACCESS, LIMITS
 
 
 def rate_limit_headers(buckets: Sequence[BucketState]) -> dict[str, str]:
-    """The caller's own limits: its requests-per-minute bucket and its tightest token bucket."""
+    """The caller's own limits: its tightest requests-per-minute bucket and token bucket."""
     headers: dict[str, str] = {}
-    requests = next((b for b in buckets if b.name == REQUESTS_PER_MINUTE), None)
+    # The tightest of its levels: a key limited inside its tenant sees whichever runs out first.
+    requests = min(
+        (b for b in buckets if b.name.endswith(REQUESTS_PER_MINUTE)),
+        key=lambda b: b.remaining,
+        default=None,
+    )
     if requests is not None:
         remaining = max(requests.remaining, 0)
         reset = math.ceil(requests.reset)
@@ -31,7 +36,7 @@ def rate_limit_headers(buckets: Sequence[BucketState]) -> dict[str, str]:
         headers["X-RateLimit-Reset"] = str(math.ceil(time.time() + requests.reset))
         headers["RateLimit-Policy"] = f'"requests";q={requests.limit};w=60'
         headers["RateLimit"] = f'"requests";r={remaining};t={reset}'
-    tokens = [b for b in buckets if b.name.startswith("tokens")]
+    tokens = [b for b in buckets if is_token_bucket(b.name)]
     if tokens:
         headers["X-RateLimit-Remaining-Tokens"] = str(max(min(b.remaining for b in tokens), 0))
     return headers

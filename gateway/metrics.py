@@ -34,6 +34,7 @@ from gateway.quota.plan import (
     REQUESTS_PER_MINUTE,
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
+    level_of,
 )
 from gateway.usage import Usage
 
@@ -68,18 +69,18 @@ UPSTREAM_REASONS = (
 
 
 def limit_label(bucket_name: str) -> str:
-    """`tokens per minute` → `tokens_per_minute` (bucket names are a fixed set)."""
-    return bucket_name.replace(" ", "_")
+    """`tokens per minute` → `tokens_per_minute`, `key billing-service: requests per day` →
+    `key_requests_per_day` (a fixed set: key names stay out of labels)."""
+    return level_of(bucket_name).replace(" ", "_")
 
 
+_BUCKETS = (REQUESTS_PER_MINUTE, REQUESTS_PER_DAY, TOKENS_PER_MINUTE, TOKENS_PER_DAY)
 LIMITS = tuple(
     limit_label(name)
     for name in (
-        REQUESTS_PER_MINUTE,
-        REQUESTS_PER_DAY,
-        TOKENS_PER_MINUTE,
-        TOKENS_PER_DAY,
+        *_BUCKETS,
         CONCURRENT_STREAMS,
+        *(f"key {bucket}" for bucket in _BUCKETS),
         f"upstream {REQUESTS_PER_MINUTE}",
         f"upstream {REQUESTS_PER_DAY}",
     )

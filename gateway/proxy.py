@@ -63,7 +63,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         body = sessions.upstream_body(chat_request)
     except GatewayError:
         # Refused before admission: costs nothing, but still tells the caller where it stands.
-        await _current_limits(request, caller.tenant.name)
+        await _current_limits(request, caller)
         raise
 
     async with await _admit(request, caller, chat_request, sessions) as admission:
@@ -99,6 +99,7 @@ async def _admit(
         record.request_id,
         tokens=input_tokens + caller.tenant.limits.tokens.reserve,
         stream=chat.stream,
+        key=caller.key_name,
     )
     record.quota_backend = reservation.backend
     request[LIMITS] = reservation.buckets
@@ -124,10 +125,11 @@ def _refusal(reservation: Reservation) -> RateLimited:
     )
 
 
-async def _current_limits(request: web.Request, tenant: str) -> None:
+async def _current_limits(request: web.Request, caller: Caller) -> None:
     """The caller's bucket states for a response that took nothing from them (one read)."""
     with contextlib.suppress(QuotaUnavailable):
-        request[LIMITS] = buckets_of(await request.app[QUOTA].usage(tenant))
+        usage = await request.app[QUOTA].usage(caller.tenant.name, caller.key_name)
+        request[LIMITS] = buckets_of(usage)
 
 
 def _agent_for(agent_id: str, caller: Caller, upstream: UpstreamClient) -> str:

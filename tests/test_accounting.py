@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 import time
 from typing import Any
 
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.auth import hash_key
 from gateway.config import parse_config
+from gateway.errors import ConfigError
 from gateway.sessions import new_session_id
-from gateway.state import DRAINS
-from tests.conftest import ACME, SUPPORT_KEY, FakeClock, gateway_yaml, sse_events
+from gateway.state import DRAINS, METRICS
+from tests.conftest import ACME, ACME_KEY, SUPPORT_KEY, FakeClock, gateway_yaml, sse_events
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]
@@ -240,3 +244,59 @@ async def test_tokens_charged_equal_tokens_reported_over_a_mix_of_streams(
             # Estimated, never below the request's own input: message / 4 + text seen / 4.
             expected += math.ceil(len(message) / 4) + math.ceil(len(text) / 4)
     assert (await usage_of(gateway))["tokens_today"] == expected
+
+
+async def test_a_keys_own_limit_applies_inside_its_tenants_and_names_its_level(
+    make_gateway: Any, simulator_url: str
+) -> None:
+    """Levels: billing-service may make 2 requests a minute, its tenant 3, a second key only
+    the tenant's; a refusal names the level, and every level shows in /v1/usage."""
+    second = "gw_test_acme_reports_0003"
+    text = gateway_yaml(simulator_url).replace(
+        f"    keys: [{{name: billing-service, sha256: {hash_key(ACME_KEY)}}}]\n",
+        "    keys:\n"
+        f"      - {{name: billing-service, sha256: {hash_key(ACME_KEY)},"
+        " limits: {requests: {per_minute: 2}}}\n"
+        f"      - {{name: reports, sha256: {hash_key(second)}}}\n"
+        "    limits: {requests: {per_minute: 3}}\n",
+        1,
+    )
+    gateway: Client = await make_gateway(config=parse_config(text))
+    reports = {"Authorization": f"Bearer {second}"}
+    first = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert first.status == 200
+    # The tightest level is the caller's: 1 left for billing-service (2 for the tenant).
+    assert first.headers["X-RateLimit-Remaining"] == "1"
+    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 200
+    refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert refused.status == 429
+    message = (await refused.json())["error"]["message"]
+    assert message.startswith("rate limit exceeded: key billing-service: requests per minute;")
+    # The other service still has the tenant's last request, then the tenant is spent.
+    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=reports)).status == 200
+    spent = await gateway.post(CHAT, json={"message": "Hi"}, headers=reports)
+    assert spent.status == 429
+    assert "exceeded: requests per minute;" in (await spent.json())["error"]["message"]
+
+    usage = await usage_of(gateway)
+    assert {b["name"]: b["remaining"] for b in usage["buckets"]} == {
+        "requests per minute": 0,
+        "key billing-service: requests per minute": 0,
+    }
+    assert "gateway_quota_rejections_total" in gateway.app[METRICS].exposition().decode()
+    assert b'limit="key_requests_per_minute"' in gateway.app[METRICS].exposition()
+
+
+def test_a_keys_limits_refuse_what_belongs_to_the_tenant() -> None:
+    for extra, problem in (
+        ("max_concurrent_streams: 2", "limits.max_concurrent_streams: streams are capped per"),
+        ("tokens: {reserve: 10}", "limits.tokens.reserve: the reserve is the tenant's"),
+        ("requests: {per_hour: 2}", "limits.requests.per_hour: unknown key"),
+    ):
+        text = gateway_yaml("http://127.0.0.1:9").replace(
+            f"{{name: billing-service, sha256: {hash_key(ACME_KEY)}}}",
+            f"{{name: billing-service, sha256: {hash_key(ACME_KEY)}, limits: {{{extra}}}}}",
+            1,
+        )
+        with pytest.raises(ConfigError, match=re.escape(f"tenants.acme.keys[0].{problem}")):
+            parse_config(text)

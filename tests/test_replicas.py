@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.auth import hash_key
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import start, stop, wait_healthy
 from tests.redis_servers import RedisClusterServers, RedisServer, free_port
@@ -21,6 +22,7 @@ from tests.secret_watch import SecretWatch
 # Enough concurrent requests to slow the event loop well past a 50 ms budget (measured: 300
 # did it on two replicas, 600 on one, on a 2-core machine); Redis itself stays fast.
 BURST = 600
+ACME_KEYS_LINE = f"    keys: [{{name: billing-service, sha256: {hash_key(ACME_KEY)}}}]\n"
 
 
 @pytest.fixture(params=["redis", "cluster"])
@@ -80,6 +82,7 @@ async def replicas(
     acme: str,
     globex: str = "",
     quota: str,
+    replace_keys: bool = False,
 ) -> AsyncIterator[tuple[list[str], str]]:
     """A simulator and `count` gateway processes on one Redis (or cluster); yields their URLs
     and the simulator's. `acme` and `globex` are lines added to those tenants, `quota` to the
@@ -103,6 +106,8 @@ async def replicas(
             config = tmp_path / f"gw{replica}.yaml"
             text = (
                 gateway_yaml(simulator)
+                # `replace_keys`: acme's lines bring a `keys:` list of their own.
+                .replace(ACME_KEYS_LINE if replace_keys else "\0", "", 1)
                 .replace("    agents: [ag_support]\n", f"    agents: [ag_support]\n{acme}", 1)
                 .replace('    agents: ["*"]\n', f'    agents: ["*"]\n{globex}', 1)
             )
@@ -185,3 +190,49 @@ async def test_a_burst_against_a_healthy_redis_admits_exactly_the_limit(
             )
             await session.post(f"{simulator}/_sim/release")
             assert Counter(streams) == {200: 2, 429: BURST - 2}
+
+
+@pytest.mark.timeout(120)
+async def test_a_keys_own_limit_and_its_tenants_hold_exactly_across_two_replicas(
+    tmp_path: Path, redis_urls: list[str], secret_watch: SecretWatch
+) -> None:
+    """Levels: key A (a service) limited to 20 requests inside its tenant's 50, key B only by
+    the tenant's: 200 concurrent requests over two replicas admit exactly 20 through A and 50
+    through A and B together, on one Redis and on a Cluster (one script, one slot)."""
+    second_key = "gw_test_acme_reports_0003"
+    acme = (
+        "    limits: {requests: {per_day: 50}}\n"
+        "    keys:\n"
+        f"      - {{name: billing-service, sha256: {hash_key(ACME_KEY)},"
+        " limits: {requests: {per_day: 20}}}\n"
+        f"      - {{name: reports, sha256: {hash_key(second_key)}}}\n"
+    )
+    async with (
+        replicas(
+            tmp_path,
+            redis_urls,
+            2,
+            acme=acme,
+            quota="timeout_ms: 2000, on_backend_error: closed",
+            replace_keys=True,
+        ) as (urls, _),
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), response_class=secret_watch.response_class()
+        ) as session,
+    ):
+
+        async def one(i: int) -> tuple[str, int]:
+            key = ACME_KEY if i % 2 else second_key
+            async with session.post(
+                f"{urls[i % 4 // 2]}/v1/agents/ag_support/chat",
+                json={"message": "Hi"},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                await response.read()
+                return ("A" if key == ACME_KEY else "B"), response.status
+
+        results = await asyncio.gather(*(one(i) for i in range(200)))
+    admitted = Counter(key for key, status in results if status == 200)
+    assert admitted["A"] == 20
+    assert admitted["A"] + admitted["B"] == 50
+    assert {status for _, status in results} == {200, 429}

@@ -22,6 +22,8 @@ from gateway.quota.plan import (
     REQUESTS_PER_MINUTE,
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
+    is_token_bucket,
+    level_of,
 )
 from gateway.quota.service import QuotaService
 
@@ -35,5 +37,7 @@ __all__ = [
     "QuotaService",
     "QuotaUnavailable",
     "Reservation",
+    "is_token_bucket",
+    "level_of",
     "open_quota",
 ]

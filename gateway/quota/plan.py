@@ -17,6 +17,22 @@ TOKENS_PER_MINUTE = "tokens per minute"
 TOKENS_PER_DAY = "tokens per day"
 CONCURRENT_STREAMS = "concurrent streams"
 
+KEY_LEVEL = "key "  # how a key's own buckets are named: "key billing-service: requests per day"
+
+
+def is_token_bucket(name: str) -> bool:
+    """Whether a bucket of this name counts tokens (at any level)."""
+    return name.endswith((TOKENS_PER_MINUTE, TOKENS_PER_DAY))
+
+
+def level_of(name: str) -> str:
+    """A bucket name without the key it belongs to: `key billing-service: tokens per day` →
+    `key tokens per day` (for metric labels, which must stay a fixed set)."""
+    if name.startswith(KEY_LEVEL) and ": " in name:
+        return KEY_LEVEL + name.partition(": ")[2]
+    return name
+
+
 MINUTE = 60
 DAY = 86_400
 
@@ -80,7 +96,20 @@ class Plan:
         )
 
 
-def plan_for(limits: TenantLimits) -> Plan:
+def plan_for(
+    limits: TenantLimits, key: str | None = None, key_limits: TenantLimits | None = None
+) -> Plan:
+    """The tenant's buckets and, for a key with limits of its own, the key's after them: one
+    plan, so one atomic call takes from every level or from none."""
+    buckets = _buckets(limits, "", "")
+    if key is not None and key_limits is not None:
+        buckets += _buckets(key_limits, f"{KEY_LEVEL}{key}: ", f"k:{key}:")
+    return Plan(tuple(buckets), limits.max_concurrent_streams)
+
+
+def _buckets(limits: TenantLimits, name_prefix: str, key_prefix: str) -> list[BucketSpec]:
+    """`name_prefix` names the level in a refusal; `key_prefix` keeps its stored keys apart
+    (both empty for the tenant's own, as they always were)."""
     buckets: list[BucketSpec] = []
     for per_minute, per_day, burst, tokens, prefix in (
         (limits.requests.per_minute, limits.requests.per_day, limits.requests.burst, False, "r"),
@@ -91,14 +120,26 @@ def plan_for(limits: TenantLimits) -> Plan:
             capacity = burst if burst is not None else per_minute
             buckets.append(
                 BucketSpec(
-                    f"{kind} per minute", f"{prefix}pm", capacity, per_minute, MINUTE, tokens
+                    f"{name_prefix}{kind} per minute",
+                    f"{key_prefix}{prefix}pm",
+                    capacity,
+                    per_minute,
+                    MINUTE,
+                    tokens,
                 )
             )
         if per_day is not None:
             buckets.append(
-                BucketSpec(f"{kind} per day", f"{prefix}pd", per_day, per_day, DAY, tokens)
+                BucketSpec(
+                    f"{name_prefix}{kind} per day",
+                    f"{key_prefix}{prefix}pd",
+                    per_day,
+                    per_day,
+                    DAY,
+                    tokens,
+                )
             )
-    return Plan(tuple(buckets), limits.max_concurrent_streams)
+    return buckets
 
 
 def level_at(spec: BucketSpec, level: float, stamp: float, now: float) -> tuple[float, float]:

@@ -112,7 +112,9 @@ class QuotaService:
         self._replicas = replicas
         self._startup_budget = startup_budget
         self._owners: dict[str, Mapping[str, TenantLimits]] = {}
-        self._plans: dict[TenantLimits, Plan] = {}  # one per distinct limits, not per owner
+        # One per distinct limits (with a key's, per key), not per owner.
+        self._plans: dict[_PlanKey, Plan] = {}
+        self._tenants: Mapping[str, Tenant] = {}  # for their keys' own limits
         self._held: dict[str, _Held] = {}  # every stream lease this process holds
         self._reported: OrderedDict[str, _Reported] = OrderedDict()
         self._seeded: set[str] = set()  # owners the fallback took over since Redis last answered
@@ -151,18 +153,19 @@ class QuotaService:
         self._owners[kind] = owners
 
     def use_tenants(self, tenants: Mapping[str, Tenant]) -> None:
+        self._tenants = tenants
         self.use_owners(TENANTS, _LimitsOf(tenants))
 
     # --- the request path --------------------------------------------------------------
 
     async def reserve(
-        self, tenant: str, request_id: str, *, tokens: int, stream: bool
+        self, tenant: str, request_id: str, *, tokens: int, stream: bool, key: str | None = None
     ) -> Reservation:
         """`tenant`: any registered owner. A lease taken here is kept alive until settle,
         refund or release_stream ends it."""
         if tokens < 0:
             raise ValueError("tokens must not be negative")
-        plan = self._plan(tenant)
+        plan = self._plan(tenant, key)
         lease_wanted = stream and plan.max_streams is not None
         if not plan.buckets and not lease_wanted:
             # Nothing to count: no round trip at all.
@@ -245,8 +248,9 @@ class QuotaService:
         tenant = reservation.tenant
         await self._owe_on_failure(store, "release", tenant, lambda: store.release(tenant, lease))
 
-    async def usage(self, tenant: str) -> dict[str, object]:
-        plan = self._plan(tenant)
+    async def usage(self, tenant: str, key: str | None = None) -> dict[str, object]:
+        """The owner's buckets (and, with `key`, that key's own after them)."""
+        plan = self._plan(tenant, key)
         store: Store = self._primary
         try:
             snapshot = await self._call(store, lambda: store.usage(tenant, plan))
@@ -317,16 +321,19 @@ class QuotaService:
 
     # --- inside ------------------------------------------------------------------------
 
-    def _plan(self, owner: str) -> Plan:
+    def _plan(self, owner: str, key: str | None = None) -> Plan:
         for owners in self._owners.values():
             limits = owners.get(owner)
             if limits is not None:
                 break
         else:
             raise ValueError(f"unknown tenant or upstream key {owner!r}")
-        plan = self._plans.get(limits)
+        tenant = self._tenants.get(owner) if key is not None else None
+        key_limits = tenant.limits_of_key(key) if tenant is not None and key else None
+        cache: _PlanKey = limits if key_limits is None else (limits, key, key_limits)
+        plan = self._plans.get(cache)
         if plan is None:
-            plan = self._plans[limits] = plan_for(limits)
+            plan = self._plans[cache] = plan_for(limits, key, key_limits)
         return plan
 
     def _store_for(self, reservation: Reservation) -> tuple[Store, Plan]:
@@ -468,6 +475,9 @@ class QuotaService:
         if before != "closed":
             log.info("quota backend recovered")
         return result
+
+
+_PlanKey = TenantLimits | tuple[TenantLimits, str | None, TenantLimits]
 
 
 class _LimitsOf(Mapping[str, TenantLimits]):
