@@ -362,6 +362,20 @@ async def test_a_lease_is_kept_for_as_long_as_it_is_held(harness: Harness) -> No
     assert (await quota.reserve("acme", "c", tokens=0, stream=True)).allowed
 
 
+async def test_a_renewal_under_way_does_not_bring_back_a_lease_released_meanwhile(
+    harness: Harness,
+) -> None:
+    """A renewal round takes its list of leases, then sends: a release in between must win
+    (a flake of the lease test once, on a loaded machine)."""
+    quota = await harness.open(limits(streams=1), lease_ttl=600)
+    held = await quota.reserve("acme", "a", tokens=0, stream=True)
+    renewing = asyncio.ensure_future(quota.renew_leases())
+    await asyncio.sleep(0)  # one step: the round has listed the leases, not yet sent
+    await quota.release_stream(held)
+    await renewing
+    assert (await quota.usage("acme"))["concurrent_streams"] == {"limit": 1, "active": 0}
+
+
 async def test_refund_undoes_the_reservation(harness: Harness) -> None:
     quota = await harness.open(limits(rpm=10, rpd=100, tpm=4000, streams=1))
     kept = await quota.reserve("acme", "r1", tokens=500, stream=False)

@@ -445,6 +445,11 @@ class QuotaService:
             await self.renew_leases()
 
     async def _renew(self, store: Store, tenant: str, leases: list[str]) -> bool:
+        # The round listed these a step ago: a lease released since must not be put back (the
+        # call below is queued in this same step, so a later release is sent after it).
+        leases = [lease for lease in leases if lease in self._held]
+        if not leases:
+            return True
         try:
             await self._call(store, lambda: store.renew(tenant, leases))
         except _Down:
