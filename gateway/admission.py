@@ -171,11 +171,16 @@ class Admission:
     def _tallied(self, tally: StreamTally) -> None:
         self.usage, self.seen_chars, self.complete = tally.usage, tally.content_chars, tally.done
 
-    async def hold_stream_slot(self) -> None:
-        """Upstream answered with a stream: it must hold a stream slot, even one the request
-        never asked for. With none free the caller gets 429, and the exchange, which upstream
-        is already running, goes to a drain that charges what it reports."""
+    async def fit_stream_slot(self) -> None:
+        """What upstream answered decides whether the request holds a stream slot. A JSON
+        answer gives back one taken for it at once. A stream holds one, even if the request
+        never asked for it; with none free the caller gets 429, and the exchange, which
+        upstream is already running, goes to a drain that charges what it reports."""
         reservation = self.reservation
+        if self.relay is None:
+            if reservation.stream_lease is not None:
+                await self._quota.release_stream(reservation)
+            return
         if reservation.stream_lease is not None:
             return
         leased = await self._quota.take_stream(reservation)

@@ -78,13 +78,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         response = await admission.send(upstream.send(agent_id, body, headers, deadline))
         record.upstream_ttfb = record.upstream_wait = loop.time() - sent
         record.upstream_status = response.status
+        await admission.fit_stream_slot()
         if admission.relay is not None:
-            # What upstream answered decides: a stream holds a slot, asked for or not.
-            await admission.hold_stream_slot()
             return await _relay_stream(request, response, upstream, deadline, admission)
-        if admission.reservation.stream_lease is not None:
-            # Upstream answered JSON: the stream slot taken for it is free again at once.
-            await app[QUOTA].release_stream(admission.reservation)
         return await _relay_body(response, upstream, deadline, admission, sessions)
 
 
