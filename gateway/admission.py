@@ -61,12 +61,14 @@ class Admission:
     """Entered once the tenant's buckets allowed the request; settles exactly once."""
 
     __slots__ = (
+        "_body_chars",
+        "_body_read",
+        "_body_usage",
         "_done",
         "_metrics",
         "_quota",
         "_request",
         "abandoned",
-        "complete",
         "gone",
         "input_tokens",
         "pending",
@@ -74,12 +76,10 @@ class Admission:
         "relay",
         "reservation",
         "response",
-        "seen_chars",
         "sent",
         "sessions",
         "status",
         "upstream_slot",
-        "usage",
     )
 
     def __init__(
@@ -105,10 +105,11 @@ class Admission:
         self.pending: asyncio.Future[ClientResponse] | None = None  # upstream's answer to come
         self.response: ClientResponse | None = None
         self.status: int | None = None
-        self.usage: Usage | None = None
-        self.seen_chars = 0  # answer text seen, for an estimate
         self.relay: EventRelay | None = None  # once upstream answers with a stream
-        self.complete = False  # the answer was read to its end (a stream: its done event)
+        # A JSON answer, once read whole (a stream's figures are its relay's tally).
+        self._body_usage: Usage | None = None
+        self._body_chars = 0
+        self._body_read = False
         self.gone = False  # the caller left (or stopped reading) before the end
         self.abandoned = False  # ...and the answer could not be read to its end
         self._done = False  # settled, or handed to a drain
@@ -157,19 +158,24 @@ class Admission:
 
     def observe_body(self, body: bytes, parsed: object) -> None:
         """A JSON answer read whole."""
-        self.seen_chars, self.complete = len(body), True
+        self._body_chars, self._body_read = len(body), True
         if self.status == 200 and isinstance(parsed, dict):
-            self.usage = usage_from(parsed)
+            self._body_usage = usage_from(parsed)
 
-    def relay_chunk(self, chunk: bytes) -> bytes:
-        """Bytes of a stream as they arrive; returns what to send the caller now."""
-        assert self.relay is not None
-        passed = self.relay.feed(chunk)
-        self._tallied(self.relay.tally)
-        return passed
+    @property
+    def usage(self) -> Usage | None:
+        """What upstream reported it cost, if it did."""
+        return self._body_usage if self.relay is None else self.relay.tally.usage
 
-    def _tallied(self, tally: StreamTally) -> None:
-        self.usage, self.seen_chars, self.complete = tally.usage, tally.content_chars, tally.done
+    @property
+    def seen_chars(self) -> int:
+        """Answer text seen, for an estimate."""
+        return self._body_chars if self.relay is None else self.relay.tally.content_chars
+
+    @property
+    def complete(self) -> bool:
+        """The answer was read to its end (a stream: its done event)."""
+        return self._body_read if self.relay is None else self.relay.tally.done
 
     async def fit_stream_slot(self) -> None:
         """What upstream answered decides whether the request holds a stream slot. A JSON
@@ -185,7 +191,7 @@ class Admission:
             return
         leased = await self._quota.take_stream(reservation)
         if leased is None:
-            self.gone = True  # nobody will read this answer but a drain
+            self.caller_left()  # nobody will read this answer but a drain
             self.record.quota, self.record.quota_limit = "rejected", CONCURRENT_STREAMS
             raise RateLimited(
                 f"rate limit exceeded: {CONCURRENT_STREAMS}; upstream answered with a stream "
@@ -195,6 +201,7 @@ class Admission:
         self.reservation = leased
 
     def caller_left(self) -> None:
+        """The caller will read nothing more: what remains is a drain's."""
         self.gone = True
 
     # --- reading on after the caller left (a drain's work) -------------------------------
@@ -217,7 +224,6 @@ class Admission:
             if not chunk:
                 return
             relay.drain(chunk)
-            self._tallied(relay.tally)
 
     # --- settlement ------------------------------------------------------------------------
 

@@ -212,7 +212,7 @@ async def _pass_stream(
             record.upstream_wait += received - waiting
         if not chunk:
             break
-        passed = admission.relay_chunk(chunk)
+        passed = relay.feed(chunk)
         if passed and not await _write(request, out, passed, idle, admission):
             return out
         chunk_gap.observe(loop.time() - received)
