@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 
@@ -156,8 +157,7 @@ async def _measure(
     plan: Plan,
     redis_server: str,
     *,
-    open_loop_only: bool = False,
-    json_only: bool = False,
+    only: Literal["json", "openloop"] | None = None,
 ) -> Core:
     """The JSON and streaming phases and the open-loop phase, on one set of processes (or
     only the open loop, or only JSON)."""
@@ -167,6 +167,7 @@ async def _measure(
         clock = time.monotonic()
         redis, redis_port = await stack.start_redis(redis_server)
         sim = await stack.start_simulator()
+        open_loop_only = only == "openloop"
         floor, floor_port = (None, 0) if open_loop_only else await stack.start_floor()
         names = (REDIS_QUOTAS,) if open_loop_only else GATEWAYS
         gateways = await stack.start_gateways(
@@ -219,7 +220,7 @@ async def _measure(
             await runner.load_phase()
             await _check_quota_state(gateways[name].url for name in names if name != GATEWAY)
             seconds["JSON"] = time.monotonic() - clock
-            if json_only:
+            if only == "json":
                 return Core(runner.results, None, _log_summary(procs), "", seconds)
             clock = time.monotonic()
             _say("streams: time to first event ...")
@@ -358,7 +359,7 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
         print("\n".join(["", *soak_stdout(soak), ""]), flush=True)
     elif phase == "json":
         tool = await find_load_tool()
-        core = await _measure(workdir, tool, plan, await find_redis(), json_only=True)
+        core = await _measure(workdir, tool, plan, await find_redis(), only="json")
         summary = summarise(core.results, [DIRECT, FLOOR, *GATEWAYS])
         lines = ["JSON (non-streaming):", *tables(summary)["load"], ""]
         ratios = {GATEWAY: summary.gateway_vs_floor, **summary.quotas_vs_floor}
@@ -372,7 +373,7 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
         print("\n".join(["", *lines, ""]), flush=True)
     elif phase == "openloop":
         tool = await find_load_tool()
-        core = await _measure(workdir, tool, plan, await find_redis(), open_loop_only=True)
+        core = await _measure(workdir, tool, plan, await find_redis(), only="openloop")
         assert core.open_loop is not None
         lines = open_loop_section(core.open_loop, DIRECT)
         _splice_only(phase, lines, targets.open_loop_rows(core.open_loop, REDIS_QUOTAS))
