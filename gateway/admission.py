@@ -37,6 +37,7 @@ from gateway.metrics import Metrics
 from gateway.quota import (
     CONCURRENT_STREAMS,
     BucketState,
+    Charge,
     QuotaService,
     Reservation,
     is_token_bucket,
@@ -262,8 +263,16 @@ class Admission:
         self._metrics.settled(
             reservation.tenant, record.agent, self.usage, estimated=tokens if estimated else None
         )
+        usage = self.usage
+        charge = Charge(
+            key=record.key_name or "",
+            agent=record.agent or "",
+            tokens_input=(usage.input or 0) if usage is not None else 0,
+            tokens_output=(usage.output or 0) if usage is not None else 0,
+            tokens_estimated=tokens if estimated else 0,
+        )
         try:
-            await self._quota.settle(reservation, tokens)
+            await self._quota.settle(reservation, tokens, charge)
         finally:
             await self._quota.release_stream(reservation)
         return tokens

@@ -16,7 +16,7 @@ from aiohttp import hdrs, web
 from prometheus_client.registry import Collector
 
 from gateway import errors
-from gateway.auth import KeyRing
+from gateway.auth import KeyRing, end_user_of
 from gateway.config import Config
 from gateway.drains import Drains
 from gateway.headers import add_caller_headers, buckets_of
@@ -266,7 +266,9 @@ async def usage(request: web.Request) -> web.Response:
     """The calling tenant's own buckets and tokens used today."""
     caller = request.app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
     request[ACCESS].tenant, request[ACCESS].key_name = caller.tenant.name, caller.key_name
-    body = await request.app[QUOTA].usage(caller.tenant.name, caller.key_name)
+    body = await request.app[QUOTA].usage(
+        caller.tenant.name, caller.key_name, end_user_of(request.headers, caller)
+    )
     request[LIMITS] = buckets_of(body)
     return web.json_response(body)
 

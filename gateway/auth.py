@@ -8,17 +8,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.config import Tenant
-from gateway.errors import Unauthorized
+from gateway.errors import InvalidRequest, Unauthorized
 
 KEY_PREFIX = "gw_"
 # Far above any key we issue (46 chars); bounds the hashing work an attacker can ask for.
 _MAX_KEY_LENGTH = 256
+MAX_END_USER_LENGTH = 256
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
     tenant: Tenant
     key_name: str
+
+
+def end_user_of(headers: Mapping[str, str], caller: Caller) -> str | None:
+    """The end user the calling service names, where its tenant has an end-user level: a
+    bucket id only (stored as a digest, never a label, never logged)."""
+    level = caller.tenant.end_user
+    if level is None:
+        return None
+    value = headers.get(level.header, "").strip()
+    if len(value) > MAX_END_USER_LENGTH:
+        raise InvalidRequest(
+            f"the {level.header} header is longer than {MAX_END_USER_LENGTH} characters"
+        )
+    return value or None
 
 
 def hash_key(key: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from yarl import URL
@@ -25,6 +26,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an HTTP token
 
 
 class Secret:
@@ -138,6 +140,9 @@ class Quota:
     # Abandoned exchanges read on at once to charge their exact tokens (each tenant at most
     # an eighth of them); past that they are charged by the admission's rule without reading.
     max_drains: int = 1024
+    # Where budgets' days and months begin, and the ledger's days (an IANA zone name).
+    timezone: str = "UTC"
+    usage_retention_days: int = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +153,42 @@ class TenantLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class Amount:
+    """How much per calendar period (None: no budget for that period)."""
+
+    per_day: int | None = None
+    per_month: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Calendar budgets: reset at midnight and on the 1st in `quota.timezone`."""
+
+    tokens: Amount = Amount()
+    requests: Amount = Amount()
+    warn_at: tuple[float, ...] = ()  # fractions used, ascending: logged once per period
+
+    @property
+    def empty(self) -> bool:
+        return self.tokens == Amount() and self.requests == Amount()
+
+
+@dataclass(frozen=True, slots=True)
+class EndUser:
+    """A level below the key: each value of `header` (set by the service) is its own bucket."""
+
+    header: str
+    limits: TenantLimits = TenantLimits()
+    budget: Budget = Budget()
+
+
+@dataclass(frozen=True, slots=True)
 class TenantKey:
     name: str
     sha256: str
-    # The key's (a service's) own limits inside its tenant's: a request passes both.
+    # The key's (a service's) own limits and budget inside its tenant's: a request passes both.
     limits: TenantLimits | None = None
+    budget: Budget | None = None
 
 
 SessionIsolation = Literal["tenant", "key", "off"]
@@ -168,6 +204,8 @@ class Tenant:
     agents: frozenset[str]
     limits: TenantLimits = TenantLimits()
     session_isolation: SessionIsolation = "tenant"
+    budget: Budget = Budget()
+    end_user: EndUser | None = None
 
     def may_use(self, agent_id: str) -> bool:
         return ALL_AGENTS in self.agents or agent_id in self.agents
@@ -177,6 +215,12 @@ class Tenant:
         for key in self.keys:
             if key.name == name:
                 return key.limits
+        return None
+
+    def key(self, name: str) -> TenantKey | None:
+        for key in self.keys:
+            if key.name == name:
+                return key
         return None
 
 
@@ -470,9 +514,64 @@ def _quota(s: _Section) -> Quota:
         expected_replicas=s.whole("expected_replicas", 1, minimum=1),
         drain_timeout=s.number("drain_timeout", 30.0),
         max_drains=s.whole("max_drains", 1024, minimum=1),
+        timezone=_timezone(s),
+        usage_retention_days=s.whole("usage_retention_days", 400, minimum=1),
     )
     s.done()
     return quota
+
+
+def _timezone(s: _Section) -> str:
+    zone = s.text("timezone", "UTC")
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise _Problem(
+            s.at("timezone"), f"{zone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)"
+        ) from None
+    return zone
+
+
+def _amount(s: _Section) -> Amount:
+    amount = Amount(
+        per_day=s.whole("per_day", None, minimum=1),
+        per_month=s.whole("per_month", None, minimum=1),
+    )
+    s.done()
+    return amount
+
+
+def _budget(s: _Section) -> Budget:
+    raw = s.get("warn_at")
+    items = [] if raw is None else raw if isinstance(raw, list) else [raw]
+    warn_at: list[float] = []
+    for i, value in enumerate(items):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
+            raise _Problem(
+                f"{s.at('warn_at')}[{i}]",
+                f"expected a fraction above 0 and at most 1, got {value!r}",
+            )
+        warn_at.append(float(value))
+    budget = Budget(
+        tokens=_amount(s.section("tokens")),
+        requests=_amount(s.section("requests")),
+        warn_at=tuple(sorted(set(warn_at))),
+    )
+    if budget.empty and warn_at:
+        raise _Problem(s.at("warn_at"), "there is no budget to warn about: set tokens or requests")
+    s.done()
+    return budget
+
+
+def _end_user(s: _Section) -> EndUser:
+    header = s.text("header", pattern=_HEADER_NAME)
+    end_user = EndUser(
+        header=header,
+        limits=_key_limits(s.section("limits")) if s.has("limits") else TenantLimits(),
+        budget=_budget(s.section("budget")),
+    )
+    s.done()
+    return end_user
 
 
 def _key_limits(s: _Section) -> TenantLimits:
@@ -505,10 +604,11 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
         if not _SHA256.fullmatch(digest):
             raise _Problem(k.at("sha256"), "expected 64 hex characters")
         key_limits = _key_limits(k.section("limits")) if k.has("limits") else None
+        key_budget = _budget(k.section("budget")) if k.has("budget") else None
         k.done()
         if any(key.name == key_name for key in keys):
             raise _Problem(k.at("name"), f"duplicate key name {key_name!r}")
-        keys.append(TenantKey(name=key_name, sha256=digest, limits=key_limits))
+        keys.append(TenantKey(name=key_name, sha256=digest, limits=key_limits, budget=key_budget))
 
     raw_agents = s.get("agents")
     if not isinstance(raw_agents, list) or not raw_agents:
@@ -532,6 +632,8 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
         agents=frozenset(str(a) for a in raw_agents),
         limits=limits,
         session_isolation=_isolation(s),
+        budget=_budget(s.section("budget")),
+        end_user=_end_user(s.section("end_user")) if s.has("end_user") else None,
     )
     s.done()
     return tenant

@@ -24,11 +24,12 @@ import aiohttp
 from aiohttp import ClientResponse, hdrs, web
 
 from gateway.admission import Admission, estimate_tokens
-from gateway.auth import Caller
+from gateway.auth import Caller, end_user_of
 from gateway.config import AGENT_ID_PATTERN
 from gateway.errors import (
     AgentNotFound,
     GatewayError,
+    InvalidRequest,
     RateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -96,6 +97,7 @@ async def _admit(
         tokens=input_tokens + caller.tenant.limits.tokens.reserve,
         stream=chat.stream,
         key=caller.key_name,
+        end_user=end_user_of(request.headers, caller),
     )
     record.quota_backend = reservation.backend
     request[LIMITS] = reservation.buckets
@@ -123,8 +125,10 @@ def _refusal(reservation: Reservation) -> RateLimited:
 
 async def _current_limits(request: web.Request, caller: Caller) -> None:
     """The caller's bucket states for a response that took nothing from them (one read)."""
-    with contextlib.suppress(QuotaUnavailable):
-        usage = await request.app[QUOTA].usage(caller.tenant.name, caller.key_name)
+    with contextlib.suppress(QuotaUnavailable, InvalidRequest):
+        usage = await request.app[QUOTA].usage(
+            caller.tenant.name, caller.key_name, end_user_of(request.headers, caller)
+        )
         request[LIMITS] = buckets_of(usage)
 
 

@@ -932,7 +932,14 @@ async def test_every_key_of_a_tenant_shares_its_hash_tag_and_expires(
         await quota.settle(reservation, 600)
     with redis.Redis(port=redis_server.port, decode_responses=True) as admin:
         keys = sorted(admin.keys("*"))
-        assert [key.split(":")[2] for key in keys] == ["rpm", "settled", "streams", "today", "tpm"]
+        assert [key.split(":")[2] for key in keys] == [
+            "rpm",
+            "settled",
+            "streams",
+            "today",
+            "tpm",
+            "u",  # the usage ledger's day
+        ]
         assert keys[1].startswith(f"tg:{{acme}}:settled:r1:{reservation.reservation_id}")
         assert len({key_slot(key.encode()) for key in keys}) == 1
         ttl = {key: admin.pttl(key) / 1000 for key in keys}
@@ -941,6 +948,7 @@ async def test_every_key_of_a_tenant_shares_its_hash_tag_and_expires(
     assert ttl["tg:{acme}:rpm"] == pytest.approx(1.0, abs=0.1)  # one request refills in 1 s
     assert ttl["tg:{acme}:tpm"] == pytest.approx(6.0, abs=0.1)
     assert ttl["tg:{acme}:streams"] == pytest.approx(60, abs=1)
+    assert ttl[keys[-1]] == pytest.approx(400 * 86_400, abs=5)  # quota.usage_retention_days
 
 
 async def test_no_url_or_password_reaches_an_error_or_a_log(

@@ -15,7 +15,7 @@ redis, connect (the Redis client and its bounds), breaker, service, lifecycle (o
 """
 
 from gateway.quota.lifecycle import open_quota
-from gateway.quota.model import BucketState, QuotaUnavailable, Reservation
+from gateway.quota.model import BucketState, Charge, QuotaUnavailable, Reservation, UsageRow
 from gateway.quota.plan import (
     CONCURRENT_STREAMS,
     REQUESTS_PER_DAY,
@@ -34,9 +34,11 @@ __all__ = [
     "TOKENS_PER_DAY",
     "TOKENS_PER_MINUTE",
     "BucketState",
+    "Charge",
     "QuotaService",
     "QuotaUnavailable",
     "Reservation",
+    "UsageRow",
     "is_token_bucket",
     "level_of",
     "open_quota",

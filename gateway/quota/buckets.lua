@@ -1,53 +1,102 @@
 -- Shared by every quota script (prepended when the script is loaded): the server's clock and
--- token-bucket arithmetic. A bucket is a hash {l = level, t = time of that level}; an absent key
--- is a full bucket, so a key may expire as soon as it would be full again.
+-- bucket arithmetic. A bucket is a hash {l = level, t = its clock at that level, w = warnings
+-- given this period}; an absent key is a full bucket, so a key may expire once it would be full.
+--
+-- Every bucket comes as one group of GROUP arguments (redis.py's `_group`):
+--   capacity, refill rate per unit of its clock, its clock (-1: the server's, in seconds; else
+--   a calendar budget's period index), ms to the end of that period (0: not a budget), ms of
+--   the longest such period, warn_at fractions ('0.8,0.95' or ''), amount (the script's own).
+-- A rate limit refills by the second; a budget refills its capacity once per period, so the
+-- same arithmetic carries a budget's debt into the next period.
 
--- TIME is the server's clock, so replicas whose clocks disagree still agree on every bucket.
+-- TIME is the server's clock, so replicas whose clocks disagree still agree on every rate limit.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local today = math.floor(tonumber(clock[1]) / 86400)
+local GROUP = 7
 
 local function fmt(x)
   return string.format('%.17g', x)
 end
 
--- The level refilled up to now, and the time it is valid at. A clock that stepped back refills
--- nothing until it passes the saved time again: it never mints tokens.
-local function level_of(key, capacity, rate)
-  local saved = redis.call('HMGET', key, 'l', 't')
-  if not saved[1] then
-    return capacity, now
+local function group(at)
+  local g = {
+    capacity = tonumber(ARGV[at]), rate = tonumber(ARGV[at + 1]), at = tonumber(ARGV[at + 2]),
+    ends_ms = tonumber(ARGV[at + 3]), unit_ms = tonumber(ARGV[at + 4]), warns = ARGV[at + 5],
+    amount = tonumber(ARGV[at + 6]),
+  }
+  if g.at < 0 then
+    g.at = now
   end
-  local level, stamp = tonumber(saved[1]), tonumber(saved[2])
-  if now > stamp then
-    level = level + (now - stamp) * rate
-    stamp = now
-  end
-  if level > capacity then
-    level = capacity
-  end
-  return level, stamp
+  return g
 end
 
-local function save(key, level, stamp, capacity, rate)
-  if level >= capacity then
+-- The level refilled up to the bucket's clock, the clock it is valid at, and the warnings given
+-- in this period. A clock that stepped back refills nothing until it passes the saved one
+-- again: it never mints.
+local function level_of(key, g)
+  local saved = redis.call('HMGET', key, 'l', 't', 'w')
+  if not saved[1] then
+    return g.capacity, g.at, 0
+  end
+  local level, stamp, warned = tonumber(saved[1]), tonumber(saved[2]), tonumber(saved[3]) or 0
+  if g.at > stamp then
+    level = level + (g.at - stamp) * g.rate
+    stamp = g.at
+    warned = 0
+  end
+  if level > g.capacity then
+    level = g.capacity
+  end
+  return level, stamp, warned
+end
+
+local function save(key, g, level, stamp, warned)
+  if level >= g.capacity and warned == 0 then
     redis.call('DEL', key)
     return
   end
-  redis.call('HSET', key, 'l', fmt(level), 't', fmt(stamp))
+  if g.warns ~= '' then
+    redis.call('HSET', key, 'l', fmt(level), 't', fmt(stamp), 'w', warned)
+  else
+    redis.call('HSET', key, 'l', fmt(level), 't', fmt(stamp))
+  end
   -- Idle until full again, the key says nothing an absent key would not.
-  local full_in = (capacity - level) / rate + (stamp - now)
-  redis.call('PEXPIRE', key, math.ceil(full_in * 1000) + 1)
+  if g.ends_ms > 0 then
+    local periods = math.max(1, math.ceil((g.capacity - level) / g.capacity))
+    redis.call('PEXPIRE', key, g.ends_ms + (periods - 1) * g.unit_ms + 1)
+  else
+    local full_in = (g.capacity - level) / g.rate + (stamp - now)
+    redis.call('PEXPIRE', key, math.ceil(full_in * 1000) + 1)
+  end
 end
 
--- Take `amount` from a bucket (give back when negative): a give-back never lifts it past its
--- capacity; a take may leave it below zero (debt, which refill pays off).
-local function adjust(key, capacity, rate, amount)
-  local level, stamp = level_of(key, capacity, rate)
-  level = level - amount
-  if level > capacity then
-    level = capacity
+-- Each warn_at fraction of bucket `i` crossed for the first time this period, as 'i:j' (the
+-- j-th fraction) in `out`; returns how many are given now. In the script that moves the level,
+-- so exactly one call, on one replica, reports a crossing.
+local function crossed(i, g, level, warned, out)
+  if g.warns == '' then
+    return warned
   end
-  save(key, level, stamp, capacity, rate)
+  local used, j = (g.capacity - level) / g.capacity, 0
+  for fraction in string.gmatch(g.warns, '[^,]+') do
+    j = j + 1
+    if j > warned and used >= tonumber(fraction) then
+      out[#out + 1] = i .. ':' .. j
+      warned = j
+    end
+  end
+  return warned
+end
+
+-- Take `amount` from bucket `i` (give back when negative): a give-back never lifts it past its
+-- capacity; a take may leave it below zero (debt, which refill pays off).
+local function adjust(i, key, g, amount, out)
+  local level, stamp, warned = level_of(key, g)
+  level = level - amount
+  if level > g.capacity then
+    level = g.capacity
+  end
+  save(key, g, level, stamp, crossed(i, g, level, warned, out))
 end

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from gateway.breaker import CircuitBreaker
 from gateway.config import Quota, Tenant
+from gateway.quota.calendar import Calendar
 from gateway.quota.connect import MAX_CONNECTIONS, connect
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import Backend
@@ -34,8 +35,9 @@ async def open_quota(
     `lease_ttl`: seconds after which a lease no longer renewed expires (the service renews the
     leases it holds every third of it, so only a crashed replica's lapse). `settled_ttl`: how
     long a settled request is remembered so that a duplicate settle changes nothing (default
-    `lease_ttl`; on Redis one small key per request lives that long). `wall_clock` only dates
-    the memory store's "tokens today" (Redis uses its own)."""
+    `lease_ttl`; on Redis one small key per request lives that long). `wall_clock` places
+    budgets and ledger days in their periods (in `config.timezone`) and dates the memory
+    store's "tokens today" (Redis dates that by its own)."""
     if lease_ttl <= 0:
         raise ValueError("lease_ttl must be positive")
     remember = lease_ttl if settled_ttl is None else settled_ttl
@@ -47,12 +49,14 @@ async def open_quota(
             wall_clock=wall_clock,
             lease_ttl=lease_ttl,
             settled_ttl=remember,
+            retention_days=config.usage_retention_days,
         )
 
+    calendar = Calendar(config.timezone, wall_clock)
     store: MemoryStore | RedisStore
     if config.backend == "memory":
         store = memory("memory")
-        service = QuotaService(store, clock=clock, lease_ttl=lease_ttl)
+        service = QuotaService(store, clock=clock, lease_ttl=lease_ttl, calendar=calendar)
     else:
         budget = config.timeout_ms / 1000
         store = RedisStore(
@@ -61,6 +65,7 @@ async def open_quota(
             lease_ttl=lease_ttl,
             settled_ttl=remember,
             max_in_flight=None if len(config.redis_url) == 1 else MAX_CONNECTIONS,
+            retention_days=config.usage_retention_days,
         )
         service = QuotaService(
             store,
@@ -73,6 +78,7 @@ async def open_quota(
             ),
             replicas=config.expected_replicas,
             startup_budget=max(budget, STARTUP_BUDGET),
+            calendar=calendar,
         )
     service.use_tenants(tenants)
     try:

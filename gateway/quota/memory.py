@@ -1,17 +1,21 @@
-"""Token buckets in this process: the `memory` backend, and the `local` fallback for Redis.
+"""Buckets in this process: the `memory` backend, and the `local` fallback for Redis.
 
 Everything runs between two awaits, so each call is atomic on the event loop. State stays
-bounded however many tenants come by: absent means full, so a tenant whose buckets have refilled
-and who holds no stream lease is forgotten, and settled request ids live for a fixed time in a
-capped queue.
+bounded however many tenants, keys and end users come by: absent means full, so a bucket that
+has refilled (a budget whose period has passed) is forgotten by a sweep, a tenant without
+stream leases holds nothing else, and settled request ids live for a fixed time in a capped
+queue. The usage ledger keeps `retention_days` of days and is lost on restart.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from datetime import date, timedelta
 
-from gateway.quota.model import Backend, Decision, Snapshot
+from gateway.quota.calendar import Moment
+from gateway.quota.model import Backend, Charge, Crossing, Decision, Snapshot, UsageRow
 from gateway.quota.plan import (
     CONCURRENT_STREAMS,
     DAY,
@@ -21,8 +25,8 @@ from gateway.quota.plan import (
     worst_wait,
 )
 
-SWEEP_PER_CALL = 2  # tenants examined per call: more than the one a call can add
-SWEEP_ABOVE = 64  # tenants held before the sweep starts
+SWEEP_MORE = 2  # buckets examined per call beyond the most it can add (one per plan bucket)
+SWEEP_ABOVE = 256  # buckets held before the sweep starts
 MAX_SETTLED = 10_000
 """Settled ids remembered at most (each also for `settled_ttl`). In one process every request's
 account settles once already; these only make a second settle of the same reservation a no-op,
@@ -30,29 +34,13 @@ so seconds of them are enough, and 100,000 (a minute at ~1,500 req/s) cost ~30 M
 
 
 class _Bucket:
-    """Mutable on purpose: rewritten on every call. Keeps capacity and rate so the sweep can
-    tell a full bucket without knowing the tenant's plan."""
+    """Mutable on purpose: rewritten on every call. `forget_at` (service clock) is when it will
+    be full again, so the sweep needs no plan to tell."""
 
-    __slots__ = ("capacity", "level", "rate", "stamp")
+    __slots__ = ("forget_at", "level", "stamp", "warned")
 
-    def __init__(self, level: float, stamp: float, capacity: int, rate: float) -> None:
-        self.level, self.stamp, self.capacity, self.rate = level, stamp, capacity, rate
-
-    def full(self, now: float) -> bool:
-        return self.level + max(0.0, now - self.stamp) * self.rate >= self.capacity
-
-
-class _Tenant:
-    __slots__ = ("buckets", "leases")
-
-    def __init__(self) -> None:
-        self.buckets: dict[str, _Bucket] = {}
-        self.leases: dict[str, float] = {}  # lease id -> expiry
-
-    def live_leases(self, now: float) -> int:
-        for lease in [k for k, expiry in self.leases.items() if expiry <= now]:
-            del self.leases[lease]
-        return len(self.leases)
+    def __init__(self, level: float, stamp: float, warned: int, forget_at: float) -> None:
+        self.level, self.stamp, self.warned, self.forget_at = level, stamp, warned, forget_at
 
 
 class MemoryStore:
@@ -65,6 +53,7 @@ class MemoryStore:
         lease_ttl: float,
         settled_ttl: float,
         max_settled: int = MAX_SETTLED,
+        retention_days: int = 400,
     ) -> None:
         self._name: Backend = name
         self._clock = clock
@@ -72,10 +61,14 @@ class MemoryStore:
         self._lease_ttl = lease_ttl
         self._settled_ttl = settled_ttl
         self._max_settled = max_settled
-        self._tenants: OrderedDict[str, _Tenant] = OrderedDict()
+        self._retention = timedelta(days=retention_days)
+        self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
+        self._leases: dict[str, dict[str, float]] = {}  # tenant -> lease id -> expiry
         self._settled: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> expiry
         self._day = -1
         self._today: dict[str, int] = {}  # tokens per tenant, UTC day `_day` only
+        self._ledger: dict[tuple[str, str, str, str], list[int]] = {}
+        self._ledger_day = ""
 
     @property
     def name(self) -> Backend:
@@ -84,87 +77,115 @@ class MemoryStore:
     @property
     def tenants_held(self) -> int:
         """Tenants with state (a bucket not yet full, or a live lease), for tests."""
-        return len(self._tenants)
+        return len({tenant for tenant, _ in self._buckets} | set(self._leases))
+
+    @property
+    def buckets_held(self) -> int:
+        return len(self._buckets)
 
     @property
     def settled_held(self) -> int:
         return len(self._settled)
 
-    async def reserve(self, tenant: str, plan: Plan, tokens: int, lease: str | None) -> Decision:
+    async def reserve(
+        self, tenant: str, plan: Plan, tokens: int, lease: str | None, at: Moment
+    ) -> Decision:
         now = self._clock()
-        held = self._tenants.get(tenant)
-        current = [self._current(held, spec, now) for spec in plan.buckets]
-        levels = tuple(level for level, _ in current)
-        rejected, wait = worst_wait(plan, levels, tokens)
-        if rejected is None and lease is not None and plan.max_streams is not None:
-            live = held.live_leases(now) if held is not None else 0
-            if live >= plan.max_streams:
-                rejected, wait = CONCURRENT_STREAMS, 0.0
+        current = [self._current(tenant, spec, now, at) for spec in plan.buckets]
+        levels = tuple(level for level, _, _ in current)
+        rejected, wait = worst_wait(plan, levels, tokens, at)
+        if (
+            rejected is None
+            and lease is not None
+            and plan.max_streams is not None
+            and self._live_leases(tenant, now) >= plan.max_streams
+        ):
+            rejected, wait = CONCURRENT_STREAMS, 0.0
         if rejected is not None:
-            self._sweep(now)
+            self._sweep(now, len(plan.buckets))
             return Decision(False, rejected, wait, levels)
 
-        state = self._touch(tenant)
         after = list(levels)
-        for i, (spec, (level, stamp)) in enumerate(zip(plan.buckets, current, strict=True)):
+        crossed: list[Crossing] = []
+        for i, (spec, (level, stamp, warned)) in enumerate(zip(plan.buckets, current, strict=True)):
             cost = spec.cost(tokens)
             if cost:
                 after[i] = level - cost
-                self._put(state, spec, after[i], stamp)
+                warned = _crossed(spec, after[i], warned, crossed)
+                self._put(tenant, spec, after[i], stamp, warned, now, at)
         if lease is not None and plan.max_streams is not None:
-            state.leases[lease] = now + self._lease_ttl
-        self._sweep(now)
-        return Decision(True, None, 0.0, tuple(after))
+            self._leases.setdefault(tenant, {})[lease] = now + self._lease_ttl
+        self._sweep(now, len(plan.buckets))
+        return Decision(True, None, 0.0, tuple(after), tuple(crossed))
 
     async def settle(
-        self, tenant: str, plan: Plan, settle_key: str, delta: int, actual: int
-    ) -> bool:
+        self,
+        tenant: str,
+        plan: Plan,
+        settle_key: str,
+        delta: int,
+        actual: int,
+        at: Moment,
+        charge: Charge | None,
+    ) -> tuple[Crossing, ...] | None:
         now = self._clock()
         if not self._first(tenant, settle_key, now):
-            return False
-        if delta and plan.token_buckets:
-            state = self._touch(tenant)
+            return None
+        crossed: list[Crossing] = []
+        if delta:
             for spec in plan.token_buckets:
-                level, stamp = self._current(state, spec, now)
+                level, stamp, warned = self._current(tenant, spec, now, at)
                 # A refund never lifts a bucket past its capacity; a debit may go below zero.
-                self._put(state, spec, min(spec.capacity, level - delta), stamp)
+                level = min(spec.capacity, level - delta)
+                warned = _crossed(spec, level, warned, crossed)
+                self._put(tenant, spec, level, stamp, warned, now, at)
         day = int(self._wall_clock() // DAY)
         if day != self._day:
             self._day, self._today = day, {}
         self._today[tenant] = self._today.get(tenant, 0) + actual
-        self._sweep(now)
-        return True
+        self._count(tenant, actual, at, charge or Charge("", ""))
+        self._sweep(now, len(plan.buckets))
+        return tuple(crossed)
 
     async def refund(
-        self, tenant: str, plan: Plan, settle_key: str, tokens: int, lease: str | None
+        self,
+        tenant: str,
+        plan: Plan,
+        settle_key: str,
+        tokens: int,
+        lease: str | None,
+        at: Moment,
     ) -> bool:
         now = self._clock()
         if lease is not None:
             self.forget_lease(tenant, lease)
         if not self._first(tenant, settle_key, now):
             return False
-        state = self._touch(tenant)
         for spec in plan.buckets:
             cost = spec.cost(tokens)
             if cost:
-                level, stamp = self._current(state, spec, now)
-                self._put(state, spec, min(spec.capacity, level + cost), stamp)
-        self._sweep(now)
+                level, stamp, warned = self._current(tenant, spec, now, at)
+                self._put(tenant, spec, min(spec.capacity, level + cost), stamp, warned, now, at)
+        self._sweep(now, len(plan.buckets))
         return True
 
     async def release(self, tenant: str, lease: str) -> None:
         self.forget_lease(tenant, lease)
 
     def forget_lease(self, tenant: str, lease: str) -> None:
-        held = self._tenants.get(tenant)
+        held = self._leases.get(tenant)
         if held is not None:
-            held.leases.pop(lease, None)
+            held.pop(lease, None)
+            if not held:
+                del self._leases[tenant]
 
     async def renew(self, tenant: str, leases: Sequence[str]) -> None:
-        state = self._touch(tenant)
+        if not leases:
+            return
+        held = self._leases.setdefault(tenant, {})
         expiry = self._clock() + self._lease_ttl
         for lease in leases:
-            state.leases[lease] = expiry
+            held[lease] = expiry
 
     def seed(
         self,
@@ -173,27 +194,64 @@ class MemoryStore:
         levels: Sequence[float],
         stamp: float,
         leases: Sequence[str],
+        at: Moment,
     ) -> None:
-        """Start `tenant` over from `levels` (valid at `stamp`) and exactly `leases`: the local
-        fallback taking over from Redis, which knew better than full buckets."""
-        state = self._touch(tenant)
-        state.buckets.clear()
+        """Start `tenant` over from `levels` (a rate limit's valid at `stamp`, a budget's in
+        the period of `at`) and exactly `leases`: the local fallback taking over from Redis,
+        which knew better than full buckets."""
+        now = self._clock()
         for spec, level in zip(plan.buckets, levels, strict=True):
-            self._put(state, spec, min(float(spec.capacity), level), stamp)
-        now = self._clock()
-        state.leases = {lease: now + self._lease_ttl for lease in leases}
+            self._buckets.pop((tenant, spec.key), None)
+            clock = spec.clock(stamp, at)
+            self._put(tenant, spec, min(float(spec.capacity), level), clock, 0, now, at)
+        if leases:
+            self._leases[tenant] = {lease: now + self._lease_ttl for lease in leases}
+        else:
+            self._leases.pop(tenant, None)
 
-    async def usage(self, tenant: str, plan: Plan) -> Snapshot:
+    async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot:
         now = self._clock()
-        held = self._tenants.get(tenant)
-        levels = tuple(self._current(held, spec, now)[0] for spec in plan.buckets)
-        live = held.live_leases(now) if held is not None else 0
+        levels = tuple(self._current(tenant, spec, now, at)[0] for spec in plan.buckets)
         today = self._today.get(tenant, 0) if int(self._wall_clock() // DAY) == self._day else 0
-        return Snapshot(levels, live, today)
+        return Snapshot(levels, self._live_leases(tenant, now), today)
+
+    async def ledger(self, first: str, last: str) -> list[UsageRow]:
+        return [
+            UsageRow(day, tenant, key, agent, *counts)
+            for (day, tenant, key, agent), counts in self._ledger.items()
+            if first <= day <= last
+        ]
 
     async def aclose(self) -> None:
-        self._tenants.clear()
+        self._buckets.clear()
+        self._leases.clear()
         self._settled.clear()
+
+    def _count(self, tenant: str, actual: int, at: Moment, charge: Charge) -> None:
+        if at.date != self._ledger_day:
+            self._ledger_day = at.date
+            oldest = (date.fromisoformat(at.date) - self._retention).isoformat()
+            for row in [row for row in self._ledger if row[0] <= oldest]:
+                del self._ledger[row]
+        row = (at.date, tenant, charge.key, charge.agent)
+        counts = self._ledger.get(row)
+        if counts is None:
+            counts = self._ledger[row] = [0, 0, 0, 0, 0]
+        counts[0] += 1
+        counts[1] += charge.tokens_input
+        counts[2] += charge.tokens_output
+        counts[3] += actual
+        counts[4] += charge.tokens_estimated
+
+    def _live_leases(self, tenant: str, now: float) -> int:
+        held = self._leases.get(tenant)
+        if held is None:
+            return 0
+        for lease in [k for k, expiry in held.items() if expiry <= now]:
+            del held[lease]
+        if not held:
+            del self._leases[tenant]
+        return len(held)
 
     def _first(self, tenant: str, settle_key: str, now: float) -> bool:
         """Marks `settle_key` done; False when it already was (a settle or a refund)."""
@@ -206,46 +264,70 @@ class MemoryStore:
             self._settled.popitem(last=False)
         return True
 
-    def _current(self, held: _Tenant | None, spec: BucketSpec, now: float) -> tuple[float, float]:
-        bucket = held.buckets.get(spec.key) if held is not None else None
+    def _current(
+        self, tenant: str, spec: BucketSpec, now: float, at: Moment
+    ) -> tuple[float, float, int]:
+        """The level on the bucket's own clock, that clock, and the warnings given this period."""
+        clock = spec.clock(now, at)
+        bucket = self._buckets.get((tenant, spec.key))
         if bucket is None:
-            return float(spec.capacity), now
-        return level_at(spec, bucket.level, bucket.stamp, now)
+            return float(spec.capacity), clock, 0
+        level, stamp = level_at(spec, bucket.level, bucket.stamp, clock)
+        return level, stamp, bucket.warned if stamp == bucket.stamp else 0
 
-    @staticmethod
-    def _put(state: _Tenant, spec: BucketSpec, level: float, stamp: float) -> None:
-        bucket = state.buckets.get(spec.key)
-        if bucket is None:
-            state.buckets[spec.key] = _Bucket(level, stamp, spec.capacity, spec.rate)
+    def _put(
+        self,
+        tenant: str,
+        spec: BucketSpec,
+        level: float,
+        stamp: float,
+        warned: int,
+        now: float,
+        at: Moment,
+    ) -> None:
+        held = (tenant, spec.key)
+        if level >= spec.capacity and not warned:
+            self._buckets.pop(held, None)
+            return
+        if spec.period is None:
+            forget_at = stamp + (spec.capacity - level) / spec.rate
         else:
-            # A reload may have changed the plan: the bucket follows it.
-            bucket.level, bucket.stamp, bucket.capacity, bucket.rate = (
+            periods = max(1, math.ceil((spec.capacity - level) / spec.capacity))
+            forget_at = now + at.until(spec.period, periods)
+        bucket = self._buckets.get(held)
+        if bucket is None:
+            self._buckets[held] = _Bucket(level, stamp, warned, forget_at)
+        else:
+            bucket.level, bucket.stamp, bucket.warned, bucket.forget_at = (
                 level,
                 stamp,
-                spec.capacity,
-                spec.rate,
+                warned,
+                forget_at,
             )
+            self._buckets.move_to_end(held)
 
-    def _touch(self, tenant: str) -> _Tenant:
-        state = self._tenants.get(tenant)
-        if state is None:
-            state = self._tenants[tenant] = _Tenant()
-        else:
-            self._tenants.move_to_end(tenant)
-        return state
-
-    def _sweep(self, now: float) -> None:
-        """A clock hand over the oldest tenants: forget the full ones, pass over the rest.
-
-        Each call adds at most one tenant and examines two, so the held set cannot outgrow
-        about twice the tenants whose buckets are really not full; below SWEEP_ABOVE tenants
-        nothing is examined (the per-request cost is then nil, and the bound barely moves).
-        """
-        if len(self._tenants) <= SWEEP_ABOVE:
+    def _sweep(self, now: float, added: int) -> None:
+        """A clock hand over the least recently used buckets: forget the full ones, pass over
+        the rest. A call adds at most `added` buckets and examines SWEEP_MORE more than that,
+        so the held set stays within a small multiple of the buckets really not full; below
+        SWEEP_ABOVE nothing is examined (the per-request cost is then nil)."""
+        if len(self._buckets) <= SWEEP_ABOVE:
             return
-        for _ in range(min(SWEEP_PER_CALL, len(self._tenants))):
-            name, state = next(iter(self._tenants.items()))
-            if state.live_leases(now) == 0 and all(b.full(now) for b in state.buckets.values()):
-                del self._tenants[name]
+        for _ in range(added + SWEEP_MORE):
+            held, bucket = next(iter(self._buckets.items()))
+            if bucket.forget_at <= now:
+                del self._buckets[held]
             else:
-                self._tenants.move_to_end(name)
+                self._buckets.move_to_end(held)
+
+
+def _crossed(spec: BucketSpec, level: float, warned: int, out: list[Crossing]) -> int:
+    """buckets.lua's `crossed`: each warn_at fraction passed for the first time this period."""
+    if not spec.warn_at:
+        return warned
+    used = (spec.capacity - level) / spec.capacity
+    for j, fraction in enumerate(spec.warn_at, start=1):
+        if j > warned and used >= fraction:
+            out.append(Crossing(spec, fraction))
+            warned = j
+    return warned

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from gateway.errors import Unavailable
-from gateway.quota.plan import Plan
+from gateway.quota.calendar import Moment
+from gateway.quota.plan import BucketSpec, Plan
 
 Backend = Literal["memory", "redis", "local", "open"]
 
@@ -61,6 +62,14 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class Crossing:
+    """A budget's `warn_at` fraction crossed for the first time in its period."""
+
+    bucket: BucketSpec
+    fraction: float
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """A store's answer to one reserve: levels are after the decision, one per plan bucket."""
 
@@ -68,6 +77,39 @@ class Decision:
     rejected_by: str | None
     wait: float  # seconds until it would pass (0 when allowed)
     levels: tuple[float, ...]
+    crossed: tuple[Crossing, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What one settled request adds to the usage ledger besides its total: whose it was, and
+    how its total divides. `tokens_estimated` is the part of the total upstream did not report
+    (input and output count reported tokens only)."""
+
+    key: str
+    agent: str
+    tokens_input: int = 0
+    tokens_output: int = 0
+    tokens_estimated: int = 0
+
+    def field(self) -> str:
+        """The ledger's field prefix; names cannot hold '|' (config's patterns)."""
+        return f"{self.key}|{self.agent}|"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """One ledger row: a day in quota.timezone, or a range once rows are summed."""
+
+    day: str
+    tenant: str
+    key: str
+    agent: str
+    requests: int = 0
+    tokens_input: int = 0
+    tokens_output: int = 0
+    tokens_total: int = 0
+    tokens_estimated: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,18 +127,35 @@ class Store(Protocol):
     @property
     def name(self) -> Backend: ...
 
-    async def reserve(self, tenant: str, plan: Plan, tokens: int, lease: str | None) -> Decision:
-        """Take 1 per request bucket, `tokens` per token bucket and `lease`: all or nothing."""
+    async def reserve(
+        self, tenant: str, plan: Plan, tokens: int, lease: str | None, at: Moment
+    ) -> Decision:
+        """Take 1 per request bucket, `tokens` per token bucket and `lease`: all or nothing.
+        `at` places budgets in their periods."""
         ...
 
     async def settle(
-        self, tenant: str, plan: Plan, settle_key: str, delta: int, actual: int
-    ) -> bool:
-        """Debit `delta` (refund when negative) once per `settle_key`; False for a duplicate."""
+        self,
+        tenant: str,
+        plan: Plan,
+        settle_key: str,
+        delta: int,
+        actual: int,
+        at: Moment,
+        charge: Charge | None,
+    ) -> tuple[Crossing, ...] | None:
+        """Debit `delta` (refund when negative) once per `settle_key`, and add `actual` tokens
+        and `charge` to the ledger's day of `at`; None for a duplicate (nothing changes)."""
         ...
 
     async def refund(
-        self, tenant: str, plan: Plan, settle_key: str, tokens: int, lease: str | None
+        self,
+        tenant: str,
+        plan: Plan,
+        settle_key: str,
+        tokens: int,
+        lease: str | None,
+        at: Moment,
     ) -> bool:
         """Undo a reserve that never reached upstream: 1 back on each request bucket, `tokens`
         on each token bucket (never past capacity), `lease` released, nothing counted today.
@@ -111,6 +170,10 @@ class Store(Protocol):
         back if the store lost it."""
         ...
 
-    async def usage(self, tenant: str, plan: Plan) -> Snapshot: ...
+    async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot: ...
+
+    async def ledger(self, first: str, last: str) -> list[UsageRow]:
+        """Every ledger row of the days `first`..`last` (ISO dates, inclusive), any order."""
+        ...
 
     async def aclose(self) -> None: ...

@@ -1,28 +1,49 @@
-"""A tenant's limits as token buckets, and the bucket arithmetic the memory store uses.
+"""A tenant's limits and budgets as buckets, and the bucket arithmetic the memory store uses.
 
-`reserve.lua` does the same arithmetic on the Redis server; the contract tests hold the two to
-one behaviour.
+Two kinds of bucket, one arithmetic. A rate limit (`limits`) refills continuously, by the
+second. A calendar budget (`budget`) refills whole at the start of each period: its "clock" is
+the period's index (calendar.py) and it refills its capacity per period, so a budget left in
+debt by settling pays it off from the next period's allowance, just as a rate limit's debt is
+paid off by refill. `buckets.lua` does the same arithmetic on the Redis server; the contract
+tests hold the two to one behaviour.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from gateway.config import TenantLimits
+from gateway.config import Amount, Budget, EndUser, TenantLimits
+from gateway.quota.calendar import Moment, Period
 
 REQUESTS_PER_MINUTE = "requests per minute"
 REQUESTS_PER_DAY = "requests per day"
 TOKENS_PER_MINUTE = "tokens per minute"
 TOKENS_PER_DAY = "tokens per day"
 CONCURRENT_STREAMS = "concurrent streams"
+# Budgets. "per day" is taken by the rolling limit, so a calendar day says so.
+REQUESTS_PER_CALENDAR_DAY = "requests per calendar day"
+TOKENS_PER_CALENDAR_DAY = "tokens per calendar day"
+REQUESTS_PER_MONTH = "requests per month"
+TOKENS_PER_MONTH = "tokens per month"
+BUDGET_LABELS = {
+    TOKENS_PER_CALENDAR_DAY: "tokens_per_day",
+    TOKENS_PER_MONTH: "tokens_per_month",
+    REQUESTS_PER_CALENDAR_DAY: "requests_per_day",
+    REQUESTS_PER_MONTH: "requests_per_month",
+}
+"""A budget's name in metrics (`gateway_budget_used_ratio{budget=...}`)."""
 
 KEY_LEVEL = "key "  # how a key's own buckets are named: "key billing-service: requests per day"
+END_USER_LEVEL = "end user: "  # never the end user's id: that is a bucket id, not a name
 
 
 def is_token_bucket(name: str) -> bool:
     """Whether a bucket of this name counts tokens (at any level)."""
-    return name.endswith((TOKENS_PER_MINUTE, TOKENS_PER_DAY))
+    return name.endswith(
+        (TOKENS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_CALENDAR_DAY, TOKENS_PER_MONTH)
+    )
 
 
 def level_of(name: str) -> str:
@@ -45,14 +66,32 @@ class BucketSpec:
     refill: int  # added per `window`, continuously
     window: int  # seconds
     tokens: bool  # costs the request's tokens, else one request
+    # A calendar budget: refills `capacity` at the start of each period (window 1, counted in
+    # periods), and logs each fraction of `warn_at` once per period as it is crossed.
+    period: Period | None = None
+    warn_at: tuple[float, ...] = ()
     rate: float = field(init=False, compare=False, repr=False)
-    """Refill per second; derived once, every bucket computation asks."""
+    """Refill per unit of its clock; derived once, every bucket computation asks."""
+    warns: str = field(init=False, compare=False, repr=False)
+    """`warn_at` as the scripts take it: '0.8,0.95'."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rate", self.refill / self.window)
+        object.__setattr__(self, "warns", ",".join(repr(f) for f in self.warn_at))
 
     def cost(self, tokens: int) -> int:
         return tokens if self.tokens else 1
+
+    def clock(self, now: float, moment: Moment) -> float:
+        """Where this bucket's time is: seconds for a rate limit, the period for a budget."""
+        return now if self.period is None else moment.index(self.period)
+
+    def budget_of(self) -> tuple[str | None, str] | None:
+        """A tenant's or a key's budget, as metric labels: (key name or None, budget)."""
+        if self.period is None or self.name.startswith(END_USER_LEVEL):
+            return None
+        level, _, what = self.name.rpartition(": ")
+        return (level.removeprefix(KEY_LEVEL) if level else None), BUDGET_LABELS[what]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +100,13 @@ class Plan:
     max_streams: int | None
     # Derived once: every reservation and settlement asks.
     token_buckets: tuple[BucketSpec, ...] = field(init=False, compare=False, repr=False)
+    budgets: bool = field(init=False, compare=False, repr=False)  # any calendar budget
     _max_token_cost: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         token_buckets = tuple(b for b in self.buckets if b.tokens)
         object.__setattr__(self, "token_buckets", token_buckets)
+        object.__setattr__(self, "budgets", any(b.period is not None for b in self.buckets))
         object.__setattr__(
             self, "_max_token_cost", min((b.capacity for b in token_buckets), default=0)
         )
@@ -87,24 +128,82 @@ class Plan:
         def share(n: int) -> int:
             return max(1, math.ceil(n / replicas))
 
+        def scaled(b: BucketSpec) -> BucketSpec:
+            capacity = share(b.capacity)
+            refill = capacity if b.period is not None else share(b.refill)
+            return replace(b, capacity=capacity, refill=refill)
+
         return Plan(
-            buckets=tuple(
-                BucketSpec(b.name, b.key, share(b.capacity), share(b.refill), b.window, b.tokens)
-                for b in self.buckets
-            ),
+            buckets=tuple(scaled(b) for b in self.buckets),
             max_streams=None if self.max_streams is None else share(self.max_streams),
         )
 
+    def with_end_user(self, end_user: EndUser, who: str) -> Plan:
+        """This plan and the buckets of one end user (`who`, the header's value) after it."""
+        return Plan(self.buckets + end_user_buckets(end_user, who), self.max_streams)
+
 
 def plan_for(
-    limits: TenantLimits, key: str | None = None, key_limits: TenantLimits | None = None
+    limits: TenantLimits,
+    key: str | None = None,
+    key_limits: TenantLimits | None = None,
+    *,
+    budget: Budget | None = None,
+    key_budget: Budget | None = None,
 ) -> Plan:
-    """The tenant's buckets and, for a key with limits of its own, the key's after them: one
+    """The tenant's buckets and budgets and, for a key with its own, the key's after them: one
     plan, so one atomic call takes from every level or from none."""
-    buckets = _buckets(limits, "", "")
-    if key is not None and key_limits is not None:
-        buckets += _buckets(key_limits, f"{KEY_LEVEL}{key}: ", f"k:{key}:")
+    buckets = _buckets(limits, "", "") + _budgets(budget, "", "")
+    if key is not None:
+        prefix, stored = f"{KEY_LEVEL}{key}: ", f"k:{key}:"
+        if key_limits is not None:
+            buckets += _buckets(key_limits, prefix, stored)
+        buckets += _budgets(key_budget, prefix, stored)
     return Plan(tuple(buckets), limits.max_concurrent_streams)
+
+
+def end_user_buckets(end_user: EndUser, who: str) -> tuple[BucketSpec, ...]:
+    """Stored under a digest of the value: it may look like a secret, and its length is the
+    caller's choice. Named without it, so refusals, headers and metrics never show it."""
+    digest = hashlib.blake2b(who.encode(), digest_size=12).hexdigest()
+    stored = f"e:{digest}:"
+    return tuple(
+        _buckets(end_user.limits, END_USER_LEVEL, stored)
+        + _budgets(end_user.budget, END_USER_LEVEL, stored)
+    )
+
+
+def _budgets(budget: Budget | None, name_prefix: str, key_prefix: str) -> list[BucketSpec]:
+    if budget is None:
+        return []
+    buckets: list[BucketSpec] = []
+    periods: tuple[Period, Period] = ("day", "month")
+    amounts: tuple[tuple[Amount, bool, str, str, str], ...] = (
+        (budget.requests, False, "r", REQUESTS_PER_CALENDAR_DAY, REQUESTS_PER_MONTH),
+        (budget.tokens, True, "t", TOKENS_PER_CALENDAR_DAY, TOKENS_PER_MONTH),
+    )
+    for amount, tokens, short, per_day, per_month in amounts:
+        for limit, period, name, suffix in zip(
+            (amount.per_day, amount.per_month),
+            periods,
+            (per_day, per_month),
+            ("bd", "bm"),
+            strict=True,
+        ):
+            if limit is not None:
+                buckets.append(
+                    BucketSpec(
+                        f"{name_prefix}{name}",
+                        f"{key_prefix}{short}{suffix}",
+                        limit,
+                        limit,
+                        1,
+                        tokens,
+                        period,
+                        budget.warn_at,
+                    )
+                )
+    return buckets
 
 
 def _buckets(limits: TenantLimits, name_prefix: str, key_prefix: str) -> list[BucketSpec]:
@@ -143,7 +242,8 @@ def _buckets(limits: TenantLimits, name_prefix: str, key_prefix: str) -> list[Bu
 
 
 def level_at(spec: BucketSpec, level: float, stamp: float, now: float) -> tuple[float, float]:
-    """The level refilled up to `now`, and the time it is valid at.
+    """The level refilled up to `now`, and the time it is valid at (`now` and `stamp` are the
+    bucket's own clock: `BucketSpec.clock`).
 
     A clock that steps back refills nothing until it passes `stamp` again, so it never mints.
     """
@@ -153,17 +253,26 @@ def level_at(spec: BucketSpec, level: float, stamp: float, now: float) -> tuple[
     return min(level, spec.capacity), stamp
 
 
-def worst_wait(plan: Plan, levels: tuple[float, ...], tokens: int) -> tuple[str | None, float]:
+def worst_wait(
+    plan: Plan, levels: tuple[float, ...], tokens: int, moment: Moment
+) -> tuple[str | None, float]:
     """The bucket that refuses longest, and how long; (None, 0) when every bucket allows."""
     rejected: str | None = None
     wait = 0.0
     for spec, level in zip(plan.buckets, levels, strict=True):
         cost = spec.cost(tokens)
         if level < cost:
-            needed = (cost - level) / spec.rate
+            needed = _until(spec, level, cost, moment)
             if rejected is None or needed > wait:
                 rejected, wait = spec.name, needed
     return rejected, wait
+
+
+def _until(spec: BucketSpec, level: float, wanted: float, moment: Moment) -> float:
+    """Seconds until the bucket holds `wanted`: refill by the second, or whole periods."""
+    if spec.period is None:
+        return (wanted - level) / spec.rate
+    return moment.until(spec.period, math.ceil((wanted - level) / spec.capacity - 1e-9))
 
 
 def whole_seconds(wait: float) -> int:
@@ -171,5 +280,5 @@ def whole_seconds(wait: float) -> int:
     return max(1, math.ceil(wait - 1e-9))
 
 
-def reset_after(spec: BucketSpec, level: float) -> float:
-    return max(0.0, (spec.capacity - level) / spec.rate)
+def reset_after(spec: BucketSpec, level: float, moment: Moment) -> float:
+    return 0.0 if level >= spec.capacity else max(0.0, _until(spec, level, spec.capacity, moment))

@@ -30,9 +30,10 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.quota.calendar import Moment
 from gateway.quota.connect import MAX_CONNECTIONS
-from gateway.quota.model import Backend, Decision, Snapshot
-from gateway.quota.plan import CONCURRENT_STREAMS, Plan
+from gateway.quota.model import Backend, Charge, Crossing, Decision, Snapshot, UsageRow
+from gateway.quota.plan import CONCURRENT_STREAMS, BucketSpec, Plan, worst_wait
 
 RedisClient = Redis | RedisCluster
 
@@ -53,6 +54,40 @@ def bucket_key(tenant: str, key: str) -> str:
     return f"tg:{{{tenant}}}:{key}"
 
 
+LEDGER = "u:"
+"""A ledger day's key after the tenant's tag: `tg:{acme}:u:2026-11-28`."""
+LONGEST_MS = {"day": 25 * 3_600_000, "month": 31 * 86_400_000}
+"""A period's longest length (a DST day, a 31-day month): a budget in debt for more than one
+period is kept that much longer per period, never less (an expired budget is a full one)."""
+
+
+def _group(spec: BucketSpec, at: Moment, amount: int) -> tuple[int | float | str, ...]:
+    """One bucket's arguments, as buckets.lua reads them."""
+    period = spec.period
+    if period is None:
+        return (spec.capacity, spec.rate, -1, 0, 0, "", amount)
+    ends_ms = math.ceil(at.until(period) * 1000)
+    return (
+        spec.capacity,
+        spec.rate,
+        at.index(period),
+        ends_ms,
+        LONGEST_MS[period],
+        spec.warns,
+        amount,
+    )
+
+
+def _crossings(plan_buckets: Sequence[BucketSpec], raw: Sequence[Any]) -> tuple[Crossing, ...]:
+    """'i:j' (bucket i's j-th warn_at fraction, from 1) as the scripts report them."""
+    crossed = []
+    for item in raw:
+        i, _, j = (item.decode() if isinstance(item, bytes) else str(item)).partition(":")
+        spec = plan_buckets[int(i) - 1]
+        crossed.append(Crossing(spec, spec.warn_at[int(j) - 1]))
+    return tuple(crossed)
+
+
 class RedisStore:
     def __init__(
         self,
@@ -62,9 +97,11 @@ class RedisStore:
         lease_ttl: float,
         settled_ttl: float,
         max_in_flight: int | None = None,
+        retention_days: int = 400,
     ) -> None:
         self._client = client
         self._budget = budget
+        self._ledger_ttl_ms = retention_days * 86_400_000
         self._lease_ttl_ms = math.ceil(lease_ttl * 1000)
         self._settled_ttl_ms = math.ceil(settled_ttl * 1000)
         # The cluster client fails at once when a node's connections run out; waiting for a
@@ -111,39 +148,64 @@ class RedisStore:
                 for connection in warm:
                     node.release(connection)
 
-    async def reserve(self, tenant: str, plan: Plan, tokens: int, lease: str | None) -> Decision:
+    async def reserve(
+        self, tenant: str, plan: Plan, tokens: int, lease: str | None, at: Moment
+    ) -> Decision:
+        n = len(plan.buckets)
         keys = [bucket_key(tenant, b.key) for b in plan.buckets] + [bucket_key(tenant, "streams")]
-        args: list[int | str] = [len(plan.buckets), lease or "", plan.max_streams or 0]
+        args: list[int | float | str] = [n, lease or "", plan.max_streams or 0]
         args.append(self._lease_ttl_ms)
         for b in plan.buckets:
-            args += [b.capacity, b.refill, b.window, b.cost(tokens)]
+            args += _group(b, at, b.cost(tokens))
         reply = await self._run("reserve", keys, args)
-        allowed, refused_by, wait = int(reply[0]), int(reply[1]), float(reply[2])
-        levels = tuple(float(x) for x in reply[3:])
+        allowed, refused_by = int(reply[0]), int(reply[1])
+        levels = tuple(float(x) for x in reply[2 : 2 + n])
         if allowed:
-            return Decision(True, None, 0.0, levels)
-        name = CONCURRENT_STREAMS if refused_by < 0 else plan.buckets[refused_by - 1].name
+            return Decision(True, None, 0.0, levels, _crossings(plan.buckets, reply[2 + n :]))
+        if refused_by < 0:
+            return Decision(False, CONCURRENT_STREAMS, 0.0, levels)
+        name, wait = worst_wait(plan, levels, tokens, at)
         return Decision(False, name, wait, levels)
 
     async def settle(
-        self, tenant: str, plan: Plan, settle_key: str, delta: int, actual: int
-    ) -> bool:
+        self,
+        tenant: str,
+        plan: Plan,
+        settle_key: str,
+        delta: int,
+        actual: int,
+        at: Moment,
+        charge: Charge | None,
+    ) -> tuple[Crossing, ...] | None:
         buckets = plan.token_buckets
         keys = [bucket_key(tenant, b.key) for b in buckets]
         keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, "today")]
-        args: list[int | str] = [len(buckets), delta, actual, self._settled_ttl_ms]
+        keys.append(bucket_key(tenant, LEDGER + at.date))
+        charge = charge or Charge("", "")
+        args: list[int | float | str] = [len(buckets), delta, actual, self._settled_ttl_ms]
+        args += [charge.field(), charge.tokens_input, charge.tokens_output]
+        args += [charge.tokens_estimated, self._ledger_ttl_ms]
         for b in buckets:
-            args += [b.capacity, b.refill, b.window]
-        return bool(int(await self._run("settle", keys, args)))
+            args += _group(b, at, 0)
+        reply = await self._run("settle", keys, args)
+        if not int(reply[0]):
+            return None
+        return _crossings(buckets, reply[1:])
 
     async def refund(
-        self, tenant: str, plan: Plan, settle_key: str, tokens: int, lease: str | None
+        self,
+        tenant: str,
+        plan: Plan,
+        settle_key: str,
+        tokens: int,
+        lease: str | None,
+        at: Moment,
     ) -> bool:
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
         keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, "streams")]
-        args: list[int | str] = [len(plan.buckets), lease or "", self._settled_ttl_ms]
+        args: list[int | float | str] = [len(plan.buckets), lease or "", self._settled_ttl_ms]
         for b in plan.buckets:
-            args += [b.capacity, b.refill, b.window, b.cost(tokens)]
+            args += _group(b, at, b.cost(tokens))
         return bool(int(await self._run("refund", keys, args)))
 
     async def release(self, tenant: str, lease: str) -> None:
@@ -154,14 +216,28 @@ class RedisStore:
     async def renew(self, tenant: str, leases: Sequence[str]) -> None:
         await self._run("renew", [bucket_key(tenant, "streams")], [self._lease_ttl_ms, *leases])
 
-    async def usage(self, tenant: str, plan: Plan) -> Snapshot:
+    async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot:
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
         keys += [bucket_key(tenant, "streams"), bucket_key(tenant, "today")]
-        args: list[int | str] = [len(plan.buckets)]
+        args: list[int | float | str] = [len(plan.buckets)]
         for b in plan.buckets:
-            args += [b.capacity, b.refill, b.window]
+            args += _group(b, at, 0)
         reply = await self._run("usage", keys, args)
         return Snapshot(tuple(float(x) for x in reply[2:]), int(reply[0]), int(reply[1]))
+
+    async def ledger(self, first: str, last: str) -> list[UsageRow]:
+        """Found by SCAN (on every primary of a cluster): a ledger day of a tenant since
+        removed from the configuration is still charged for. A report, not the request path:
+        not bounded by the admission budget, each command by the client's own timeout."""
+        rows: list[UsageRow] = []
+        async for raw in self._client.scan_iter(match=f"tg:{{*}}:{LEDGER}*", count=1000):
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            tenant = name[name.index("{") + 1 : name.index("}")]
+            day = name.rpartition(":")[2]
+            if first <= day <= last:
+                fields = await self._client.hgetall(name)
+                rows += _rows(day, tenant, fields)
+        return rows
 
     async def aclose(self) -> None:
         if self._pipelined is not None:
@@ -172,7 +248,9 @@ class RedisStore:
         with contextlib.suppress(RedisTimeoutError):
             await self._client.aclose()
 
-    async def _run(self, script: str, keys: Sequence[str], args: Sequence[int | str]) -> Any:
+    async def _run(
+        self, script: str, keys: Sequence[str], args: Sequence[int | float | str]
+    ) -> Any:
         if self._pipelined is not None:
             return await self._pipelined.call(self._scripts[script], keys, args)
         async with redis_time(self._budget):
@@ -230,7 +308,7 @@ class _Deadline:
         self._handle.cancel()
 
 
-_Call = tuple[AsyncScript, Sequence[str], Sequence[int | str], "asyncio.Future[Any]", bool]
+_Call = tuple[AsyncScript, Sequence[str], Sequence[int | float | str], "asyncio.Future[Any]", bool]
 """A script, its keys and arguments, its caller's reply, and whether to send the source (EVAL:
 the server lost its script cache) rather than the hash (EVALSHA)."""
 
@@ -259,7 +337,7 @@ class _Pipelined:
         self._worker: asyncio.Task[None] | None = None
 
     def call(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[int | str]
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[int | float | str]
     ) -> asyncio.Future[Any]:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((script, keys, args, reply, False))
@@ -330,8 +408,29 @@ class _Pipelined:
         await self._connection.disconnect()
 
 
+_LEDGER_FIELDS = {
+    "r": "requests",
+    "i": "tokens_input",
+    "o": "tokens_output",
+    "t": "tokens_total",
+    "e": "tokens_estimated",
+}
+
+
+def _rows(day: str, tenant: str, fields: dict[Any, Any]) -> list[UsageRow]:
+    """One ledger hash ('<key>|<agent>|<r i o t e>' → count) as rows, one per key and agent."""
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for raw_field, value in fields.items():
+        field = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+        key, agent, what = field.split("|")
+        counts.setdefault((key, agent), {})[_LEDGER_FIELDS[what]] = int(value)
+    return [
+        UsageRow(day, tenant, key, agent, **numbers) for (key, agent), numbers in counts.items()
+    ]
+
+
 def _packed(
-    script: AsyncScript, keys: Sequence[str], args: Sequence[int | str], source: bool
+    script: AsyncScript, keys: Sequence[str], args: Sequence[int | float | str], source: bool
 ) -> bytes:
     command = ("EVAL", script.script) if source else ("EVALSHA", script.sha)
     # hiredis's stub says a 1-tuple; it takes a command of any length.

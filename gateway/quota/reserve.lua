@@ -1,42 +1,39 @@
 -- One admission decision, all or nothing: one request from each request bucket, the token cost
--- from each token bucket and, when asked, a stream lease.
--- KEYS[1..n]  the tenant's buckets               KEYS[n+1]  its stream leases (sorted set,
---                                                            member = lease id, score = expiry ms)
+-- from each token bucket (rate limits and budgets of every level) and, when asked, a lease.
+-- KEYS[1..n]  the buckets     KEYS[n+1]  the tenant's stream leases (sorted set, member = lease
+--                                        id, score = expiry ms)
 -- ARGV[1] n   ARGV[2] lease id ('' = none)   ARGV[3] max streams   ARGV[4] lease ttl (ms)
--- ARGV[5..]   per bucket: capacity, refill, window (s), cost
--- Returns {allowed 1|0, refused by (bucket index, -1 streams, 0 none), wait (s), levels after...}
+-- ARGV[5..]   one group per bucket (buckets.lua), amount = its cost
+-- Returns {allowed 1|0, refused (a refusing bucket's index, -1 streams, 0 none), levels after...,
+--          warnings crossed ('i:j')...}; which refusing bucket waits longest is the caller's sum.
 local n = tonumber(ARGV[1])
-local levels, stamps, specs = {}, {}, {}
-local rejected, wait = 0, 0
+local groups, levels, stamps, warned = {}, {}, {}, {}
+local refused = 0
 for i = 1, n do
-  local at = 5 + (i - 1) * 4
-  local capacity, cost = tonumber(ARGV[at]), tonumber(ARGV[at + 3])
-  local rate = tonumber(ARGV[at + 1]) / tonumber(ARGV[at + 2])
-  levels[i], stamps[i] = level_of(KEYS[i], capacity, rate)
-  specs[i] = {capacity, rate, cost}
-  if levels[i] < cost then
-    local needed = (cost - levels[i]) / rate
-    if rejected == 0 or needed > wait then
-      rejected, wait = i, needed
-    end
+  local g = group(5 + (i - 1) * GROUP)
+  groups[i] = g
+  levels[i], stamps[i], warned[i] = level_of(KEYS[i], g)
+  if levels[i] < g.amount then
+    refused = i
   end
 end
 
 local leases = KEYS[n + 1]
-if rejected == 0 and ARGV[2] ~= '' then
+if refused == 0 and ARGV[2] ~= '' then
   -- Leases of a replica that died without releasing them expire here.
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
   if redis.call('ZCARD', leases) >= tonumber(ARGV[3]) then
-    rejected = -1
+    refused = -1
   end
 end
 
-if rejected == 0 then
+local warnings = {}
+if refused == 0 then
   for i = 1, n do
-    local capacity, rate, cost = specs[i][1], specs[i][2], specs[i][3]
-    if cost > 0 then
-      levels[i] = levels[i] - cost
-      save(KEYS[i], levels[i], stamps[i], capacity, rate)
+    local g = groups[i]
+    if g.amount > 0 then
+      levels[i] = levels[i] - g.amount
+      save(KEYS[i], g, levels[i], stamps[i], crossed(i, g, levels[i], warned[i], warnings))
     end
   end
   if ARGV[2] ~= '' then
@@ -46,8 +43,11 @@ if rejected == 0 then
   end
 end
 
-local reply = {rejected == 0 and 1 or 0, rejected, fmt(wait)}
+local reply = {refused == 0 and 1 or 0, refused}
 for i = 1, n do
-  reply[3 + i] = fmt(levels[i])
+  reply[2 + i] = fmt(levels[i])
+end
+for _, warning in ipairs(warnings) do
+  reply[#reply + 1] = warning
 end
 return reply

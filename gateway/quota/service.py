@@ -23,9 +23,11 @@ import contextlib
 import itertools
 import math
 import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Literal, TypeVar
 
 import structlog
@@ -33,13 +35,17 @@ from redis.exceptions import RedisError
 
 from gateway.breaker import CircuitBreaker
 from gateway.config import Tenant, TenantLimits
+from gateway.quota.calendar import Calendar, Moment
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import (
     BucketState,
+    Charge,
+    Crossing,
     Decision,
     QuotaUnavailable,
     Reservation,
     Store,
+    UsageRow,
 )
 from gateway.quota.plan import Plan, plan_for, reset_after, whole_seconds
 
@@ -47,6 +53,9 @@ log = structlog.get_logger("gateway.quota")
 
 T = TypeVar("T")
 Policy = Literal["local", "open", "closed"]
+BudgetObserver = Callable[[str, str | None, str, float], None]
+"""Told each budget's fraction used as a reservation leaves it: (tenant, key or None, budget,
+ratio); the metrics' `budget_used`."""
 # What a backend in trouble raises: connection and protocol errors, socket and budget timeouts.
 BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 STARTUP_BUDGET = 1.0
@@ -98,6 +107,7 @@ class QuotaService:
         breaker: CircuitBreaker | None = None,
         replicas: int = 1,
         startup_budget: float = STARTUP_BUDGET,
+        calendar: Calendar | None = None,
     ) -> None:
         """`breaker` None means the primary cannot fail (memory): no policy, nothing owed.
         The primary bounds its own calls; `startup_budget` bounds `check`."""
@@ -111,9 +121,11 @@ class QuotaService:
         self._breaker = breaker
         self._replicas = replicas
         self._startup_budget = startup_budget
+        self._calendar = calendar or Calendar("UTC", time.time)
+        self.observe_budget: BudgetObserver | None = None
         self._owners: dict[str, Mapping[str, TenantLimits]] = {}
-        # One per distinct limits (with a key's, per key), not per owner.
-        self._plans: dict[_PlanKey, Plan] = {}
+        # Per owner and key, built on first use after each registration (a reload).
+        self._plans: dict[tuple[str, str | None], Plan] = {}
         self._tenants: Mapping[str, Tenant] = {}  # for their keys' own limits
         self._held: dict[str, _Held] = {}  # every stream lease this process holds
         self._reported: OrderedDict[str, _Reported] = OrderedDict()
@@ -151,6 +163,7 @@ class QuotaService:
                 if other != kind and name in taken:
                     raise ValueError(f"{kind} {name!r} is already one of the {other}")
         self._owners[kind] = owners
+        self._plans.clear()
 
     def use_tenants(self, tenants: Mapping[str, Tenant]) -> None:
         self._tenants = tenants
@@ -159,13 +172,21 @@ class QuotaService:
     # --- the request path --------------------------------------------------------------
 
     async def reserve(
-        self, tenant: str, request_id: str, *, tokens: int, stream: bool, key: str | None = None
+        self,
+        tenant: str,
+        request_id: str,
+        *,
+        tokens: int,
+        stream: bool,
+        key: str | None = None,
+        end_user: str | None = None,
     ) -> Reservation:
-        """`tenant`: any registered owner. A lease taken here is kept alive until settle,
+        """`tenant`: any registered owner; `key` and `end_user` add their levels (an end user
+        only where the tenant configures one). A lease taken here is kept alive until settle,
         refund or release_stream ends it."""
         if tokens < 0:
             raise ValueError("tokens must not be negative")
-        plan = self._plan(tenant, key)
+        plan = self._plan(tenant, key, end_user)
         lease_wanted = stream and plan.max_streams is not None
         if not plan.buckets and not lease_wanted:
             # Nothing to count: no round trip at all.
@@ -173,8 +194,11 @@ class QuotaService:
                 tenant, request_id, True, 0, None, 0, (), None, self._primary.name, self._unique()
             )
         lease = self._unique() if lease_wanted else None
+        at = self._calendar.now()
         try:
-            return await self._reserve_on(self._primary, plan, tenant, request_id, tokens, lease)
+            return await self._reserve_on(
+                self._primary, plan, tenant, request_id, tokens, lease, at
+            )
         except _Down:
             pass
         if self._policy == "closed":
@@ -183,22 +207,28 @@ class QuotaService:
             return Reservation(
                 tenant, request_id, True, 0, None, 0, (), None, "open", self._unique()
             )
-        local = self._local(tenant, plan)
-        return await self._reserve_on(self._fallback, local, tenant, request_id, tokens, lease)
+        local = self._local(tenant, plan, at)
+        return await self._reserve_on(self._fallback, local, tenant, request_id, tokens, lease, at)
 
-    async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
-        """Once per reservation (a duplicate, or one after `refund`, changes nothing). Never
-        raises for backend trouble: it is retried until Redis answers again."""
+    async def settle(
+        self, reservation: Reservation, actual_tokens: int, charge: Charge | None = None
+    ) -> None:
+        """Once per reservation (a duplicate, or one after `refund`, changes nothing), into the
+        usage ledger's current day with `charge`'s key, agent and split. Never raises for
+        backend trouble: it is retried until Redis answers again (into the day it settled)."""
         if actual_tokens < 0:
             raise ValueError("actual_tokens must not be negative")
         if not reservation.allowed:
             return
         store, plan = self._store_for(reservation)
         delta = actual_tokens - reservation.reserved_tokens
-        tenant, key = reservation.tenant, reservation.settle_key
-        await self._owe_on_failure(
-            store, "settle", tenant, lambda: store.settle(tenant, plan, key, delta, actual_tokens)
-        )
+        tenant, key, at = reservation.tenant, reservation.settle_key, self._calendar.now()
+
+        async def settle() -> None:
+            crossed = await store.settle(tenant, plan, key, delta, actual_tokens, at, charge)
+            self._warn(tenant, crossed or ())
+
+        await self._owe_on_failure(store, "settle", tenant, settle)
 
     async def refund(self, reservation: Reservation) -> None:
         """For a request that never reached upstream: as if it had never been admitted (its
@@ -214,8 +244,9 @@ class QuotaService:
             reservation.settle_key,
             reservation.reserved_tokens,
         )
+        at = self._calendar.now()
         await self._owe_on_failure(
-            store, "refund", tenant, lambda: store.refund(tenant, plan, key, tokens, lease)
+            store, "refund", tenant, lambda: store.refund(tenant, plan, key, tokens, lease, at)
         )
 
     async def take_stream(self, reservation: Reservation) -> Reservation | None:
@@ -231,7 +262,13 @@ class QuotaService:
         lease, streams_only = self._unique(), Plan((), plan.max_streams)
         try:
             taken = await self._reserve_on(
-                store, streams_only, reservation.tenant, reservation.request_id, 0, lease
+                store,
+                streams_only,
+                reservation.tenant,
+                reservation.request_id,
+                0,
+                lease,
+                self._calendar.now(),
             )
         except _Down:
             if self._policy == "closed":
@@ -248,29 +285,53 @@ class QuotaService:
         tenant = reservation.tenant
         await self._owe_on_failure(store, "release", tenant, lambda: store.release(tenant, lease))
 
-    async def usage(self, tenant: str, key: str | None = None) -> dict[str, object]:
-        """The owner's buckets (and, with `key`, that key's own after them)."""
-        plan = self._plan(tenant, key)
+    async def usage(
+        self, tenant: str, key: str | None = None, end_user: str | None = None
+    ) -> dict[str, object]:
+        """The owner's buckets (and, with `key` and `end_user`, theirs after them); its
+        budgets again with what is used and when each period starts afresh."""
+        plan = self._plan(tenant, key, end_user)
         store: Store = self._primary
+        at = self._calendar.now()
         try:
-            snapshot = await self._call(store, lambda: store.usage(tenant, plan))
+            snapshot = await self._call(store, lambda: store.usage(tenant, plan, at))
         except _Down:
             if self._policy != "local" or self._fallback is None:
                 raise QuotaUnavailable() from None
-            plan, fallback = self._local(tenant, plan), self._fallback
-            snapshot = await fallback.usage(tenant, plan)
+            plan, fallback = self._local(tenant, plan, at), self._fallback
+            snapshot = await fallback.usage(tenant, plan, at)
         else:
             if self._breaker is not None:
                 self._remember(tenant, plan, snapshot.levels)
+        states = _bucket_states(plan, snapshot.levels, at)
+        budgets = []
+        for spec, state in zip(plan.buckets, states, strict=True):
+            if spec.period is not None:
+                resets = at.wall + at.until(spec.period)
+                budgets.append(
+                    {
+                        "name": spec.name,
+                        "limit": spec.capacity,
+                        "used": spec.capacity - state.remaining,
+                        "resets_at": datetime.fromtimestamp(resets, UTC).isoformat(),
+                    }
+                )
         return {
             "tenant": tenant,
             "buckets": [
                 {"name": b.name, "limit": b.limit, "remaining": b.remaining, "reset": b.reset}
-                for b in _bucket_states(plan, snapshot.levels)
+                for b in states
             ],
+            "budgets": budgets,
+            "timezone": self._calendar.zone,
             "tokens_today": snapshot.tokens_today,
             "concurrent_streams": {"limit": plan.max_streams, "active": snapshot.active_streams},
         }
+
+    async def ledger(self, first: str, last: str) -> list[UsageRow]:
+        """The usage ledger's rows for days `first`..`last` (ISO dates in quota.timezone),
+        from the primary store: the fallback's are this replica's alone."""
+        return await self._primary.ledger(first, last)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -321,19 +382,30 @@ class QuotaService:
 
     # --- inside ------------------------------------------------------------------------
 
-    def _plan(self, owner: str, key: str | None = None) -> Plan:
+    def _plan(self, owner: str, key: str | None = None, end_user: str | None = None) -> Plan:
         for owners in self._owners.values():
             limits = owners.get(owner)
             if limits is not None:
                 break
         else:
             raise ValueError(f"unknown tenant or upstream key {owner!r}")
-        tenant = self._tenants.get(owner) if key is not None else None
-        key_limits = tenant.limits_of_key(key) if tenant is not None and key else None
-        cache: _PlanKey = limits if key_limits is None else (limits, key, key_limits)
-        plan = self._plans.get(cache)
+        tenant = self._tenants.get(owner)
+        plan = self._plans.get((owner, key))
         if plan is None:
-            plan = self._plans[cache] = plan_for(limits, key, key_limits)
+            if tenant is None:  # an upstream key
+                plan = plan_for(limits)
+            else:
+                own = tenant.key(key) if key is not None else None
+                plan = plan_for(
+                    limits,
+                    key,
+                    own.limits if own is not None else None,
+                    budget=tenant.budget,
+                    key_budget=own.budget if own is not None else None,
+                )
+            self._plans[(owner, key)] = plan
+        if end_user is not None and tenant is not None and tenant.end_user is not None:
+            return plan.with_end_user(tenant.end_user, end_user)
         return plan
 
     def _store_for(self, reservation: Reservation) -> tuple[Store, Plan]:
@@ -353,14 +425,24 @@ class QuotaService:
         return lease
 
     async def _reserve_on(
-        self, store: Store, plan: Plan, tenant: str, request_id: str, tokens: int, lease: str | None
+        self,
+        store: Store,
+        plan: Plan,
+        tenant: str,
+        request_id: str,
+        tokens: int,
+        lease: str | None,
+        at: Moment,
     ) -> Reservation:
         cost = plan.token_cost(tokens)
         decision: Decision = await self._call(
-            store, lambda: store.reserve(tenant, plan, cost, lease)
+            store, lambda: store.reserve(tenant, plan, cost, lease, at)
         )
         if store is self._primary and self._breaker is not None and plan.buckets:
             self._remember(tenant, plan, decision.levels)
+        if decision.allowed and plan.budgets:
+            self._budgets_used(tenant, plan, decision.levels)
+            self._warn(tenant, decision.crossed)
         if decision.allowed and lease is not None:
             self._held[lease] = _Held(tenant, store is not self._primary)
             if self._renewer is None:
@@ -372,12 +454,37 @@ class QuotaService:
             reserved_tokens=cost if decision.allowed else 0,
             rejected_by=decision.rejected_by,
             retry_after=0 if decision.allowed else whole_seconds(decision.wait),
-            buckets=_bucket_states(plan, decision.levels),
+            buckets=_bucket_states(plan, decision.levels, at),
             stream_lease=lease if decision.allowed else None,
             backend=store.name,
             reservation_id=self._unique(),
             plan=plan,
         )
+
+    def _budgets_used(self, tenant: str, plan: Plan, levels: tuple[float, ...]) -> None:
+        observe = self.observe_budget
+        if observe is None:
+            return
+        for spec, level in zip(plan.buckets, levels, strict=True):
+            labels = spec.budget_of()
+            if labels is not None:
+                observe(tenant, labels[0], labels[1], (spec.capacity - level) / spec.capacity)
+
+    @staticmethod
+    def _warn(tenant: str, crossed: tuple[Crossing, ...]) -> None:
+        """Each crossing is reported by exactly one store call (the one that moved the level
+        past it), so each is logged once per period and level, across every replica."""
+        for crossing in crossed:
+            labels = crossing.bucket.budget_of()
+            key, budget = labels if labels is not None else ("end user", crossing.bucket.name)
+            log.warning(
+                "budget threshold crossed",
+                tenant=tenant,
+                key=key or "all",
+                budget=budget,
+                fraction=crossing.fraction,
+                limit=crossing.bucket.capacity,
+            )
 
     def _remember(self, owner: str, plan: Plan, levels: tuple[float, ...]) -> None:
         self._reported[owner] = _Reported(plan, levels, self._clock())
@@ -385,7 +492,7 @@ class QuotaService:
         if len(self._reported) > MAX_REMEMBERED:
             self._reported.popitem(last=False)
 
-    def _local(self, owner: str, plan: Plan) -> Plan:
+    def _local(self, owner: str, plan: Plan, at: Moment) -> Plan:
         """This replica's share of `plan`, its buckets seeded once per outage: at the levels
         Redis last reported (this replica's share of them), or empty for an owner never seen,
         since full buckets would admit a whole limit more; and with the leases held here."""
@@ -395,13 +502,13 @@ class QuotaService:
         self._seeded.add(owner)
         reported = self._reported.get(owner)
         known: dict[str, float] = {}
-        at = self._clock()
+        stamp = self._clock()
         if reported is not None:
             known = dict(zip((b.key for b in reported.plan.buckets), reported.levels, strict=True))
-            at = reported.at
+            stamp = reported.at
         levels = [known.get(b.key, 0.0) / self._replicas for b in local.buckets]
         leases = [lease for lease, held in self._held.items() if held.tenant == owner]
-        self._fallback.seed(owner, local, levels, at, leases)
+        self._fallback.seed(owner, local, levels, stamp, leases, at)
         log.info("quota fallback seeded", tenant=owner, from_redis=reported is not None)
         return local
 
@@ -482,9 +589,6 @@ class QuotaService:
         return result
 
 
-_PlanKey = TenantLimits | tuple[TenantLimits, str | None, TenantLimits]
-
-
 class _LimitsOf(Mapping[str, TenantLimits]):
     """Tenants as bucket owners: a view, so a large (or lazily built) tenant map is not copied."""
 
@@ -515,8 +619,8 @@ class _Ids:
         return f"{self._prefix}{next(self._count):x}"
 
 
-def _bucket_states(plan: Plan, levels: tuple[float, ...]) -> tuple[BucketState, ...]:
+def _bucket_states(plan: Plan, levels: tuple[float, ...], at: Moment) -> tuple[BucketState, ...]:
     return tuple(
-        BucketState(spec.name, spec.capacity, math.floor(level), reset_after(spec, level))
+        BucketState(spec.name, spec.capacity, math.floor(level), reset_after(spec, level, at))
         for spec, level in zip(plan.buckets, levels, strict=True)
     )

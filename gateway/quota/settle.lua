@@ -1,19 +1,24 @@
 -- Settle one request once: debit (or refund) the difference between its actual and reserved
--- tokens on each token bucket, and count its tokens for today (UTC, by the server's clock).
--- KEYS[1..n] the token buckets   KEYS[n+1] this request's settled marker   KEYS[n+2] tokens today
+-- tokens on each token bucket (rate limits and budgets), count its tokens for today (UTC, by
+-- the server's clock), and add it to the usage ledger: one hash per tenant and day in
+-- quota.timezone, fields '<key>|<agent>|<r i o t e>' (requests, input, output, total and
+-- estimated tokens). In the same call, so the ledger is what was charged, to the token.
+-- KEYS[1..n] the token buckets   KEYS[n+1] this request's settled marker
+-- KEYS[n+2] tokens today   KEYS[n+3] the ledger's day
 -- ARGV[1] n   ARGV[2] delta   ARGV[3] actual tokens   ARGV[4] marker ttl (ms)
--- ARGV[5..]   per bucket: capacity, refill, window (s)
--- Returns 1, or 0 when this request id was already settled (nothing changes).
+-- ARGV[5] ledger field prefix ('<key>|<agent>|')   ARGV[6] input   ARGV[7] output
+-- ARGV[8] estimated   ARGV[9] ledger ttl (ms)   ARGV[10..] one group per bucket, amount unused
+-- Returns {1, warnings crossed ('i:j')...}, or {0} when this request was already settled.
 local n = tonumber(ARGV[1])
 if not redis.call('SET', KEYS[n + 1], '1', 'NX', 'PX', ARGV[4]) then
-  return 0
+  return {0}
 end
 
 local delta = tonumber(ARGV[2])
+local warnings = {}
 if delta ~= 0 then
   for i = 1, n do
-    local at = 5 + (i - 1) * 3
-    adjust(KEYS[i], tonumber(ARGV[at]), tonumber(ARGV[at + 1]) / tonumber(ARGV[at + 2]), delta)
+    adjust(i, KEYS[i], group(10 + (i - 1) * GROUP), delta, warnings)
   end
 end
 
@@ -24,4 +29,18 @@ else
   redis.call('HSET', counted, 'd', today, 'n', ARGV[3])
 end
 redis.call('PEXPIRE', counted, 2 * 86400 * 1000)
-return 1
+
+local ledger, field = KEYS[n + 3], ARGV[5]
+redis.call('HINCRBY', ledger, field .. 'r', 1)
+for name, amount in pairs({t = ARGV[3], i = ARGV[6], o = ARGV[7], e = ARGV[8]}) do
+  if amount ~= '0' then
+    redis.call('HINCRBY', ledger, field .. name, amount)
+  end
+end
+redis.call('PEXPIRE', ledger, ARGV[9])
+
+local reply = {1}
+for _, warning in ipairs(warnings) do
+  reply[#reply + 1] = warning
+end
+return reply
