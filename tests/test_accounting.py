@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import re
@@ -300,3 +301,47 @@ def test_a_keys_limits_refuse_what_belongs_to_the_tenant() -> None:
         )
         with pytest.raises(ConfigError, match=re.escape(f"tenants.acme.keys[0].{problem}")):
             parse_config(text)
+
+
+async def test_end_users_and_budgets_as_a_service_meets_them(
+    make_gateway: Any, simulator_url: str
+) -> None:
+    """An end user (named by the header the service sets) has a limit of its own; a key's
+    monthly budget is named in its refusal; /v1/usage shows the caller's budgets; the end
+    user's id is a bucket id only: never in a response, a header or a metric."""
+    text = gateway_yaml(simulator_url).replace(
+        f"    keys: [{{name: billing-service, sha256: {hash_key(ACME_KEY)}}}]\n",
+        "    keys:\n"
+        f"      - {{name: billing-service, sha256: {hash_key(ACME_KEY)},"
+        " budget: {requests: {per_month: 2}}}\n"
+        "    budget: {tokens: {per_day: 100000}}\n"
+        "    end_user: {header: X-End-User, limits: {requests: {per_minute: 1}}}\n",
+        1,
+    )
+    gateway: Client = await make_gateway(config=parse_config(text))
+    ann = {**ACME, "X-End-User": "sk-live-0123456789abcdef0123456789abcdef"}
+    bob = {**ACME, "X-End-User": "bob@example.com"}
+    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ann)).status == 200
+    refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ann)
+    assert refused.status == 429
+    body = await refused.text()
+    assert "rate limit exceeded: end user: requests per minute;" in body
+    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=bob)).status == 200
+    spent = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert spent.status == 429
+    assert "exceeded: key billing-service: requests per month; retry in" in await spent.text()
+
+    usage = await (await gateway.get("/v1/usage", headers=ann)).json()
+    budgets = {b["name"]: (b["used"], b["limit"]) for b in usage["budgets"]}
+    assert budgets["key billing-service: requests per month"] == (2, 2)
+    assert budgets["tokens per calendar day"][1] == 100_000
+    assert 0 < budgets["tokens per calendar day"][0] < 100_000
+    too_long = await gateway.post(
+        CHAT, json={"message": "Hi"}, headers={**ACME, "X-End-User": "x" * 300}
+    )
+    assert too_long.status == 400
+    assert "X-End-User header is longer than 256" in await too_long.text()
+    exposition = gateway.app[METRICS].exposition().decode()
+    for secretish in ("sk-live-0123456789abcdef", "bob@example.com"):
+        assert secretish not in exposition
+        assert secretish not in json.dumps(usage)

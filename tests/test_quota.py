@@ -102,6 +102,7 @@ class Harness:
     clock: FakeClock = field(default_factory=lambda: FakeClock(1_000.0))
     wall: FakeClock = field(default_factory=lambda: FakeClock(1_700_000_000.0))
     server: RedisServer | None = None
+    zone: str = "UTC"  # quota.timezone
 
     async def open(self, tenant_limits: TenantLimits, *, lease_ttl: float = 600.0) -> QuotaService:
         return await self.open_for({"acme": tenant("acme", tenant_limits)}, lease_ttl=lease_ttl)
@@ -110,7 +111,7 @@ class Harness:
         self, tenants: Mapping[str, Tenant], *, lease_ttl: float = 600.0
     ) -> QuotaService:
         if self.server is None:
-            config = Quota(backend="memory")
+            config = Quota(backend="memory", timezone=self.zone)
         else:
             # `closed`, so a backend problem fails the test instead of hiding in a fallback.
             config = Quota(
@@ -118,6 +119,7 @@ class Harness:
                 redis_url=(Secret(self.server.url),),
                 on_backend_error="closed",
                 timeout_ms=2000,  # generous: these tests are about semantics, not latency
+                timezone=self.zone,
             )
         return await self.stack.enter_async_context(
             open_quota(

@@ -1,0 +1,381 @@
+"""Calendar budgets, levels and the usage ledger: how much per day and month, at the tenant, its
+keys and its end users, reset at midnight and on the 1st in quota.timezone.
+
+Every test runs against the memory store and a real redis-server (the contract harness of
+test_quota.py), on an injected wall clock in Europe/Berlin: budgets live by the gateway's
+calendar, so the clock a test moves is the one they obey on either backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from gateway.config import Amount, Budget, EndUser, Tenant, TenantKey, TenantLimits
+from gateway.quota import Charge, UsageRow
+from gateway.quota.calendar import Calendar
+from gateway.quota.plan import (
+    REQUESTS_PER_CALENDAR_DAY,
+    REQUESTS_PER_MONTH,
+    TOKENS_PER_CALENDAR_DAY,
+    TOKENS_PER_MONTH,
+)
+from tests.conftest import FakeClock
+from tests.redis_servers import RedisServer, command
+from tests.test_quota import Harness, Kind, limits, redis_server  # noqa: F401  (fixture)
+
+BERLIN = ZoneInfo("Europe/Berlin")
+
+
+def berlin(*when: int) -> float:
+    """Epoch seconds of a local time in Berlin: berlin(2026, 3, 28, 23, 59)."""
+    return datetime(*when, tzinfo=BERLIN).timestamp()  # type: ignore[misc]
+
+
+def team(
+    budget: Budget | None = None,
+    *,
+    keys: tuple[TenantKey, ...] = (),
+    end_user: EndUser | None = None,
+    tenant_limits: TenantLimits | None = None,
+    name: str = "acme",
+) -> dict[str, Tenant]:
+    return {
+        name: Tenant(
+            name=name,
+            keys=keys,
+            agents=frozenset({"*"}),
+            limits=tenant_limits or TenantLimits(),
+            budget=budget or Budget(),
+            end_user=end_user,
+        )
+    }
+
+
+def service(
+    name: str, budget: Budget | None = None, limits: TenantLimits | None = None
+) -> TenantKey:
+    return TenantKey(name=name, sha256=name[0] * 64, limits=limits, budget=budget)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    kind: Kind = request.param
+    server: RedisServer | None = None
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        command(server.port, "FLUSHALL")
+    async with AsyncExitStack() as stack:
+        yield Harness(kind, stack, server=server, zone="Europe/Berlin")
+
+
+# --- the calendar -----------------------------------------------------------------------
+
+
+def test_periods_end_at_local_midnight_and_on_the_first_whatever_the_day_length() -> None:
+    wall = FakeClock(berlin(2026, 3, 29, 0, 30))  # the night clocks go forward: a 23-hour day
+    calendar = Calendar("Europe/Berlin", wall)
+    assert calendar.now().until("day") == 22.5 * 3600
+    wall.now = berlin(2026, 10, 25, 0, 30)  # clocks go back: a 25-hour day
+    assert calendar.now().until("day") == 24.5 * 3600
+    assert calendar.now().date == "2026-10-25"
+    wall.now = berlin(2026, 12, 31, 23, 0)
+    now = calendar.now()
+    assert now.until("day") == now.until("month") == 3600  # New Year: both end together
+    assert now.until("month", 2) == 3600 + 31 * 86_400  # the start of February
+    wall.now = berlin(2027, 1, 1, 0, 0)
+    assert calendar.now().date == "2027-01-01"
+
+
+# --- budgets ----------------------------------------------------------------------------
+
+
+async def test_a_daily_budget_starts_afresh_at_local_midnight_not_a_day_after_first_use(
+    harness: Harness,
+) -> None:
+    harness.wall.now = berlin(2026, 11, 27, 23, 58)
+    quota = await harness.open_for(team(Budget(requests=Amount(per_day=2))))
+    assert (await quota.reserve("acme", "r1", tokens=0, stream=False)).allowed
+    assert (await quota.reserve("acme", "r2", tokens=0, stream=False)).allowed
+    refused = await quota.reserve("acme", "r3", tokens=0, stream=False)
+    assert not refused.allowed
+    assert refused.rejected_by == REQUESTS_PER_CALENDAR_DAY
+    assert refused.retry_after == 120  # to midnight in Berlin, not 24 h
+
+    harness.wall.now = berlin(2026, 11, 27, 23, 59, 59)
+    assert not (await quota.reserve("acme", "r4", tokens=0, stream=False)).allowed
+    harness.wall.now = berlin(2026, 11, 28, 0, 0, 0)
+    assert (await quota.reserve("acme", "r5", tokens=0, stream=False)).allowed
+    assert (await quota.reserve("acme", "r6", tokens=0, stream=False)).allowed
+    assert not (await quota.reserve("acme", "r7", tokens=0, stream=False)).allowed
+
+
+async def test_a_monthly_budget_starts_afresh_on_the_first(harness: Harness) -> None:
+    harness.wall.now = berlin(2026, 1, 2, 9, 0)
+    quota = await harness.open_for(team(Budget(tokens=Amount(per_month=1000))))
+    spent = await quota.reserve("acme", "r1", tokens=1000, stream=False)
+    await quota.settle(spent, 1000)
+
+    harness.wall.now = berlin(2026, 1, 31, 23, 0)
+    refused = await quota.reserve("acme", "r2", tokens=10, stream=False)
+    assert refused.rejected_by == TOKENS_PER_MONTH
+    assert refused.retry_after == 3600
+    harness.wall.now = berlin(2026, 2, 1, 0, 0)
+    assert (await quota.reserve("acme", "r3", tokens=1000, stream=False)).allowed
+
+
+async def test_a_day_across_a_dst_change_ends_at_midnight(harness: Harness) -> None:
+    harness.wall.now = berlin(2026, 10, 25, 0, 30)  # a 25-hour day
+    quota = await harness.open_for(team(Budget(requests=Amount(per_day=1))))
+    assert (await quota.reserve("acme", "r1", tokens=0, stream=False)).allowed
+    refused = await quota.reserve("acme", "r2", tokens=0, stream=False)
+    assert refused.retry_after == 24.5 * 3600
+    harness.wall.now = berlin(2026, 10, 25, 0, 30) + 24 * 3600  # 23:30 local: still the 25th
+    assert not (await quota.reserve("acme", "r3", tokens=0, stream=False)).allowed
+    harness.wall.now = berlin(2026, 10, 26, 0, 0)
+    assert (await quota.reserve("acme", "r4", tokens=0, stream=False)).allowed
+
+
+async def test_debt_carries_into_the_next_periods(harness: Harness) -> None:
+    harness.wall.now = berlin(2026, 11, 27, 12, 0)
+    quota = await harness.open_for(team(Budget(tokens=Amount(per_day=1000))))
+    reservation = await quota.reserve("acme", "r1", tokens=100, stream=False)
+    await quota.settle(reservation, 2600)  # upstream said 2,600: 1,600 more than the day had
+
+    harness.wall.now = berlin(2026, 11, 28, 8, 0)
+    usage = await quota.usage("acme")
+    (budget,) = usage["budgets"]  # type: ignore[misc]
+    assert budget["name"] == TOKENS_PER_CALENDAR_DAY
+    assert budget["used"] == 1600  # the debt, carried over: this day starts 600 short
+    refused = await quota.reserve("acme", "r2", tokens=500, stream=False)
+    assert not refused.allowed
+    assert refused.retry_after == 16 * 3600 + 86_400  # the day after next holds 500 again
+    harness.wall.now = berlin(2026, 11, 29, 8, 0)
+    assert (await quota.reserve("acme", "r3", tokens=400, stream=False)).allowed
+    assert not (await quota.reserve("acme", "r4", tokens=1, stream=False)).allowed
+    harness.wall.now = berlin(2026, 11, 30, 0, 0)
+    assert (await quota.reserve("acme", "r5", tokens=1000, stream=False)).allowed
+
+
+async def test_a_key_budget_holds_inside_its_tenant_and_is_named_in_the_refusal(
+    harness: Harness,
+) -> None:
+    harness.wall.now = berlin(2026, 11, 10, 10, 0)
+    tenants = team(
+        Budget(requests=Amount(per_month=5)),
+        keys=(
+            service("billing", Budget(requests=Amount(per_month=2))),
+            service("reports"),
+        ),
+    )
+    quota = await harness.open_for(tenants)
+    for i in range(2):
+        assert (await quota.reserve("acme", f"b{i}", tokens=0, stream=False, key="billing")).allowed
+    refused = await quota.reserve("acme", "b3", tokens=0, stream=False, key="billing")
+    assert refused.rejected_by == f"key billing: {REQUESTS_PER_MONTH}"
+    assert refused.retry_after == berlin(2026, 12, 1) - harness.wall.now
+    for i in range(3):
+        assert (await quota.reserve("acme", f"r{i}", tokens=0, stream=False, key="reports")).allowed
+    refused = await quota.reserve("acme", "r4", tokens=0, stream=False, key="reports")
+    assert refused.rejected_by == REQUESTS_PER_MONTH  # the tenant's, which billing shares
+
+
+async def test_usage_shows_each_budget_used_limit_and_when_it_resets(harness: Harness) -> None:
+    harness.wall.now = berlin(2026, 11, 28, 10, 0)
+    tenants = team(
+        Budget(tokens=Amount(per_day=10_000, per_month=100_000)),
+        keys=(service("billing", Budget(requests=Amount(per_month=50))),),
+    )
+    quota = await harness.open_for(tenants)
+    reservation = await quota.reserve("acme", "r1", tokens=700, stream=False, key="billing")
+    await quota.settle(reservation, 1234)
+    usage = await quota.usage("acme", "billing")
+    assert usage["timezone"] == "Europe/Berlin"
+    assert usage["budgets"] == [
+        {
+            "name": TOKENS_PER_CALENDAR_DAY,
+            "limit": 10_000,
+            "used": 1234,
+            "resets_at": "2026-11-28T23:00:00+00:00",  # midnight in Berlin
+        },
+        {
+            "name": TOKENS_PER_MONTH,
+            "limit": 100_000,
+            "used": 1234,
+            "resets_at": "2026-11-30T23:00:00+00:00",
+        },
+        {
+            "name": f"key billing: {REQUESTS_PER_MONTH}",
+            "limit": 50,
+            "used": 1,
+            "resets_at": "2026-11-30T23:00:00+00:00",
+        },
+    ]
+
+
+async def test_each_warn_at_fraction_is_logged_once_per_period_across_replicas(
+    harness: Harness,
+) -> None:
+    harness.wall.now = berlin(2026, 11, 28, 10, 0)
+    tenants = team(Budget(requests=Amount(per_day=10), warn_at=(0.5, 0.8)))
+    replicas = [await harness.open_for(tenants) for _ in range(2 if harness.server else 1)]
+    with capture_logs() as logs:
+        results = await asyncio.gather(
+            *(
+                replicas[i % len(replicas)].reserve("acme", f"r{i}", tokens=0, stream=False)
+                for i in range(12)
+            )
+        )
+        assert sum(r.allowed for r in results) == 10
+        harness.wall.now = berlin(2026, 11, 29, 10, 0)
+        for i in range(8):
+            assert (await replicas[0].reserve("acme", f"n{i}", tokens=0, stream=False)).allowed
+    crossings = [
+        (e["tenant"], e["key"], e["budget"], e["fraction"])
+        for e in logs
+        if e["event"] == "budget threshold crossed"
+    ]
+    assert (
+        crossings
+        == [("acme", "all", "requests_per_day", 0.5), ("acme", "all", "requests_per_day", 0.8)] * 2
+    )
+
+
+async def test_budget_used_ratios_reach_the_observer(harness: Harness) -> None:
+    harness.wall.now = berlin(2026, 11, 28, 10, 0)
+    tenants = team(
+        Budget(tokens=Amount(per_month=1000)),
+        keys=(service("billing", Budget(requests=Amount(per_day=4))),),
+    )
+    quota = await harness.open_for(tenants)
+    seen: dict[tuple[str, str | None, str], float] = {}
+    quota.observe_budget = lambda tenant, key, budget, ratio: seen.__setitem__(
+        (tenant, key, budget), ratio
+    )
+    await quota.reserve("acme", "r1", tokens=250, stream=False, key="billing")
+    assert seen == {
+        ("acme", None, "tokens_per_month"): 0.25,
+        ("acme", "billing", "requests_per_day"): 0.25,
+    }
+
+
+# --- end users --------------------------------------------------------------------------
+
+
+async def test_each_end_user_has_buckets_of_their_own(harness: Harness) -> None:
+    harness.wall.now = berlin(2026, 11, 28, 10, 0)
+    end_users = EndUser(
+        header="X-End-User",
+        limits=limits(rpm=2),
+        budget=Budget(tokens=Amount(per_day=1000)),
+    )
+    quota = await harness.open_for(team(end_user=end_users))
+    for i in range(2):
+        assert (
+            await quota.reserve("acme", f"a{i}", tokens=0, stream=False, end_user="ann")
+        ).allowed
+    refused = await quota.reserve("acme", "a3", tokens=0, stream=False, end_user="ann")
+    assert refused.rejected_by == "end user: requests per minute"
+    assert (await quota.reserve("acme", "b1", tokens=900, stream=False, end_user="bob")).allowed
+    refused = await quota.reserve("acme", "b2", tokens=200, stream=False, end_user="bob")
+    assert refused.rejected_by == f"end user: {TOKENS_PER_CALENDAR_DAY}"
+    assert (await quota.reserve("acme", "c1", tokens=900, stream=False, end_user="cy")).allowed
+    # Without the header, only the tenant's levels apply.
+    assert (await quota.reserve("acme", "n1", tokens=900, stream=False)).allowed
+
+
+async def test_a_hundred_thousand_end_users_keep_the_memory_store_bounded() -> None:
+    async with AsyncExitStack() as stack:
+        harness = Harness("memory", stack, zone="Europe/Berlin")
+        harness.wall.now = berlin(2026, 11, 28, 10, 0)
+        end_users = EndUser(header="X-End-User", limits=limits(rpm=10))
+        quota = await harness.open_for(team(end_user=end_users))
+        store = quota._primary  # noqa: SLF001  (the store's own size is the point)
+        most = 0
+        for i in range(100_000):
+            await quota.reserve("acme", f"r{i}", tokens=0, stream=False, end_user=f"user-{i}")
+            harness.clock.advance(0.001)  # 1,000 requests a second: 6 s for a bucket to refill
+            if i % 1000 == 0:
+                most = max(most, store.buckets_held)  # type: ignore[attr-defined]
+        # About 6,000 buckets are not full at any time; held: a small multiple of that.
+        assert most < 20_000
+
+
+def keys_without_expiry(server: RedisServer) -> list[str]:
+    with redis.Redis(port=server.port, decode_responses=True) as admin:
+        return [key for key in admin.scan_iter("*") if admin.pttl(key) < 0]
+
+
+async def test_end_user_keys_on_redis_expire(redis_server: RedisServer) -> None:  # noqa: F811
+    command(redis_server.port, "FLUSHALL")
+    async with AsyncExitStack() as stack:
+        harness = Harness("redis", stack, server=redis_server, zone="Europe/Berlin")
+        end_users = EndUser(
+            header="X-End-User", limits=limits(rpm=10), budget=Budget(tokens=Amount(per_day=50))
+        )
+        quota = await harness.open_for(team(end_user=end_users))
+        for batch in range(4):
+            await asyncio.gather(
+                *(
+                    quota.reserve("acme", f"r{i}", tokens=10, stream=False, end_user=f"u{i}")
+                    for i in range(batch * 500, (batch + 1) * 500)
+                )
+            )
+    with redis.Redis(port=redis_server.port, decode_responses=True) as admin:
+        held = list(admin.scan_iter("tg:{acme}:e:*"))
+        assert len(held) == 2 * 2000  # a minute bucket and a day budget per end user
+        assert all(0 < admin.pttl(key) <= 86_400_000 for key in held)
+        assert not any("u1" in key for key in held)  # stored as a digest, never the value
+
+
+# --- the ledger ---------------------------------------------------------------------------
+
+
+async def test_the_ledger_counts_what_was_charged_by_day_key_and_agent(harness: Harness) -> None:
+    harness.wall.now = berlin(2026, 11, 27, 23, 0)
+    tenants = team(keys=(service("billing"), service("reports")))
+    quota = await harness.open_for(tenants)
+
+    reported = await quota.reserve("acme", "r1", tokens=100, stream=False, key="billing")
+    await quota.settle(reported, 300, Charge("billing", "support", 100, 200, 0))
+    estimated = await quota.reserve("acme", "r2", tokens=100, stream=False, key="billing")
+    await quota.settle(estimated, 40, Charge("billing", "support", tokens_estimated=40))
+    never_sent = await quota.reserve("acme", "r3", tokens=100, stream=False, key="reports")
+    await quota.refund(never_sent)
+    harness.wall.now = berlin(2026, 11, 28, 0, 30)  # past midnight in Berlin: the next day
+    late = await quota.reserve("acme", "r4", tokens=100, stream=False, key="reports")
+    await quota.settle(late, 7, Charge("reports", "sales", 3, 4, 0))
+    await quota.settle(late, 7, Charge("reports", "sales", 3, 4, 0))  # a duplicate: no-op
+
+    rows = sorted(await quota.ledger("2026-11-01", "2026-11-30"), key=lambda r: r.day)
+    assert rows == [
+        UsageRow("2026-11-27", "acme", "billing", "support", 2, 100, 200, 340, 40),
+        UsageRow("2026-11-28", "acme", "reports", "sales", 1, 3, 4, 7, 0),
+    ]
+    assert await quota.ledger("2026-11-28", "2026-11-28") == rows[1:]
+
+
+async def test_the_redis_ledger_survives_a_restart_of_the_gateway(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    command(redis_server.port, "FLUSHALL")
+    tenants = team(keys=(service("billing"),))
+    async with AsyncExitStack() as stack:
+        harness = Harness("redis", stack, server=redis_server, zone="Europe/Berlin")
+        harness.wall.now = berlin(2026, 11, 28, 10, 0)
+        quota = await harness.open_for(tenants)
+        reservation = await quota.reserve("acme", "r1", tokens=10, stream=False, key="billing")
+        await quota.settle(reservation, 12, Charge("billing", "support", 5, 7, 0))
+    async with AsyncExitStack() as stack:
+        harness = Harness("redis", stack, server=redis_server, zone="Europe/Berlin")
+        again = await harness.open_for(tenants)
+        assert await again.ledger("2026-11-28", "2026-11-28") == [
+            UsageRow("2026-11-28", "acme", "billing", "support", 1, 5, 7, 12, 0)
+        ]
