@@ -567,25 +567,31 @@ def _end_user(s: _Section) -> EndUser:
     header = s.text("header", pattern=_HEADER_NAME)
     end_user = EndUser(
         header=header,
-        limits=_key_limits(s.section("limits")) if s.has("limits") else TenantLimits(),
+        limits=_key_limits(s.section("limits"), streams=False)
+        if s.has("limits")
+        else TenantLimits(),
         budget=_budget(s.section("budget")),
     )
     s.done()
     return end_user
 
 
-def _key_limits(s: _Section) -> TenantLimits:
-    """A key's `limits`: request and token buckets of its own (its tokens are reserved as the
-    tenant's are, so a `reserve` here has no meaning)."""
-    if s.has("max_concurrent_streams"):
+def _key_limits(s: _Section, *, streams: bool = True) -> TenantLimits:
+    """A key's (or the end-user level's) `limits`: buckets and a stream cap of its own (its
+    tokens are reserved as the tenant's are, so a `reserve` here has no meaning)."""
+    if not streams and s.has("max_concurrent_streams"):
         raise _Problem(
             s.at("max_concurrent_streams"),
-            "streams are capped per tenant for now; set max_concurrent_streams on the tenant",
+            "streams are capped per tenant and per key, not per end user",
         )
     tokens = s.section("tokens")
     if tokens.has("reserve"):
         raise _Problem(tokens.at("reserve"), "the reserve is the tenant's; set it there")
-    limits = TenantLimits(requests=_limit(s.section("requests")), tokens=_token_limit(tokens))
+    limits = TenantLimits(
+        requests=_limit(s.section("requests")),
+        tokens=_token_limit(tokens),
+        max_concurrent_streams=s.whole("max_concurrent_streams", None, minimum=1),
+    )
     s.done()
     return limits
 

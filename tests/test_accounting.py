@@ -290,7 +290,6 @@ async def test_a_keys_own_limit_applies_inside_its_tenants_and_names_its_level(
 
 def test_a_keys_limits_refuse_what_belongs_to_the_tenant() -> None:
     for extra, problem in (
-        ("max_concurrent_streams: 2", "limits.max_concurrent_streams: streams are capped per"),
         ("tokens: {reserve: 10}", "limits.tokens.reserve: the reserve is the tenant's"),
         ("requests: {per_hour: 2}", "limits.requests.per_hour: unknown key"),
     ):
@@ -301,6 +300,14 @@ def test_a_keys_limits_refuse_what_belongs_to_the_tenant() -> None:
         )
         with pytest.raises(ConfigError, match=re.escape(f"tenants.acme.keys[0].{problem}")):
             parse_config(text)
+    end_user_streams = gateway_yaml("http://127.0.0.1:9").replace(
+        "    agents: [ag_support]\n",
+        "    agents: [ag_support]\n"
+        "    end_user: {header: X-End-User, limits: {max_concurrent_streams: 1}}\n",
+        1,
+    )
+    with pytest.raises(ConfigError, match="end_user.limits.max_concurrent_streams: streams are"):
+        parse_config(end_user_streams)
 
 
 async def test_end_users_and_budgets_as_a_service_meets_them(

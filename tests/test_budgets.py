@@ -386,3 +386,29 @@ async def test_the_redis_ledger_survives_a_restart_of_the_gateway(
         assert await again.ledger("2026-11-28", "2026-11-28") == [
             UsageRow("2026-11-28", "acme", "billing", "support", 1, 5, 7, 12, 0)
         ]
+
+
+async def test_a_keys_stream_cap_holds_inside_its_tenants_and_frees_on_release(
+    harness: Harness,
+) -> None:
+    tenants = team(
+        tenant_limits=limits(streams=3),
+        keys=(service("billing", limits=limits(streams=1)), service("reports")),
+    )
+    quota = await harness.open_for(tenants)
+    first = await quota.reserve("acme", "b1", tokens=0, stream=True, key="billing")
+    assert first.allowed and first.stream_lease is not None
+    refused = await quota.reserve("acme", "b2", tokens=0, stream=True, key="billing")
+    assert refused.rejected_by == "key billing: concurrent streams"
+    usage = await quota.usage("acme", "billing")
+    assert usage["streams"] == [
+        {"name": "concurrent streams", "limit": 3, "active": 1},
+        {"name": "key billing: concurrent streams", "limit": 1, "active": 1},
+    ]
+    others = [
+        await quota.reserve("acme", f"r{i}", tokens=0, stream=True, key="reports") for i in range(3)
+    ]
+    assert [r.allowed for r in others] == [True, True, False]  # the tenant's 3, one is billing's
+    await quota.release_stream(first)
+    assert (await quota.reserve("acme", "r4", tokens=0, stream=True, key="reports")).allowed
+    assert (await quota.reserve("acme", "b3", tokens=0, stream=False, key="billing")).allowed

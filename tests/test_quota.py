@@ -576,7 +576,7 @@ def test_limits_become_buckets() -> None:
         (TOKENS_PER_MINUTE, 20_000, 20_000, 60),
     ]
     assert plan.max_streams == 4
-    assert plan_for(TenantLimits()) == Plan((), None)
+    assert plan_for(TenantLimits()) == Plan(())
     assert plan_for(TenantLimits()).unlimited
 
 

@@ -236,3 +236,50 @@ async def test_a_keys_own_limit_and_its_tenants_hold_exactly_across_two_replicas
     assert admitted["A"] == 20
     assert admitted["A"] + admitted["B"] == 50
     assert {status for _, status in results} == {200, 429}
+
+
+@pytest.mark.timeout(120)
+async def test_a_keys_own_stream_cap_and_its_tenants_hold_exactly_across_two_replicas(
+    tmp_path: Path, redis_urls: list[str], secret_watch: SecretWatch
+) -> None:
+    """Levels for streams: key A may hold 3 streams inside its tenant's 5, key B only the
+    tenant's: 50 concurrent streams through A over two replicas hold exactly 3, then 50 through
+    B exactly the 2 left of the tenant's 5, on one Redis and on a Cluster."""
+    second_key = "gw_test_acme_reports_0003"
+    acme = (
+        "    limits: {max_concurrent_streams: 5}\n"
+        "    keys:\n"
+        f"      - {{name: billing-service, sha256: {hash_key(ACME_KEY)},"
+        " limits: {max_concurrent_streams: 3}}\n"
+        f"      - {{name: reports, sha256: {hash_key(second_key)}}}\n"
+    )
+    async with (
+        replicas(
+            tmp_path,
+            redis_urls,
+            2,
+            acme=acme,
+            quota="timeout_ms: 2000, on_backend_error: closed",
+            replace_keys=True,
+        ) as (urls, simulator),
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), response_class=secret_watch.response_class()
+        ) as session,
+    ):
+        await session.post(f"{simulator}/_sim/faults", json={"kind": "hold_stream"})
+
+        async def one(i: int, key: str) -> int:
+            async with session.post(
+                f"{urls[i % 2]}/v1/agents/ag_support/chat",
+                json={"message": "Hi", "stream": True},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                if response.status != 200:
+                    await response.read()
+                return response.status
+
+        through_a = await asyncio.gather(*(one(i, ACME_KEY) for i in range(50)))
+        through_b = await asyncio.gather(*(one(i, second_key) for i in range(50)))
+        await session.post(f"{simulator}/_sim/release")
+    assert Counter(through_a) == {200: 3, 429: 47}  # the key's own cap
+    assert Counter(through_b) == {200: 2, 429: 48}  # what the tenant's 5 leave

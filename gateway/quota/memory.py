@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import date, timedelta
 
 from gateway.quota.calendar import Moment
 from gateway.quota.model import Backend, Charge, Crossing, Decision, Snapshot, UsageRow
 from gateway.quota.plan import (
-    CONCURRENT_STREAMS,
     DAY,
     BucketSpec,
     Plan,
@@ -63,7 +62,8 @@ class MemoryStore:
         self._max_settled = max_settled
         self._retention = timedelta(days=retention_days)
         self._buckets: OrderedDict[tuple[str, str], _Bucket] = OrderedDict()
-        self._leases: dict[str, dict[str, float]] = {}  # tenant -> lease id -> expiry
+        # (tenant, lease set) -> lease id -> expiry
+        self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._settled: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> expiry
         self._day = -1
         self._today: dict[str, int] = {}  # tokens per tenant, UTC day `_day` only
@@ -77,7 +77,7 @@ class MemoryStore:
     @property
     def tenants_held(self) -> int:
         """Tenants with state (a bucket not yet full, or a live lease), for tests."""
-        return len({tenant for tenant, _ in self._buckets} | set(self._leases))
+        return len({tenant for tenant, _ in self._buckets} | {tenant for tenant, _ in self._leases})
 
     @property
     def buckets_held(self) -> int:
@@ -94,13 +94,15 @@ class MemoryStore:
         current = [self._current(tenant, spec, now, at) for spec in plan.buckets]
         levels = tuple(level for level, _, _ in current)
         rejected, wait = worst_wait(plan, levels, tokens, at)
-        if (
-            rejected is None
-            and lease is not None
-            and plan.max_streams is not None
-            and self._live_leases(tenant, now) >= plan.max_streams
-        ):
-            rejected, wait = CONCURRENT_STREAMS, 0.0
+        if rejected is None and lease is not None:
+            rejected = next(
+                (
+                    cap.name
+                    for cap in plan.streams
+                    if self._live_leases(tenant, cap.key, now) >= cap.limit
+                ),
+                None,
+            )
         if rejected is not None:
             self._sweep(now, len(plan.buckets))
             return Decision(False, rejected, wait, levels)
@@ -113,8 +115,9 @@ class MemoryStore:
                 after[i] = level - cost
                 warned = _crossed(spec, after[i], warned, crossed)
                 self._put(tenant, spec, after[i], stamp, warned, now, at)
-        if lease is not None and plan.max_streams is not None:
-            self._leases.setdefault(tenant, {})[lease] = now + self._lease_ttl
+        if lease is not None:
+            for cap in plan.streams:
+                self._leases.setdefault((tenant, cap.key), {})[lease] = now + self._lease_ttl
         self._sweep(now, len(plan.buckets))
         return Decision(True, None, 0.0, tuple(after), tuple(crossed))
 
@@ -158,7 +161,7 @@ class MemoryStore:
     ) -> bool:
         now = self._clock()
         if lease is not None:
-            self.forget_lease(tenant, lease)
+            self.forget_lease(tenant, lease, plan.stream_sets)
         if not self._first(tenant, settle_key, now):
             return False
         for spec in plan.buckets:
@@ -169,23 +172,25 @@ class MemoryStore:
         self._sweep(now, len(plan.buckets))
         return True
 
-    async def release(self, tenant: str, lease: str) -> None:
-        self.forget_lease(tenant, lease)
+    async def release(self, tenant: str, lease: str, sets: Sequence[str]) -> None:
+        self.forget_lease(tenant, lease, sets)
 
-    def forget_lease(self, tenant: str, lease: str) -> None:
-        held = self._leases.get(tenant)
-        if held is not None:
-            held.pop(lease, None)
-            if not held:
-                del self._leases[tenant]
+    def forget_lease(self, tenant: str, lease: str, sets: Sequence[str]) -> None:
+        for name in sets:
+            held = self._leases.get((tenant, name))
+            if held is not None:
+                held.pop(lease, None)
+                if not held:
+                    del self._leases[(tenant, name)]
 
-    async def renew(self, tenant: str, leases: Sequence[str]) -> None:
+    async def renew(self, tenant: str, sets: Sequence[str], leases: Sequence[str]) -> None:
         if not leases:
             return
-        held = self._leases.setdefault(tenant, {})
         expiry = self._clock() + self._lease_ttl
-        for lease in leases:
-            held[lease] = expiry
+        for name in sets:
+            held = self._leases.setdefault((tenant, name), {})
+            for lease in leases:
+                held[lease] = expiry
 
     def seed(
         self,
@@ -193,27 +198,30 @@ class MemoryStore:
         plan: Plan,
         levels: Sequence[float],
         stamp: float,
-        leases: Sequence[str],
+        leases: Mapping[str, Sequence[str]],
         at: Moment,
     ) -> None:
         """Start `tenant` over from `levels` (a rate limit's valid at `stamp`, a budget's in
-        the period of `at`) and exactly `leases`: the local fallback taking over from Redis,
-        which knew better than full buckets."""
+        the period of `at`) and exactly `leases` (by lease set): the local fallback taking
+        over from Redis, which knew better than full buckets."""
         now = self._clock()
         for spec, level in zip(plan.buckets, levels, strict=True):
             self._buckets.pop((tenant, spec.key), None)
             clock = spec.clock(stamp, at)
             self._put(tenant, spec, min(float(spec.capacity), level), clock, 0, now, at)
-        if leases:
-            self._leases[tenant] = {lease: now + self._lease_ttl for lease in leases}
-        else:
-            self._leases.pop(tenant, None)
+        for cap in plan.streams:
+            held = leases.get(cap.key, ())
+            if held:
+                self._leases[(tenant, cap.key)] = {lease: now + self._lease_ttl for lease in held}
+            else:
+                self._leases.pop((tenant, cap.key), None)
 
     async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot:
         now = self._clock()
         levels = tuple(self._current(tenant, spec, now, at)[0] for spec in plan.buckets)
         today = self._today.get(tenant, 0) if int(self._wall_clock() // DAY) == self._day else 0
-        return Snapshot(levels, self._live_leases(tenant, now), today)
+        live = tuple(self._live_leases(tenant, cap.key, now) for cap in plan.streams)
+        return Snapshot(levels, live, today)
 
     async def ledger(self, first: str, last: str) -> list[UsageRow]:
         return [
@@ -243,14 +251,14 @@ class MemoryStore:
         counts[3] += actual
         counts[4] += charge.tokens_estimated
 
-    def _live_leases(self, tenant: str, now: float) -> int:
-        held = self._leases.get(tenant)
+    def _live_leases(self, tenant: str, name: str, now: float) -> int:
+        held = self._leases.get((tenant, name))
         if held is None:
             return 0
         for lease in [k for k, expiry in held.items() if expiry <= now]:
             del held[lease]
         if not held:
-            del self._leases[tenant]
+            del self._leases[(tenant, name)]
         return len(held)
 
     def _first(self, tenant: str, settle_key: str, now: float) -> bool:

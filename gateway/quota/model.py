@@ -42,7 +42,7 @@ class Reservation:
     request_id: str
     allowed: bool
     reserved_tokens: int  # taken from each token bucket (0 if refused)
-    rejected_by: str | None  # a bucket name or "concurrent streams", when refused
+    rejected_by: str | None  # a bucket's or a stream cap's name, when refused
     retry_after: int  # whole seconds until it would pass; >= 1 when refused, 0 when allowed
     buckets: tuple[BucketState, ...]  # state after the decision, every bucket of the tenant
     stream_lease: str | None  # lease id when a stream slot was taken
@@ -117,7 +117,7 @@ class Snapshot:
     """A store's read-only view of one tenant, for `usage()`."""
 
     levels: tuple[float, ...]
-    active_streams: int
+    active_streams: tuple[int, ...]  # per lease set of the plan
     tokens_today: int
 
 
@@ -163,11 +163,13 @@ class Store(Protocol):
         first."""
         ...
 
-    async def release(self, tenant: str, lease: str) -> None: ...
+    async def release(self, tenant: str, lease: str, sets: Sequence[str]) -> None:
+        """`lease` leaves every one of the lease `sets` (a plan's `stream_sets`)."""
+        ...
 
-    async def renew(self, tenant: str, leases: Sequence[str]) -> None:
-        """Every one of `leases` (streams still open) lives a full lease ttl from now, put
-        back if the store lost it."""
+    async def renew(self, tenant: str, sets: Sequence[str], leases: Sequence[str]) -> None:
+        """Every one of `leases` (streams still open) lives a full lease ttl from now in each
+        of `sets`, put back if the store lost it."""
         ...
 
     async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot: ...

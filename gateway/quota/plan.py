@@ -35,6 +35,7 @@ BUDGET_LABELS = {
 }
 """A budget's name in metrics (`gateway_budget_used_ratio{budget=...}`)."""
 
+TENANT_STREAMS = "streams"  # the tenant's lease set; a key's is k:<name>:streams
 KEY_LEVEL = "key "  # how a key's own buckets are named: "key billing-service: requests per day"
 END_USER_LEVEL = "end user: "  # never the end user's id: that is a bucket id, not a name
 
@@ -95,9 +96,18 @@ class BucketSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamCap:
+    """Concurrent streams of one level: a set of leases, each a stream still open."""
+
+    name: str  # "concurrent streams", "key billing-service: concurrent streams"
+    key: str  # the lease set's stored key: streams, k:billing-service:streams
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     buckets: tuple[BucketSpec, ...]
-    max_streams: int | None
+    streams: tuple[StreamCap, ...] = ()  # a stream takes one lease in every one, or none
     # Derived once: every reservation and settlement asks.
     token_buckets: tuple[BucketSpec, ...] = field(init=False, compare=False, repr=False)
     budgets: bool = field(init=False, compare=False, repr=False)  # any calendar budget
@@ -113,7 +123,16 @@ class Plan:
 
     @property
     def unlimited(self) -> bool:
-        return not self.buckets and self.max_streams is None
+        return not self.buckets and not self.streams
+
+    @property
+    def max_streams(self) -> int | None:
+        """The tenant's own cap (the first level's), if it has one."""
+        return next((cap.limit for cap in self.streams if cap.key == TENANT_STREAMS), None)
+
+    @property
+    def stream_sets(self) -> tuple[str, ...]:
+        return tuple(cap.key for cap in self.streams)
 
     def token_cost(self, tokens: int) -> int:
         """Clamped to the smallest token capacity: a bigger cost could never pass (settle
@@ -135,12 +154,12 @@ class Plan:
 
         return Plan(
             buckets=tuple(scaled(b) for b in self.buckets),
-            max_streams=None if self.max_streams is None else share(self.max_streams),
+            streams=tuple(replace(cap, limit=share(cap.limit)) for cap in self.streams),
         )
 
     def with_end_user(self, end_user: EndUser, who: str) -> Plan:
         """This plan and the buckets of one end user (`who`, the header's value) after it."""
-        return Plan(self.buckets + end_user_buckets(end_user, who), self.max_streams)
+        return Plan(self.buckets + end_user_buckets(end_user, who), self.streams)
 
 
 def plan_for(
@@ -154,12 +173,21 @@ def plan_for(
     """The tenant's buckets and budgets and, for a key with its own, the key's after them: one
     plan, so one atomic call takes from every level or from none."""
     buckets = _buckets(limits, "", "") + _budgets(budget, "", "")
+    streams = _streams(limits, "", "")
     if key is not None:
         prefix, stored = f"{KEY_LEVEL}{key}: ", f"k:{key}:"
         if key_limits is not None:
             buckets += _buckets(key_limits, prefix, stored)
+            streams += _streams(key_limits, prefix, stored)
         buckets += _budgets(key_budget, prefix, stored)
-    return Plan(tuple(buckets), limits.max_concurrent_streams)
+    return Plan(tuple(buckets), tuple(streams))
+
+
+def _streams(limits: TenantLimits, name_prefix: str, key_prefix: str) -> list[StreamCap]:
+    cap = limits.max_concurrent_streams
+    if cap is None:
+        return []
+    return [StreamCap(f"{name_prefix}{CONCURRENT_STREAMS}", f"{key_prefix}{TENANT_STREAMS}", cap)]
 
 
 def end_user_buckets(end_user: EndUser, who: str) -> tuple[BucketSpec, ...]:

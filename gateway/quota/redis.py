@@ -33,7 +33,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from gateway.quota.calendar import Moment
 from gateway.quota.connect import MAX_CONNECTIONS
 from gateway.quota.model import Backend, Charge, Crossing, Decision, Snapshot, UsageRow
-from gateway.quota.plan import CONCURRENT_STREAMS, BucketSpec, Plan, worst_wait
+from gateway.quota.plan import BucketSpec, Plan, worst_wait
 
 RedisClient = Redis | RedisCluster
 
@@ -152,18 +152,19 @@ class RedisStore:
         self, tenant: str, plan: Plan, tokens: int, lease: str | None, at: Moment
     ) -> Decision:
         n = len(plan.buckets)
-        keys = [bucket_key(tenant, b.key) for b in plan.buckets] + [bucket_key(tenant, "streams")]
-        args: list[int | float | str] = [n, lease or "", plan.max_streams or 0]
-        args.append(self._lease_ttl_ms)
+        keys = [bucket_key(tenant, b.key) for b in plan.buckets]
+        keys += [bucket_key(tenant, cap.key) for cap in plan.streams]
+        args: list[int | float | str] = [n, lease or "", len(plan.streams), self._lease_ttl_ms]
         for b in plan.buckets:
             args += _group(b, at, b.cost(tokens))
+        args += [cap.limit for cap in plan.streams]
         reply = await self._run("reserve", keys, args)
         allowed, refused_by = int(reply[0]), int(reply[1])
         levels = tuple(float(x) for x in reply[2 : 2 + n])
         if allowed:
             return Decision(True, None, 0.0, levels, _crossings(plan.buckets, reply[2 + n :]))
         if refused_by < 0:
-            return Decision(False, CONCURRENT_STREAMS, 0.0, levels)
+            return Decision(False, plan.streams[-refused_by - 1].name, 0.0, levels)
         name, wait = worst_wait(plan, levels, tokens, at)
         return Decision(False, name, wait, levels)
 
@@ -202,28 +203,36 @@ class RedisStore:
         at: Moment,
     ) -> bool:
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
-        keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, "streams")]
+        keys.append(bucket_key(tenant, f"settled:{settle_key}"))
+        keys += [bucket_key(tenant, cap.key) for cap in plan.streams]
         args: list[int | float | str] = [len(plan.buckets), lease or "", self._settled_ttl_ms]
         for b in plan.buckets:
             args += _group(b, at, b.cost(tokens))
         return bool(int(await self._run("refund", keys, args)))
 
-    async def release(self, tenant: str, lease: str) -> None:
+    async def release(self, tenant: str, lease: str, sets: Sequence[str]) -> None:
         # A script like every other call, so it takes the same connection (and the same
         # recovery after a Redis restart) as the reserve that took the lease.
-        await self._run("release", [bucket_key(tenant, "streams")], [lease])
+        await self._run("release", [bucket_key(tenant, s) for s in sets], [lease])
 
-    async def renew(self, tenant: str, leases: Sequence[str]) -> None:
-        await self._run("renew", [bucket_key(tenant, "streams")], [self._lease_ttl_ms, *leases])
+    async def renew(self, tenant: str, sets: Sequence[str], leases: Sequence[str]) -> None:
+        keys = [bucket_key(tenant, s) for s in sets]
+        await self._run("renew", keys, [self._lease_ttl_ms, *leases])
 
     async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot:
+        n = len(plan.buckets)
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
-        keys += [bucket_key(tenant, "streams"), bucket_key(tenant, "today")]
-        args: list[int | float | str] = [len(plan.buckets)]
+        keys.append(bucket_key(tenant, "today"))
+        keys += [bucket_key(tenant, cap.key) for cap in plan.streams]
+        args: list[int | float | str] = [n]
         for b in plan.buckets:
             args += _group(b, at, 0)
         reply = await self._run("usage", keys, args)
-        return Snapshot(tuple(float(x) for x in reply[2:]), int(reply[0]), int(reply[1]))
+        return Snapshot(
+            tuple(float(x) for x in reply[1 : 1 + n]),
+            tuple(int(x) for x in reply[1 + n :]),
+            int(reply[0]),
+        )
 
     async def ledger(self, first: str, last: str) -> list[UsageRow]:
         """Found by SCAN (on every primary of a cluster): a ledger day of a tenant since

@@ -2,13 +2,15 @@
 -- reserved tokens on each token bucket (never past capacity), its stream lease released; nothing
 -- counted for today or in the ledger. Once per request, by settle's own marker: after a settle
 -- it changes nothing (and a settle after it changes nothing), but the lease goes either way.
--- KEYS[1..n] the buckets   KEYS[n+1] this request's settled marker   KEYS[n+2] stream leases
+-- KEYS[1..n] the buckets   KEYS[n+1] this request's settled marker   KEYS[n+2..] lease sets
 -- ARGV[1] n   ARGV[2] lease id ('' = none)   ARGV[3] marker ttl (ms)
 -- ARGV[4..]   one group per bucket, amount = what it gets back
 -- Returns 1, or 0 when this request was already settled or refunded.
 local n = tonumber(ARGV[1])
 if ARGV[2] ~= '' then
-  redis.call('ZREM', KEYS[n + 2], ARGV[2])
+  for j = n + 2, #KEYS do
+    redis.call('ZREM', KEYS[j], ARGV[2])
+  end
 end
 if not redis.call('SET', KEYS[n + 1], '1', 'NX', 'PX', ARGV[3]) then
   return 0

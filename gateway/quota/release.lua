@@ -1,4 +1,6 @@
--- Release one stream lease (gone already: nothing to do).
--- KEYS[1] the tenant's stream leases   ARGV[1] lease id
-redis.call('ZREM', KEYS[1], ARGV[1])
+-- Release one stream lease from every lease set it is in (gone already: nothing to do).
+-- KEYS[1..] the lease sets of its levels   ARGV[1] lease id
+for _, leases in ipairs(KEYS) do
+  redis.call('ZREM', leases, ARGV[1])
+end
 return 1

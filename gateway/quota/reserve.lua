@@ -1,12 +1,14 @@
 -- One admission decision, all or nothing: one request from each request bucket, the token cost
--- from each token bucket (rate limits and budgets of every level) and, when asked, a lease.
--- KEYS[1..n]  the buckets     KEYS[n+1]  the tenant's stream leases (sorted set, member = lease
---                                        id, score = expiry ms)
--- ARGV[1] n   ARGV[2] lease id ('' = none)   ARGV[3] max streams   ARGV[4] lease ttl (ms)
--- ARGV[5..]   one group per bucket (buckets.lua), amount = its cost
--- Returns {allowed 1|0, refused (a refusing bucket's index, -1 streams, 0 none), levels after...,
---          warnings crossed ('i:j')...}; which refusing bucket waits longest is the caller's sum.
-local n = tonumber(ARGV[1])
+-- from each token bucket (rate limits and budgets of every level) and, when asked, a lease in
+-- the stream lease set of every level that caps streams.
+-- KEYS[1..n]  the buckets     KEYS[n+1..n+m]  lease sets (sorted sets, member = lease id,
+--                                             score = expiry ms)
+-- ARGV[1] n   ARGV[2] lease id ('' = none)   ARGV[3] m   ARGV[4] lease ttl (ms)
+-- ARGV[5..]   one group per bucket (buckets.lua), amount = its cost; then m caps, one per set
+-- Returns {allowed 1|0, refused (a refusing bucket's index, -j for lease set j, 0 none), levels
+--          after..., warnings crossed ('i:j')...}; which refusing bucket waits longest is the
+--          caller's sum.
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[3])
 local groups, levels, stamps, warned = {}, {}, {}, {}
 local refused = 0
 for i = 1, n do
@@ -18,12 +20,15 @@ for i = 1, n do
   end
 end
 
-local leases = KEYS[n + 1]
 if refused == 0 and ARGV[2] ~= '' then
-  -- Leases of a replica that died without releasing them expire here.
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
-  if redis.call('ZCARD', leases) >= tonumber(ARGV[3]) then
-    refused = -1
+  for j = 1, m do
+    local leases = KEYS[n + j]
+    -- Leases of a replica that died without releasing them expire here.
+    redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
+    if redis.call('ZCARD', leases) >= tonumber(ARGV[4 + n * GROUP + j]) then
+      refused = -j
+      break
+    end
   end
 end
 
@@ -37,9 +42,12 @@ if refused == 0 then
     end
   end
   if ARGV[2] ~= '' then
-    redis.call('ZADD', leases, now_ms + tonumber(ARGV[4]), ARGV[2])
-    local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
-    redis.call('PEXPIREAT', leases, tonumber(last[2]) + 1)
+    for j = 1, m do
+      local leases = KEYS[n + j]
+      redis.call('ZADD', leases, now_ms + tonumber(ARGV[4]), ARGV[2])
+      local last = redis.call('ZRANGE', leases, -1, -1, 'WITHSCORES')
+      redis.call('PEXPIREAT', leases, tonumber(last[2]) + 1)
+    end
   end
 end
 

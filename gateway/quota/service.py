@@ -79,6 +79,7 @@ class _Down(Exception):
 class _Held:
     tenant: str
     local: bool  # taken from the fallback store, not the primary
+    sets: tuple[str, ...]  # the lease sets it is in, one per level that caps streams
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +188,7 @@ class QuotaService:
         if tokens < 0:
             raise ValueError("tokens must not be negative")
         plan = self._plan(tenant, key, end_user)
-        lease_wanted = stream and plan.max_streams is not None
+        lease_wanted = stream and bool(plan.streams)
         if not plan.buckets and not lease_wanted:
             # Nothing to count: no round trip at all.
             return Reservation(
@@ -257,9 +258,9 @@ class QuotaService:
         if reservation.backend == "open" or reservation.stream_lease is not None:
             return reservation  # the policy let it through uncounted, or it holds one
         store, plan = self._store_for(reservation)
-        if plan.max_streams is None:
+        if not plan.streams:
             return reservation
-        lease, streams_only = self._unique(), Plan((), plan.max_streams)
+        lease, streams_only = self._unique(), Plan((), plan.streams)
         try:
             taken = await self._reserve_on(
                 store,
@@ -281,9 +282,11 @@ class QuotaService:
         lease = self._forget(reservation)
         if lease is None:
             return
-        store, _ = self._store_for(reservation)
-        tenant = reservation.tenant
-        await self._owe_on_failure(store, "release", tenant, lambda: store.release(tenant, lease))
+        store, plan = self._store_for(reservation)
+        tenant, sets = reservation.tenant, plan.stream_sets
+        await self._owe_on_failure(
+            store, "release", tenant, lambda: store.release(tenant, lease, sets)
+        )
 
     async def usage(
         self, tenant: str, key: str | None = None, end_user: str | None = None
@@ -325,7 +328,14 @@ class QuotaService:
             "budgets": budgets,
             "timezone": self._calendar.zone,
             "tokens_today": snapshot.tokens_today,
-            "concurrent_streams": {"limit": plan.max_streams, "active": snapshot.active_streams},
+            "concurrent_streams": {
+                "limit": plan.max_streams,
+                "active": snapshot.active_streams[0] if plan.max_streams is not None else 0,
+            },
+            "streams": [
+                {"name": cap.name, "limit": cap.limit, "active": active}
+                for cap, active in zip(plan.streams, snapshot.active_streams, strict=True)
+            ],
         }
 
     async def ledger(self, first: str, last: str) -> list[UsageRow]:
@@ -357,13 +367,13 @@ class QuotaService:
         """One renewal of every lease this process holds, one call per owner (batched on the
         wire). A failure is logged and left to the next round: a lease outlives two, and a
         lease Redis lost meanwhile is put back."""
-        by_owner: dict[tuple[str, bool], list[str]] = {}
+        by_owner: dict[tuple[str, bool, tuple[str, ...]], list[str]] = {}
         for lease, held in self._held.items():
-            by_owner.setdefault((held.tenant, held.local), []).append(lease)
+            by_owner.setdefault((held.tenant, held.local, held.sets), []).append(lease)
         calls = []
-        for (tenant, local), leases in by_owner.items():
+        for (tenant, local, sets), leases in by_owner.items():
             store = self._fallback if local and self._fallback is not None else self._primary
-            calls.append(self._renew(store, tenant, leases))
+            calls.append(self._renew(store, tenant, sets, leases))
         failed = sum(not renewed for renewed in await asyncio.gather(*calls))
         if failed:
             log.warning("quota lease renewal failed", owners=failed, owners_held=len(calls))
@@ -421,7 +431,7 @@ class QuotaService:
             return None
         held = self._held.pop(lease, None)
         if held is not None and not held.local and self._fallback is not None:
-            self._fallback.forget_lease(reservation.tenant, lease)
+            self._fallback.forget_lease(reservation.tenant, lease, held.sets)
         return lease
 
     async def _reserve_on(
@@ -444,7 +454,7 @@ class QuotaService:
             self._budgets_used(tenant, plan, decision.levels)
             self._warn(tenant, decision.crossed)
         if decision.allowed and lease is not None:
-            self._held[lease] = _Held(tenant, store is not self._primary)
+            self._held[lease] = _Held(tenant, store is not self._primary, plan.stream_sets)
             if self._renewer is None:
                 self._renewer = asyncio.create_task(self._keep_leases())
         return Reservation(
@@ -507,7 +517,11 @@ class QuotaService:
             known = dict(zip((b.key for b in reported.plan.buckets), reported.levels, strict=True))
             stamp = reported.at
         levels = [known.get(b.key, 0.0) / self._replicas for b in local.buckets]
-        leases = [lease for lease, held in self._held.items() if held.tenant == owner]
+        leases: dict[str, list[str]] = {}
+        for lease, held in self._held.items():
+            if held.tenant == owner:
+                for name in held.sets:
+                    leases.setdefault(name, []).append(lease)
         self._fallback.seed(owner, local, levels, stamp, leases, at)
         log.info("quota fallback seeded", tenant=owner, from_redis=reported is not None)
         return local
@@ -551,14 +565,16 @@ class QuotaService:
             await asyncio.sleep(self._lease_ttl / RENEWALS_PER_TTL)
             await self.renew_leases()
 
-    async def _renew(self, store: Store, tenant: str, leases: list[str]) -> bool:
+    async def _renew(
+        self, store: Store, tenant: str, sets: tuple[str, ...], leases: list[str]
+    ) -> bool:
         # The round listed these a step ago: a lease released since must not be put back (the
         # call below is queued in this same step, so a later release is sent after it).
         leases = [lease for lease in leases if lease in self._held]
         if not leases:
             return True
         try:
-            await self._call(store, lambda: store.renew(tenant, leases))
+            await self._call(store, lambda: store.renew(tenant, sets, leases))
         except _Down:
             return False
         return True

@@ -1,14 +1,17 @@
 -- A read-only view of one tenant on the server's clock.
--- KEYS[1..n] the buckets   KEYS[n+1] stream leases   KEYS[n+2] tokens today
+-- KEYS[1..n] the buckets   KEYS[n+1] tokens today   KEYS[n+2..] lease sets
 -- ARGV[1] n   ARGV[2..] one group per bucket, amount unused
--- Returns {active streams, tokens today, levels...}
+-- Returns {tokens today, levels..., active streams per lease set...}
 local n = tonumber(ARGV[1])
-local reply = {redis.call('ZCOUNT', KEYS[n + 1], '(' .. now_ms, '+inf'), 0}
-local counted = redis.call('HMGET', KEYS[n + 2], 'd', 'n')
+local reply = {0}
+local counted = redis.call('HMGET', KEYS[n + 1], 'd', 'n')
 if tonumber(counted[1]) == today then
-  reply[2] = tonumber(counted[2])
+  reply[1] = tonumber(counted[2])
 end
 for i = 1, n do
-  reply[2 + i] = fmt((level_of(KEYS[i], group(2 + (i - 1) * GROUP))))
+  reply[1 + i] = fmt((level_of(KEYS[i], group(2 + (i - 1) * GROUP))))
+end
+for j = n + 2, #KEYS do
+  reply[#reply + 1] = redis.call('ZCOUNT', KEYS[j], '(' .. now_ms, '+inf')
 end
 return reply
