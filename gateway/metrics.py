@@ -1,8 +1,9 @@
 """Prometheus metrics: one registry per app, names and labels as DESIGN.md fixes them.
 
-Label values come only from configuration (tenant names, configured agent ids), status codes
-and fixed enums, so no caller can grow the series count: an agent id nobody configured is
-`other`, a request nobody authenticated is tenant `none`.
+Label values come only from configuration (tenant names, configured agent ids and key names),
+status codes and fixed enums, so no caller can grow the series count: an agent id nobody
+configured is `other`, a request nobody authenticated is tenant `none`, and a budget reported for
+a tenant or key the configuration does not name is not shown at all.
 
 Histogram buckets span this traffic: the gateway's own time is sub-millisecond, upstream's
 first byte takes up to a minute, and a stream may run for ten.
@@ -40,6 +41,8 @@ from gateway.usage import Usage
 
 NONE = "none"  # no tenant (unauthenticated) or no agent (a path that names none)
 OTHER = "other"  # an agent id that is not in the configuration
+TENANT_LEVEL = "all"  # the `key` of a tenant's own budget (all its keys together)
+BUDGETS = ("tokens_per_day", "tokens_per_month", "requests_per_day", "requests_per_month")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Reader = Callable[[], float]
 _M = TypeVar("_M", bound=MetricWrapperBase)
@@ -189,6 +192,15 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.budget_used_ratio = Gauge(
+            "gateway_budget_used_ratio",
+            "Fraction of a calendar budget used in the current period; key is a configured key "
+            "name, or all for the tenant level; budget is tokens_per_day, tokens_per_month, "
+            "requests_per_day or requests_per_month.",
+            ["tenant", "key", "budget"],
+            registry=r,
+        )
+        self._budgets: dict[tuple[str, str, str], Gauge] = {}
         Gauge(
             "gateway_build_info", "The running gateway's version.", ["version"], registry=r
         ).labels(__version__).set(1)
@@ -199,12 +211,22 @@ class Metrics:
         self.use_config(config)
 
     def use_config(self, config: Config) -> None:
-        """The label values configuration allows (again on a reload; series of a tenant or
-        agent that was removed stay until restart, they only stop growing)."""
+        """The label values configuration allows (again on a reload). Counters of a tenant or
+        agent that was removed stay until restart, they only stop growing; a removed tenant's
+        or key's budget ratios go at once (a gauge left behind would keep an alert firing)."""
         self._tenants = frozenset(config.tenants)
         self._agents = frozenset(config.agents) | {
             agent for tenant in config.tenants.values() for agent in tenant.agents
         } - {ALL_AGENTS}
+        self._keys = {
+            tenant.name: frozenset(key.name for key in tenant.keys)
+            for tenant in config.tenants.values()
+        }
+        for values in list(self._budgets):
+            tenant_name, key_name, _ = values
+            if not self._budget_allowed(tenant_name, key_name):
+                self.budget_used_ratio.remove(*values)
+                del self._budgets[values]
         # Series that alerts and rate() need to exist before the first event.
         for tenant in self._tenants:
             self.active_streams.labels(tenant)
@@ -255,6 +277,28 @@ class Metrics:
             self._child(tokens, tenant, agent_label, "total").inc(usage.total)
         if estimated is not None:
             self._child(self.tokens_estimated, tenant).inc(estimated)
+
+    def budget_used(self, tenant: str, key: str | None, budget: str, ratio: float) -> None:
+        """Set the fraction (used / limit, not clamped: a budget in debt shows over 1) of
+        `budget`, one of BUDGETS, that `tenant` (key None) or its key `key` has used in the
+        current period. The series keeps the last value set, so the caller reports the fall
+        to 0 when a period begins too. A tenant or key the configuration does not name adds
+        no series: the report is dropped. An unknown budget is a programming error."""
+        if budget not in BUDGETS:
+            raise ValueError(f"unknown budget {budget!r}: expected one of {', '.join(BUDGETS)}")
+        level = TENANT_LEVEL if key is None else key
+        # A key configured as `all` is dropped too: it must not overwrite its tenant's level.
+        if key == TENANT_LEVEL or not self._budget_allowed(tenant, level):
+            return
+        values = (tenant, level, budget)
+        series = self._budgets.get(values)
+        if series is None:
+            series = self._budgets[values] = self.budget_used_ratio.labels(*values)
+        series.set(ratio)
+
+    def _budget_allowed(self, tenant: str, key: str) -> bool:
+        keys = self._keys.get(tenant)
+        return keys is not None and (key == TENANT_LEVEL or key in keys)
 
     def streams_of(self, tenant: str | None) -> Gauge:
         """The tenant's `gateway_active_streams` series."""

@@ -91,6 +91,9 @@ def exposed_labels() -> dict[str, set[str]]:
     )
     metrics.finished(record, 0.25)
     metrics.settled("acme", "ag_support", Usage(input=1, output=2, total=3), estimated=3)
+    # Budget ratios have no series until the quota reports one: a tenant's and a key's.
+    metrics.budget_used("acme", None, "tokens_per_month", 0.5)
+    metrics.budget_used("acme", "billing-service", "tokens_per_day", 0.25)
     labels: dict[str, set[str]] = defaultdict(set)
     for family in metrics.registry.collect():
         for sample in family.samples:

@@ -15,8 +15,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_admin_app
-from gateway.config import parse_config
-from gateway.state import DRAINS
+from gateway.config import load_config, parse_config
+from gateway.reload import reload_config
+from gateway.state import DRAINS, METRICS
 from tests.conftest import ACME, GLOBEX, AiohttpClient, gateway_yaml, sse_events
 
 Client = TestClient[web.Request, web.Application]
@@ -48,6 +49,16 @@ class Scrape:
                 group = tuple(labels[key] for key in keys)
                 grouped[group] = grouped.get(group, 0) + value
         return grouped
+
+
+def budget_ratios(scraped: Scrape) -> dict[tuple[str, str, str], float]:
+    """Every `gateway_budget_used_ratio` series, zeros included: (tenant, key, budget) → value."""
+    found = {}
+    for (name, labels), value in scraped.samples.items():
+        if name == "gateway_budget_used_ratio":
+            series = dict(labels)
+            found[(series["tenant"], series["key"], series["budget"])] = value
+    return found
 
 
 async def scrape(admin: TestClient[Any, Any]) -> Scrape:
@@ -257,6 +268,8 @@ async def test_the_exposition_passes_promtool(
     admin = await admin_of(gateway)
     for body in ({"message": "Hi"}, {"message": "Hi", "stream": True}):
         await (await gateway.post("/v1/agents/ag_support/chat", json=body, headers=ACME)).read()
+    gateway.app[METRICS].budget_used("acme", None, "tokens_per_month", 0.5)
+    gateway.app[METRICS].budget_used("acme", "billing-service", "requests_per_day", 0.25)
     exposition = (await scrape(admin)).text
 
     checked = await asyncio.create_subprocess_exec(
@@ -275,3 +288,102 @@ async def test_the_admin_port_serves_probes_and_nothing_of_the_callers(
     assert ready.status == 200 and (await ready.json())["quota_state"] == "ok"
     assert (await admin.post("/v1/agents/ag_support/chat", json={"message": "x"})).status == 404
     assert (await gateway.get("/metrics")).status == 404
+
+
+# --- gateway_budget_used_ratio --------------------------------------------------------------
+# The quota reports each level's budgets as it learns them (Metrics.budget_used); /metrics
+# shows the last fraction reported, only ever for tenants and keys the configuration names.
+
+
+def with_acme_keys(url: str, *names: str) -> str:
+    """The test configuration with more keys for acme (hashes nobody presents)."""
+    extra = "".join(
+        f", {{name: {name}, sha256: {'abcdef'[i] * 64}}}" for i, name in enumerate(names)
+    )
+    end_of_acme_keys = "}]\n    agents: [ag_support]\n"
+    return gateway_yaml(url).replace(end_of_acme_keys, "}" + extra + end_of_acme_keys[1:], 1)
+
+
+async def test_budget_ratios_show_each_level_as_last_reported_and_none_before(
+    gateway: Client, admin_of: Any
+) -> None:
+    admin = await admin_of(gateway)
+    metrics = gateway.app[METRICS]
+    # No series before a report: a 0 at start-up would be wrong after a restart on Redis.
+    assert budget_ratios(await scrape(admin)) == {}
+
+    metrics.budget_used("acme", None, "tokens_per_month", 0.5)
+    metrics.budget_used("acme", None, "tokens_per_month", 0.85)  # the last report wins
+    metrics.budget_used("acme", "billing-service", "requests_per_day", 0.25)
+    metrics.budget_used("globex", None, "requests_per_month", 1.2)  # in debt: not clamped
+    metrics.budget_used("globex", None, "tokens_per_day", 0.0)  # a new day has begun
+
+    scraped = await scrape(admin)
+    assert budget_ratios(scraped) == {
+        ("acme", "all", "tokens_per_month"): 0.85,
+        ("acme", "billing-service", "requests_per_day"): 0.25,
+        ("globex", "all", "requests_per_month"): 1.2,
+        ("globex", "all", "tokens_per_day"): 0.0,
+    }
+    assert "# TYPE gateway_budget_used_ratio gauge" in scraped.text
+
+
+async def test_a_budget_of_a_tenant_or_key_not_configured_adds_no_series(
+    make_gateway: Any, simulator_url: str, admin_of: Any
+) -> None:
+    # acme also has a key named `all`, which must not pass for acme's tenant level.
+    config = parse_config(with_acme_keys(simulator_url, "all"), "test.yaml")
+    gateway: Client = await make_gateway(config=config)
+    admin = await admin_of(gateway)
+    metrics = gateway.app[METRICS]
+    metrics.budget_used("acme", None, "tokens_per_day", 0.5)
+    for tenant, key in (
+        ("initech", None),  # no such tenant
+        ("initech", "billing-service"),
+        ("none", None),
+        ("other", None),
+        ("acme", "reporting"),  # no such key
+        ("acme", "web-frontend"),  # globex's key, not acme's
+        ("acme", "all"),  # the key named `all`
+    ):
+        metrics.budget_used(tenant, key, "tokens_per_day", 0.99)
+
+    assert budget_ratios(await scrape(admin)) == {("acme", "all", "tokens_per_day"): 0.5}
+
+
+def test_a_budget_outside_the_four_calendar_budgets_is_a_programming_error(
+    gateway: Client,
+) -> None:
+    with pytest.raises(ValueError, match="tokens_per_minute"):
+        gateway.app[METRICS].budget_used("acme", None, "tokens_per_minute", 0.5)
+
+
+async def test_a_reload_removes_the_budget_series_of_removed_tenants_and_keys(
+    make_gateway: Any, simulator_url: str, admin_of: Any, tmp_path: Any
+) -> None:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(with_acme_keys(simulator_url, "reporting"))
+    gateway: Client = await make_gateway(config=load_config(path))
+    admin = await admin_of(gateway)
+    metrics = gateway.app[METRICS]
+    for tenant, key in (
+        ("acme", None),
+        ("acme", "billing-service"),
+        ("acme", "reporting"),
+        ("globex", None),
+        ("globex", "web-frontend"),
+    ):
+        metrics.budget_used(tenant, key, "tokens_per_month", 0.9)
+
+    # acme loses its key `reporting`, and globex (the last tenant) goes.
+    text = gateway_yaml(simulator_url)
+    path.write_text(text[: text.index("  globex:\n")])
+    assert reload_config(gateway.app)
+
+    assert budget_ratios(await scrape(admin)) == {
+        ("acme", "all", "tokens_per_month"): 0.9,
+        ("acme", "billing-service", "tokens_per_month"): 0.9,
+    }
+    metrics.budget_used("globex", None, "tokens_per_month", 0.95)  # a late report: dropped
+    metrics.budget_used("acme", "reporting", "tokens_per_month", 0.95)
+    assert len(budget_ratios(await scrape(admin))) == 2
