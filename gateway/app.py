@@ -111,6 +111,7 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     ) as quota:
         # Upstream keys' own limits are buckets in the same store, beside the tenants'.
         app[LIMITER].register(quota)
+        quota.observe_budget = app[METRICS].budget_used
         app[QUOTA] = quota
         drains = app[DRAINS] = Drains(config.quota.drain_timeout, config.quota.max_drains)
         with _sampled(

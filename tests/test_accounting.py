@@ -306,7 +306,9 @@ def test_a_keys_limits_refuse_what_belongs_to_the_tenant() -> None:
         "    end_user: {header: X-End-User, limits: {max_concurrent_streams: 1}}\n",
         1,
     )
-    with pytest.raises(ConfigError, match="end_user.limits.max_concurrent_streams: streams are"):
+    with pytest.raises(
+        ConfigError, match=re.escape("end_user.limits.max_concurrent_streams: streams are")
+    ):
         parse_config(end_user_streams)
 
 
@@ -349,6 +351,9 @@ async def test_end_users_and_budgets_as_a_service_meets_them(
     assert too_long.status == 400
     assert "X-End-User header is longer than 256" in await too_long.text()
     exposition = gateway.app[METRICS].exposition().decode()
+    assert 'gateway_budget_used_ratio{budget="requests_per_month",key="billing-service",' in (
+        exposition
+    )
     for secretish in ("sk-live-0123456789abcdef", "bob@example.com"):
         assert secretish not in exposition
         assert secretish not in json.dumps(usage)

@@ -256,22 +256,38 @@ async def test_each_warn_at_fraction_is_logged_once_per_period_across_replicas(
     )
 
 
-async def test_budget_used_ratios_reach_the_observer(harness: Harness) -> None:
+async def test_budget_used_ratios_reach_the_observer_and_follow_the_period(
+    harness: Harness,
+) -> None:
     harness.wall.now = berlin(2026, 11, 28, 10, 0)
     tenants = team(
         Budget(tokens=Amount(per_month=1000)),
-        keys=(service("billing", Budget(requests=Amount(per_day=4))),),
+        keys=(service("billing", Budget(requests=Amount(per_day=4), tokens=Amount(per_day=100))),),
     )
     quota = await harness.open_for(tenants)
     seen: dict[tuple[str, str | None, str], float] = {}
     quota.observe_budget = lambda tenant, key, budget, ratio: seen.__setitem__(
         (tenant, key, budget), ratio
     )
-    await quota.reserve("acme", "r1", tokens=250, stream=False, key="billing")
+    reservation = await quota.reserve("acme", "r1", tokens=25, stream=False, key="billing")
     assert seen == {
-        ("acme", None, "tokens_per_month"): 0.25,
+        ("acme", None, "tokens_per_month"): 0.025,
         ("acme", "billing", "requests_per_day"): 0.25,
+        ("acme", "billing", "tokens_per_day"): 0.25,
     }
+    await quota.settle(reservation, 160)  # 60 over the key's day
+    assert seen[("acme", "billing", "tokens_per_day")] == 1.6
+    assert seen[("acme", None, "tokens_per_month")] == 0.16
+
+    harness.wall.now = berlin(2026, 11, 29, 0, 0)  # midnight, and no request since
+    quota.roll_budget_periods()
+    assert seen == pytest.approx(
+        {
+            ("acme", None, "tokens_per_month"): 0.16,  # the month goes on
+            ("acme", "billing", "requests_per_day"): 0.0,
+            ("acme", "billing", "tokens_per_day"): 0.6,  # the debt it carried over
+        }
+    )
 
 
 # --- end users --------------------------------------------------------------------------

@@ -558,9 +558,9 @@ async def test_slow_first_byte_delays_the_status_line(sim: SimClient) -> None:
     started = loop.time()
     assert (await chat(sim, {"message": "Hi"})).status == 200
     assert loop.time() - started >= 0.19
-    started = loop.time()
-    assert (await chat(sim, {"message": "Hi"})).status == 200
-    assert loop.time() - started < 0.19
+    # Used up (times: 1): the next answer is not held. Told by the fault list, not a timing,
+    # which a busy machine could make long either way.
+    assert (await (await sim.get("/_sim/faults")).json()) == {"faults": []}
 
 
 async def test_slow_drip_spaces_the_events_and_spares_json_requests(sim: SimClient) -> None:

@@ -99,4 +99,5 @@ local function adjust(i, key, g, amount, out)
     level = g.capacity
   end
   save(key, g, level, stamp, crossed(i, g, level, warned, out))
+  return level
 end

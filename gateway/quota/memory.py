@@ -15,7 +15,15 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import date, timedelta
 
 from gateway.quota.calendar import Moment
-from gateway.quota.model import Backend, Charge, Crossing, Decision, Snapshot, UsageRow
+from gateway.quota.model import (
+    Backend,
+    Charge,
+    Crossing,
+    Decision,
+    Settled,
+    Snapshot,
+    UsageRow,
+)
 from gateway.quota.plan import (
     DAY,
     BucketSpec,
@@ -130,11 +138,12 @@ class MemoryStore:
         actual: int,
         at: Moment,
         charge: Charge | None,
-    ) -> tuple[Crossing, ...] | None:
+    ) -> Settled | None:
         now = self._clock()
         if not self._first(tenant, settle_key, now):
             return None
         crossed: list[Crossing] = []
+        levels: list[float] = []
         if delta:
             for spec in plan.token_buckets:
                 level, stamp, warned = self._current(tenant, spec, now, at)
@@ -142,13 +151,14 @@ class MemoryStore:
                 level = min(spec.capacity, level - delta)
                 warned = _crossed(spec, level, warned, crossed)
                 self._put(tenant, spec, level, stamp, warned, now, at)
+                levels.append(level)
         day = int(self._wall_clock() // DAY)
         if day != self._day:
             self._day, self._today = day, {}
         self._today[tenant] = self._today.get(tenant, 0) + actual
         self._count(tenant, actual, at, charge or Charge("", ""))
         self._sweep(now, len(plan.buckets))
-        return tuple(crossed)
+        return Settled(tuple(levels), tuple(crossed))
 
     async def refund(
         self,

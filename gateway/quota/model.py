@@ -81,6 +81,15 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Settled:
+    """A store's answer to one settle: the token buckets' levels after it (empty when nothing
+    moved) and the warnings it crossed."""
+
+    levels: tuple[float, ...] = ()
+    crossed: tuple[Crossing, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Charge:
     """What one settled request adds to the usage ledger besides its total: whose it was, and
     how its total divides. `tokens_estimated` is the part of the total upstream did not report
@@ -143,7 +152,7 @@ class Store(Protocol):
         actual: int,
         at: Moment,
         charge: Charge | None,
-    ) -> tuple[Crossing, ...] | None:
+    ) -> Settled | None:
         """Debit `delta` (refund when negative) once per `settle_key`, and add `actual` tokens
         and `charge` to the ledger's day of `at`; None for a duplicate (nothing changes)."""
         ...

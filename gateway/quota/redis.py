@@ -32,7 +32,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.quota.calendar import Moment
 from gateway.quota.connect import MAX_CONNECTIONS
-from gateway.quota.model import Backend, Charge, Crossing, Decision, Snapshot, UsageRow
+from gateway.quota.model import (
+    Backend,
+    Charge,
+    Crossing,
+    Decision,
+    Settled,
+    Snapshot,
+    UsageRow,
+)
 from gateway.quota.plan import BucketSpec, Plan, worst_wait
 
 RedisClient = Redis | RedisCluster
@@ -177,7 +185,7 @@ class RedisStore:
         actual: int,
         at: Moment,
         charge: Charge | None,
-    ) -> tuple[Crossing, ...] | None:
+    ) -> Settled | None:
         buckets = plan.token_buckets
         keys = [bucket_key(tenant, b.key) for b in buckets]
         keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, "today")]
@@ -191,7 +199,9 @@ class RedisStore:
         reply = await self._run("settle", keys, args)
         if not int(reply[0]):
             return None
-        return _crossings(buckets, reply[1:])
+        moved = int(reply[1])
+        levels = tuple(float(x) for x in reply[2 : 2 + moved])
+        return Settled(levels, _crossings(buckets, reply[2 + moved :]))
 
     async def refund(
         self,

@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from gateway.breaker import CircuitBreaker
 from gateway.config import Tenant, TenantLimits
-from gateway.quota.calendar import Calendar, Moment
+from gateway.quota.calendar import Calendar, Moment, Period
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import (
     BucketState,
@@ -47,7 +47,7 @@ from gateway.quota.model import (
     Store,
     UsageRow,
 )
-from gateway.quota.plan import Plan, plan_for, reset_after, whole_seconds
+from gateway.quota.plan import BucketSpec, Plan, plan_for, reset_after, whole_seconds
 
 log = structlog.get_logger("gateway.quota")
 
@@ -124,6 +124,10 @@ class QuotaService:
         self._startup_budget = startup_budget
         self._calendar = calendar or Calendar("UTC", time.time)
         self.observe_budget: BudgetObserver | None = None
+        # What was last observed of each tenant's and key's budget: (its period, that period's
+        # index, the ratio), so a ratio follows its period's end without a request.
+        self._observed: dict[tuple[str, str | None, str], tuple[Period, int, float]] = {}
+        self._roller: asyncio.Task[None] | None = None
         self._owners: dict[str, Mapping[str, TenantLimits]] = {}
         # Per owner and key, built on first use after each registration (a reload).
         self._plans: dict[tuple[str, str | None], Plan] = {}
@@ -226,8 +230,11 @@ class QuotaService:
         tenant, key, at = reservation.tenant, reservation.settle_key, self._calendar.now()
 
         async def settle() -> None:
-            crossed = await store.settle(tenant, plan, key, delta, actual_tokens, at, charge)
-            self._warn(tenant, crossed or ())
+            settled = await store.settle(tenant, plan, key, delta, actual_tokens, at, charge)
+            if settled is not None:
+                if settled.levels and plan.budgets:
+                    self._budgets_used(tenant, plan.token_buckets, settled.levels, at)
+                self._warn(tenant, settled.crossed)
 
         await self._owe_on_failure(store, "settle", tenant, settle)
 
@@ -379,7 +386,7 @@ class QuotaService:
             log.warning("quota lease renewal failed", owners=failed, owners_held=len(calls))
 
     async def aclose(self) -> None:
-        for task in (self._renewer, self._repayer):
+        for task in (self._renewer, self._repayer, self._roller):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -451,7 +458,7 @@ class QuotaService:
         if store is self._primary and self._breaker is not None and plan.buckets:
             self._remember(tenant, plan, decision.levels)
         if decision.allowed and plan.budgets:
-            self._budgets_used(tenant, plan, decision.levels)
+            self._budgets_used(tenant, plan.buckets, decision.levels, at)
             self._warn(tenant, decision.crossed)
         if decision.allowed and lease is not None:
             self._held[lease] = _Held(tenant, store is not self._primary, plan.stream_sets)
@@ -471,14 +478,41 @@ class QuotaService:
             plan=plan,
         )
 
-    def _budgets_used(self, tenant: str, plan: Plan, levels: tuple[float, ...]) -> None:
+    def _budgets_used(
+        self, tenant: str, buckets: tuple[BucketSpec, ...], levels: tuple[float, ...], at: Moment
+    ) -> None:
         observe = self.observe_budget
         if observe is None:
             return
-        for spec, level in zip(plan.buckets, levels, strict=True):
+        for spec, level in zip(buckets, levels, strict=True):
             labels = spec.budget_of()
-            if labels is not None:
-                observe(tenant, labels[0], labels[1], (spec.capacity - level) / spec.capacity)
+            if labels is not None and spec.period is not None:
+                ratio = (spec.capacity - level) / spec.capacity
+                self._observed[(tenant, *labels)] = (spec.period, at.index(spec.period), ratio)
+                observe(tenant, labels[0], labels[1], ratio)
+        if self._roller is None:
+            self._roller = asyncio.create_task(self._roll_periods())
+
+    def roll_budget_periods(self) -> None:
+        """Report each observed budget whose period has ended as its new period begins: what
+        its debt carried over (a period's refill takes one whole limit off), else 0. An idle
+        tenant's ratio must not stay at yesterday's 85 % and keep an alert firing."""
+        observe = self.observe_budget
+        if observe is None:
+            return
+        at = self._calendar.now()
+        for labels, (period, index, ratio) in list(self._observed.items()):
+            elapsed = at.index(period) - index
+            if elapsed > 0:
+                ratio = max(0.0, ratio - elapsed)
+                self._observed[labels] = (period, at.index(period), ratio)
+                observe(*labels, ratio)
+
+    async def _roll_periods(self) -> None:
+        while True:
+            # Every month begins at a midnight; an hour at most, should the clock be stepped.
+            await asyncio.sleep(min(self._calendar.now().until("day"), 3600.0) + 0.01)
+            self.roll_budget_periods()
 
     @staticmethod
     def _warn(tenant: str, crossed: tuple[Crossing, ...]) -> None:

@@ -8,17 +8,19 @@
 -- ARGV[1] n   ARGV[2] delta   ARGV[3] actual tokens   ARGV[4] marker ttl (ms)
 -- ARGV[5] ledger field prefix ('<key>|<agent>|')   ARGV[6] input   ARGV[7] output
 -- ARGV[8] estimated   ARGV[9] ledger ttl (ms)   ARGV[10..] one group per bucket, amount unused
--- Returns {1, warnings crossed ('i:j')...}, or {0} when this request was already settled.
+-- Returns {1, k, the k token buckets' levels after (none when nothing moved), warnings crossed
+-- ('i:j')...}, or {0} when this request was already settled.
 local n = tonumber(ARGV[1])
 if not redis.call('SET', KEYS[n + 1], '1', 'NX', 'PX', ARGV[4]) then
   return {0}
 end
 
 local delta = tonumber(ARGV[2])
-local warnings = {}
+local warnings, reply = {}, {1, 0}
 if delta ~= 0 then
+  reply[2] = n
   for i = 1, n do
-    adjust(i, KEYS[i], group(10 + (i - 1) * GROUP), delta, warnings)
+    reply[2 + i] = fmt(adjust(i, KEYS[i], group(10 + (i - 1) * GROUP), delta, warnings))
   end
 end
 
@@ -39,7 +41,6 @@ for name, amount in pairs({t = ARGV[3], i = ARGV[6], o = ARGV[7], e = ARGV[8]}) 
 end
 redis.call('PEXPIRE', ledger, ARGV[9])
 
-local reply = {1}
 for _, warning in ipairs(warnings) do
   reply[#reply + 1] = warning
 end
