@@ -256,18 +256,39 @@ def _schemas() -> dict[str, Any]:
     bucket = _object(
         {
             "name": {
-                "enum": [
+                "type": "string",
+                "description": "the limit, after its level: the tenant's own, 'key <name>: ' "
+                "or 'end user: '",
+                "examples": [
                     "requests per minute",
-                    "requests per day",
-                    "tokens per minute",
                     "tokens per day",
-                ]
+                    "tokens per month",
+                    "key billing-service: requests per calendar day",
+                ],
             },
             "limit": count,
             "remaining": {"type": "integer", "description": "negative while in token debt"},
             "reset": {"type": "number", "minimum": 0, "description": "seconds until full"},
         },
         required=("name", "limit", "remaining", "reset"),
+    )
+    budget = _object(
+        {
+            "name": {"type": "string", "examples": ["tokens per month"]},
+            "limit": count,
+            "used": {"type": "integer", "description": "over the limit while in debt"},
+            "resets_at": {
+                "type": "string",
+                "format": "date-time",
+                "description": "the start of the next period (midnight or the 1st in the "
+                "gateway's quota.timezone), in UTC",
+            },
+        },
+        required=("name", "limit", "used", "resets_at"),
+    )
+    stream_cap = _object(
+        {"name": {"type": "string"}, "limit": count, "active": count},
+        required=("name", "limit", "active"),
     )
     return {
         "ChatRequest": {
@@ -340,6 +361,9 @@ def _schemas() -> dict[str, Any]:
             {
                 "tenant": {"type": "string"},
                 "buckets": {"type": "array", "items": bucket},
+                "budgets": {"type": "array", "items": budget},
+                "timezone": {"type": "string", "examples": ["Europe/Berlin"]},
+                "streams": {"type": "array", "items": stream_cap},
                 "tokens_today": count,
                 "concurrent_streams": _object(
                     {
@@ -349,7 +373,15 @@ def _schemas() -> dict[str, Any]:
                     required=("limit", "active"),
                 ),
             },
-            required=("tenant", "buckets", "tokens_today", "concurrent_streams"),
+            required=(
+                "tenant",
+                "buckets",
+                "budgets",
+                "timezone",
+                "streams",
+                "tokens_today",
+                "concurrent_streams",
+            ),
         ),
         "Error": _object(
             {

@@ -123,6 +123,36 @@ def test_secrets_never_show_in_repr() -> None:
             ("keys: [", "keys: [{name: second, sha256: " + HASH + "}, "),
             "tenants.acme.keys[1].sha256: the same key hash is already used by tenants.acme",
         ),
+        (
+            ("tenants:", "quota: {timezone: Europe/Berln}\ntenants:"),
+            "quota.timezone: 'Europe/Berln' is not an IANA time zone (e.g. UTC, Europe/Berlin)",
+        ),
+        (
+            ("agents: [ag_support]", "agents: [ag_support]\n    budget: {tokens: {per_week: 9}}"),
+            "tenants.acme.budget.tokens.per_week: unknown key",
+        ),
+        (
+            (
+                "agents: [ag_support]",
+                "agents: [ag_support]\n    budget: {requests: {per_month: 9}, warn_at: [80]}",
+            ),
+            "tenants.acme.budget.warn_at[0]: expected a fraction above 0 and at most 1, got 80",
+        ),
+        (
+            ("agents: [ag_support]", "agents: [ag_support]\n    budget: {warn_at: [0.8]}"),
+            "tenants.acme.budget.warn_at: there is no budget to warn about",
+        ),
+        (
+            (
+                "sha256: " + HASH + "}",
+                "sha256: " + HASH + ", budget: {tokens: {per_month: 0}}}",
+            ),
+            "tenants.acme.keys[0].budget.tokens.per_month: must be at least 1, got 0",
+        ),
+        (
+            ("agents: [ag_support]", "agents: [ag_support]\n    end_user: {header: 'X End'}"),
+            "tenants.acme.end_user.header: 'X End' does not match",
+        ),
     ],
 )
 def test_mistakes_name_the_yaml_path(edit: tuple[str, str], expected: str) -> None:
