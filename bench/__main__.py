@@ -71,11 +71,21 @@ from bench.stack import (
     loud_lines,
     target,
 )
-from bench.summary import DIRECT, FLOOR, GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, summarise
+from bench.summary import (
+    DIRECT,
+    FLOOR,
+    GATEWAY,
+    LEVEL_PATHS,
+    MEMORY_LEVELS,
+    MEMORY_QUOTAS,
+    REDIS_LEVELS,
+    REDIS_QUOTAS,
+    summarise,
+)
 
 REPORT = ROOT / "docs" / "benchmarks.md"
 LOG_LINES_SHOWN = 5
-GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS)
+GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, MEMORY_LEVELS, REDIS_LEVELS)
 BUDGET = 600.0
 """`make bench` must finish within ten minutes: the soak gets what the other phases left."""
 SOAK_MARGIN = 20.0
@@ -170,19 +180,21 @@ async def _measure(
         open_loop_only = only == "openloop"
         floor, floor_port = (None, 0) if open_loop_only else await stack.start_floor()
         names = (REDIS_QUOTAS,) if open_loop_only else GATEWAYS
+        memory = {"backend": "memory"}
+        on_redis = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}
         gateways = await stack.start_gateways(
             {
                 name: quota
                 for name, quota in {
                     GATEWAY: None,
-                    MEMORY_QUOTAS: {"backend": "memory"},
-                    REDIS_QUOTAS: {
-                        "backend": "redis",
-                        "redis_url": f"redis://127.0.0.1:{redis_port}/0",
-                    },
+                    MEMORY_QUOTAS: memory,
+                    REDIS_QUOTAS: on_redis,
+                    MEMORY_LEVELS: memory,
+                    REDIS_LEVELS: on_redis,
                 }.items()
                 if name in names
-            }
+            },
+            levels=frozenset(LEVEL_PATHS),
         )
         _say(f"processes ready after {time.monotonic() - clock:.1f} s; logs in {workdir}")
         redis_target = target(
@@ -210,6 +222,22 @@ async def _measure(
                     gateways[MEMORY_QUOTAS].proc,
                 ),
                 redis_target,
+                target(
+                    MEMORY_LEVELS,
+                    gateways[MEMORY_LEVELS].port,
+                    CALLER_KEY,
+                    gateways[MEMORY_LEVELS].proc,
+                    streams=False,
+                ),
+                target(
+                    REDIS_LEVELS,
+                    gateways[REDIS_LEVELS].port,
+                    CALLER_KEY,
+                    gateways[REDIS_LEVELS].proc,
+                    streams=False,
+                    helper=redis,
+                    redis_port=redis_port,
+                ),
             ]
         runner = Runner(all_targets, sim, stack.sim_url, plan.core, tool, workdir, _say)
         await runner.smoke()

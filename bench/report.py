@@ -19,7 +19,9 @@ from bench.summary import (
     DIRECT,
     FLOOR,
     GATEWAY,
+    MEMORY_LEVELS,
     MEMORY_QUOTAS,
+    REDIS_LEVELS,
     REDIS_QUOTAS,
     Comparison,
     StreamFigures,
@@ -34,11 +36,19 @@ LABELS: Mapping[str, str] = MappingProxyType(
         GATEWAY: "gateway, quotas off",
         MEMORY_QUOTAS: "gateway, memory quotas",
         REDIS_QUOTAS: "gateway, Redis quotas",
+        MEMORY_LEVELS: "gateway, memory quotas, key levels + budgets",
+        REDIS_LEVELS: "gateway, Redis quotas, key levels + budgets",
     }
 )
 SHORT: Mapping[str, str] = MappingProxyType(
-    {MEMORY_QUOTAS: "memory quotas", REDIS_QUOTAS: "Redis quotas"}
+    {
+        MEMORY_QUOTAS: "memory quotas",
+        REDIS_QUOTAS: "Redis quotas",
+        MEMORY_LEVELS: "memory levels + budgets",
+        REDIS_LEVELS: "Redis levels + budgets",
+    }
 )
+REDIS_PATHS = (REDIS_QUOTAS, REDIS_LEVELS)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -111,6 +121,17 @@ def headlines(summary: Summary) -> list[str]:
             + (f" ({', '.join(floor)})" if floor else "")
             + redis_note
         )
+    levels = [
+        f"{SHORT[n]} {c.cpu_ratio.median:.2f}{TIMES} gateway CPU per request "
+        f"({summary.load[n].proxy_cpu_us.median:.0f} µs), "
+        f"{summary.load[n].redis_scripts.median:.1f} script calls"
+        for n, c in summary.levels_vs_tenant.items()
+    ]
+    if levels:
+        lines.append(
+            "Key levels and budgets on (JSON only), against tenant-only limits on the same "
+            "backend: " + "; ".join(levels)
+        )
     failures = [
         f"{name}: {figures.errors} of {figures.requests} JSON requests failed "
         f"({', '.join(f'{k} {v}' for k, v in figures.error_kinds.items())})"
@@ -169,7 +190,7 @@ def tables(summary: Summary) -> dict[str, list[str]]:
                 _ms(summary.load[n].p99_ms, False),
                 summary.load[n].proxy_cpu_us.fmt(0) if n != DIRECT else "-",
                 summary.load[n].sim_cpu_us.fmt(0),
-                summary.load[n].helper_cpu_us.fmt(0) if n == REDIS_QUOTAS else "-",
+                summary.load[n].helper_cpu_us.fmt(0) if n in REDIS_PATHS else "-",
                 f"{summary.load[n].errors} / {summary.load[n].requests}",
             ]
             for n in summary.targets
@@ -199,6 +220,8 @@ def tables(summary: Summary) -> dict[str, list[str]]:
         rows += _comparison_rows(f"{SHORT[n]} vs quotas off", c)
     for n, c in summary.quotas_vs_floor.items():
         rows += _comparison_rows(f"{SHORT[n]} vs floor", c)
+    for n, c in summary.levels_vs_tenant.items():
+        rows += _comparison_rows(f"{SHORT[n]} vs tenant-only", c)
     ratios = _table(["compared", "figure", "ratio or difference, per round"], rows)
     return {"load": load, "ttfe": ttfe, "paced": paced, "chunks": chunks, "ratios": ratios}
 
@@ -230,7 +253,7 @@ def open_loop_headline(results: openloop.OpenLoopResults, path: str) -> str:
 
 def quota_notes(summary: Summary) -> list[str]:
     """What the quota rows measured, and whether they answered 200 throughout."""
-    quota_paths = [n for n in (MEMORY_QUOTAS, REDIS_QUOTAS) if n in summary.load]
+    quota_paths = [n for n in SHORT if n in summary.load]
     if not quota_paths:
         return []
     notes = [
@@ -251,6 +274,15 @@ def quota_notes(summary: Summary) -> list[str]:
             )
         else:
             notes.append(f"{LABELS[n]}: 0 errors in {figures.requests} requests (no 429).")
+    if summary.levels_vs_tenant:
+        notes.append(
+            "The *key levels + budgets* paths add, on the same backend, everything a request "
+            "can belong to but an end user: the caller's key has its own request and token "
+            "limits and stream cap, and a monthly token budget; the tenant has daily and "
+            "monthly token budgets and a monthly request budget with two `warn_at` fractions "
+            "(all far out of reach). Still one script call before forwarding and one after on "
+            "Redis: the script calls per request below say so."
+        )
     redis = summary.load.get(REDIS_QUOTAS)
     if redis is not None:
         notes.append(

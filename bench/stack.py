@@ -39,6 +39,19 @@ QUOTA_LIMITS: Mapping[str, object] = {
     "tokens": {"per_minute": 1_000_000_000, "per_day": 10_000_000_000},
     "max_concurrent_streams": 1_000_000,
 }
+# A service (the caller's key) with limits of its own, and calendar budgets at both levels: every
+# level a request can belong to but the end user's, all far out of reach as above.
+KEY_LIMITS: Mapping[str, object] = {
+    "requests": {"per_minute": 100_000_000},
+    "tokens": {"per_minute": 1_000_000_000},
+    "max_concurrent_streams": 1_000_000,
+}
+TENANT_BUDGET: Mapping[str, object] = {
+    "tokens": {"per_day": 10_000_000_000, "per_month": 100_000_000_000},
+    "requests": {"per_month": 10_000_000_000},
+    "warn_at": [0.8, 0.95],
+}
+KEY_BUDGET: Mapping[str, object] = {"tokens": {"per_month": 100_000_000_000}}
 QuotaSpec = Mapping[str, str] | None
 """A gateway's `quota` section; None is quotas off (the tenant has no `limits`)."""
 
@@ -59,14 +72,20 @@ def gateway_config(
     *,
     agent: str = AGENT,
     caller_key: str = CALLER_KEY,
+    levels: bool = False,
 ) -> dict[str, object]:
-    """One gateway's YAML; `quota` None is quotas off (the tenant has no `limits`)."""
-    tenant: dict[str, object] = {
-        "keys": [{"name": "loadgen", "sha256": hashlib.sha256(caller_key.encode()).hexdigest()}],
-        "agents": [agent],
+    """One gateway's YAML; `quota` None is quotas off (the tenant has no `limits`); `levels`
+    adds the key's own limits and budgets at the tenant and key levels."""
+    key: dict[str, object] = {
+        "name": "loadgen",
+        "sha256": hashlib.sha256(caller_key.encode()).hexdigest(),
     }
+    tenant: dict[str, object] = {"keys": [key], "agents": [agent]}
     if quota is not None:
         tenant["limits"] = dict(QUOTA_LIMITS)
+    if levels:
+        key.update(limits=dict(KEY_LIMITS), budget=dict(KEY_BUDGET))
+        tenant["budget"] = dict(TENANT_BUDGET)
     return {
         "listen": {"host": "127.0.0.1", "port": gw_port},
         "admin": {"host": "127.0.0.1", "port": admin_port},
@@ -172,15 +191,19 @@ class Stack:
         await wait_ready(floor, f"http://127.0.0.1:{port}/", any_status=True)
         return floor, port
 
-    async def start_gateways(self, quotas: Mapping[str, QuotaSpec]) -> dict[str, Gateway]:
-        """Started together, then waited for: each imports its modules in parallel."""
+    async def start_gateways(
+        self, quotas: Mapping[str, QuotaSpec], levels: frozenset[str] = frozenset()
+    ) -> dict[str, Gateway]:
+        """Started together, then waited for: each imports its modules in parallel. Those
+        named in `levels` get key limits and budgets too (`gateway_config`)."""
         started: dict[str, tuple[Proc, int, int]] = {}
         for name, quota in quotas.items():
             port, admin_port = free_ports(2)
             full = self._name(name)
             config = self.workdir / f"{full}.yaml"
             text = yaml.safe_dump(
-                gateway_config(self.sim_port, port, admin_port, quota), sort_keys=False
+                gateway_config(self.sim_port, port, admin_port, quota, levels=name in levels),
+                sort_keys=False,
             )
             config.write_text(text)
             proc = await self.procs.start(

@@ -24,8 +24,11 @@ from bench.streams import (
 
 DIRECT, FLOOR, GATEWAY = "direct", "floor", "gateway"
 MEMORY_QUOTAS, REDIS_QUOTAS = "gateway-memq", "gateway-redisq"
-QUOTA_PATHS = (MEMORY_QUOTAS, REDIS_QUOTAS)
+MEMORY_LEVELS, REDIS_LEVELS = "gateway-memq-levels", "gateway-redisq-levels"
+QUOTA_PATHS = (MEMORY_QUOTAS, REDIS_QUOTAS, MEMORY_LEVELS, REDIS_LEVELS)
 """The gateway with quotas on: measured in the JSON load phase only."""
+LEVEL_PATHS = {MEMORY_LEVELS: MEMORY_QUOTAS, REDIS_LEVELS: REDIS_QUOTAS}
+"""Tenant and key limits and budgets, each against its tenant-only path on the same backend."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +97,8 @@ class Summary:
     vs_quotas_off: dict[str, Comparison]
     """Each quota path against the gateway with quotas off."""
     quotas_vs_floor: dict[str, Comparison]
+    levels_vs_tenant: dict[str, Comparison]
+    """Tenant + key limits + budgets against tenant-only limits, per backend."""
 
 
 def _load_figures(rounds: Sequence[LoadRound], problems: Sequence[str]) -> LoadFigures:
@@ -243,4 +248,9 @@ def summarise(results: Results, targets: Sequence[str]) -> Summary:
             if FLOOR in targets
             else {}
         ),
+        levels_vs_tenant={
+            name: _compare(results, name, base)
+            for name, base in LEVEL_PATHS.items()
+            if name in targets and base in targets
+        },
     )

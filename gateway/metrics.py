@@ -30,6 +30,7 @@ from gateway.config import ALL_AGENTS, Config
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
 from gateway.quota.plan import (
+    BUDGET_LABELS,
     CONCURRENT_STREAMS,
     REQUESTS_PER_DAY,
     REQUESTS_PER_MINUTE,
@@ -77,13 +78,20 @@ def limit_label(bucket_name: str) -> str:
     return level_of(bucket_name).replace(" ", "_")
 
 
-_BUCKETS = (REQUESTS_PER_MINUTE, REQUESTS_PER_DAY, TOKENS_PER_MINUTE, TOKENS_PER_DAY)
+_BUCKETS = (
+    REQUESTS_PER_MINUTE,
+    REQUESTS_PER_DAY,
+    TOKENS_PER_MINUTE,
+    TOKENS_PER_DAY,
+    *BUDGET_LABELS,  # "tokens per month", "requests per calendar day", ...
+)
 LIMITS = tuple(
     limit_label(name)
     for name in (
         *_BUCKETS,
         CONCURRENT_STREAMS,
-        *(f"key {bucket}" for bucket in _BUCKETS),
+        *(f"key {bucket}" for bucket in (*_BUCKETS, CONCURRENT_STREAMS)),
+        *(f"end user: {bucket}" for bucket in _BUCKETS),
         f"upstream {REQUESTS_PER_MINUTE}",
         f"upstream {REQUESTS_PER_DAY}",
     )

@@ -49,7 +49,10 @@ def is_token_bucket(name: str) -> bool:
 
 def level_of(name: str) -> str:
     """A bucket name without the key it belongs to: `key billing-service: tokens per day` →
-    `key tokens per day` (for metric labels, which must stay a fixed set)."""
+    `key tokens per day`, `end user: tokens per month` → `end user tokens per month` (for
+    metric labels, which must stay a fixed set)."""
+    if name.startswith(END_USER_LEVEL):
+        return END_USER_LEVEL.removesuffix(": ") + " " + name.removeprefix(END_USER_LEVEL)
     if name.startswith(KEY_LEVEL) and ": " in name:
         return KEY_LEVEL + name.partition(": ")[2]
     return name
