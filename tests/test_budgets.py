@@ -19,8 +19,17 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from gateway.config import Amount, Budget, EndUser, Tenant, TenantKey, TenantLimits
-from gateway.quota import Charge, QuotaService, UsageRow
+from gateway.config import (
+    Amount,
+    Budget,
+    EndUser,
+    Quota,
+    Secret,
+    Tenant,
+    TenantKey,
+    TenantLimits,
+)
+from gateway.quota import Charge, QuotaService, UsageRow, open_quota
 from gateway.quota.calendar import Calendar
 from gateway.quota.memory import MemoryStore
 from gateway.quota.plan import (
@@ -30,8 +39,14 @@ from gateway.quota.plan import (
     TOKENS_PER_MONTH,
 )
 from tests.conftest import FakeClock
-from tests.redis_servers import RedisServer, command
-from tests.test_quota import Harness, Kind, limits, redis_server  # noqa: F401  (fixture)
+from tests.redis_servers import RedisClusterServers, RedisServer, command
+from tests.test_quota import (  # noqa: F401  (fixtures)
+    Harness,
+    Kind,
+    cluster,
+    limits,
+    redis_server,
+)
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -428,3 +443,38 @@ async def test_a_keys_stream_cap_holds_inside_its_tenants_and_frees_on_release(
     await quota.release_stream(first)
     assert (await quota.reserve("acme", "r4", tokens=0, stream=True, key="reports")).allowed
     assert (await quota.reserve("acme", "b3", tokens=0, stream=False, key="billing")).allowed
+
+
+@pytest.mark.timeout(120)
+async def test_budgets_and_the_ledger_on_a_cluster(cluster: RedisClusterServers) -> None:  # noqa: F811
+    """Every level's keys and the ledger's day share the tenant's slot (one script call), and
+    the report finds every tenant's days on whichever master holds them."""
+    config = Quota(
+        backend="redis",
+        redis_url=tuple(Secret(url) for url in cluster.urls),
+        on_backend_error="closed",
+        timeout_ms=2000,
+        timezone="Europe/Berlin",
+    )
+    wall = FakeClock(berlin(2026, 11, 28, 10, 0))
+    tenants = {
+        **team(Budget(requests=Amount(per_day=3)), keys=(service("billing"),)),
+        **team(Budget(requests=Amount(per_day=3)), keys=(service("web"),), name="globex"),
+    }
+    names = [f"t{i}" for i in range(8)]  # spread over the masters
+    for name in names:
+        tenants |= team(keys=(service("svc"),), name=name)
+    async with open_quota(config, tenants, lease_ttl=60, wall_clock=wall) as quota:
+        for tenant, key in [("acme", "billing"), ("globex", "web"), *((n, "svc") for n in names)]:
+            reservation = await quota.reserve(tenant, "r1", tokens=5, stream=False, key=key)
+            assert reservation.allowed and reservation.backend == "redis"
+            await quota.settle(reservation, 5, Charge(key, "support", 2, 3, 0))
+        results = [
+            await quota.reserve("acme", f"a{i}", tokens=0, stream=False, key="billing")
+            for i in range(3)
+        ]
+        assert [r.allowed for r in results] == [True, True, False]
+        rows = await quota.ledger("2026-11-28", "2026-11-28")
+    assert sorted((r.tenant, r.key, r.tokens_total) for r in rows) == sorted(
+        [("acme", "billing", 5), ("globex", "web", 5), *((n, "svc", 5) for n in names)]
+    )
