@@ -3,12 +3,28 @@ from the admin port, and equal to what upstream answered."""
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import io
 import json
-from datetime import UTC, date, datetime
+import os
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 from multidict import MultiDict
 
+from gateway.__main__ import main
+from gateway.app import create_admin_app
+from gateway.auth import hash_key
 from gateway.quota import UsageRow
 from gateway.report import (
     ANY,
@@ -20,6 +36,21 @@ from gateway.report import (
     summarise,
     today,
 )
+from tests.conftest import (
+    ACME,
+    ACME_KEY,
+    ACME_REPORTS_KEY,
+    GLOBEX,
+    GLOBEX_KEY,
+    PLATFORM_KEY,
+    SUPPORT_KEY,
+    AiohttpClient,
+    GatewayFactory,
+    gateway_yaml,
+)
+from tests.processes import start, stop, wait_healthy
+from tests.redis_servers import RedisServer, free_port
+from tests.secret_watch import SecretWatch
 
 NOV_28 = date(2026, 11, 28)
 ROWS = [
@@ -203,3 +234,420 @@ def test_bad_url_parameters_are_refused(params: MultiDict[str], message: str) ->
     with pytest.raises(ReportError) as refused:
         params_query(params, today=NOV_28)
     assert str(refused.value).startswith(message)
+
+
+# --- the admin port, in process (memory backend) -----------------------------------------
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def admin_of(aiohttp_client: AiohttpClient, gateway: Client) -> Client:
+    return await aiohttp_client(create_admin_app(gateway.app))
+
+
+async def test_get_usage_reports_what_the_gateway_settled_in_this_process(
+    gateway: Client, aiohttp_client: AiohttpClient
+) -> None:
+    admin = await admin_of(aiohttp_client, gateway)
+    answered: Counter[tuple[str, str]] = Counter()
+    for headers, agent, tenant in [
+        (ACME, "ag_support", "acme"),
+        (ACME, "ag_support", "acme"),
+        (GLOBEX, "ag_sales", "globex"),
+    ]:
+        response = await gateway.post(
+            f"/v1/agents/{agent}/chat", json={"message": "What are your hours?"}, headers=headers
+        )
+        answered[(tenant, agent)] += (await response.json())["usage"]["total_tokens"]
+
+    response = await admin.get("/usage", params={"by": "tenant,agent"})
+    assert response.status == 200
+    assert response.content_type == "application/json"
+    body = await response.json()
+    assert {(r["tenant"], r["agent"]): r["tokens_total"] for r in body["rows"]} == answered
+    assert [r["requests"] for r in body["rows"]] == [2, 1]
+
+    response = await admin.get("/usage", params={"by": "tenant", "format": "csv"})
+    assert response.content_type == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(await response.text())))
+    assert [(r["tenant"], int(r["tokens_total"])) for r in rows] == [
+        ("acme", answered[("acme", "ag_support")]),
+        ("globex", answered[("globex", "ag_sales")]),
+    ]
+
+
+async def test_get_usage_refuses_a_bad_query_with_400_in_the_error_shape(
+    gateway: Client, aiohttp_client: AiohttpClient
+) -> None:
+    admin = await admin_of(aiohttp_client, gateway)
+    response = await admin.get("/usage", params={"from": "2026-11-30", "to": "2026-11-01"})
+    assert response.status == 400
+    assert response.headers["X-Request-ID"]
+    assert await response.json() == {
+        "error": {"code": "invalid_request", "message": "from: 2026-11-30 is after to (2026-11-01)"}
+    }
+
+
+async def test_get_usage_is_503_while_redis_does_not_answer(
+    make_gateway: GatewayFactory, aiohttp_client: AiohttpClient
+) -> None:
+    dead = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
+    gateway = await make_gateway(f"quota: {{backend: redis, redis_url: '{dead}'}}\n")
+    admin = await admin_of(aiohttp_client, gateway)
+    response = await admin.get("/usage")
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "unavailable"
+
+
+# --- the CLI, in process -----------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, quota: str) -> Path:
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        gateway_yaml("http://127.0.0.1:9") + "admin: {host: 127.0.0.1, port: 9191}\n" + quota
+    )
+    return path
+
+
+def test_the_cli_on_the_memory_backend_points_to_the_admin_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, "quota: {backend: memory}\n")
+    assert main(["usage", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "quota.backend is memory" in captured.err
+    assert "http://127.0.0.1:9191/usage" in captured.err
+
+
+def test_the_cli_refuses_bad_parameters_with_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, "quota: {backend: memory}\n")
+    assert main(["usage", "--config", str(config), "--from", "2026-11-31"]) == 2
+    assert "thinnest-gateway usage: --from: 2026-11-31 is not a date" in capsys.readouterr().err
+    assert main(["usage", "--config", str(config), "--by", "tenant,day,team"]) == 2
+    assert "--by: unknown column 'team'" in capsys.readouterr().err
+
+
+def test_the_cli_says_redis_did_not_answer_without_quoting_its_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
+    config = write_config(tmp_path, f"quota: {{backend: redis, redis_url: '{url}'}}\n")
+    assert main(["usage", "--config", str(config)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "cannot read the usage ledger from Redis (quota.redis_url): ConnectionError" in (
+        captured.err
+    )
+    assert "hunter2secret" not in captured.err and "127.0.0.1" not in captured.err
+
+
+# --- real processes on their own redis-server --------------------------------------------
+
+SIMULATOR_YAML = f"""
+agents:
+  ag_support: {{name: Support, keys: [{SUPPORT_KEY}], usage_format: usage}}
+  ag_sales: {{name: Sales, usage_format: usage}}
+platform_keys: [{PLATFORM_KEY}]
+rate_limit: {{per_minute: 100000, per_day: 1000000}}
+chunk_interval: 0.02
+"""
+
+# Two tenants, three keys (services), two agents; session ids go upstream per key
+# (`gw:<tenant>/<key>:<id>`), so upstream's record tells whose each request was.
+CALLERS = [
+    ("acme", "billing-service", ACME_KEY, ("ag_support", "ag_sales")),
+    ("acme", "reports-service", ACME_REPORTS_KEY, ("ag_support",)),
+    ("globex", "web-frontend", GLOBEX_KEY, ("ag_support", "ag_sales")),
+]
+
+
+def gateway_config(simulator: str, redis_url: str, port: int, admin: int) -> str:
+    return f"""
+upstream:
+  base_url: {simulator}
+  api_key: ${{TEST_PLATFORM_KEY}}
+  timeouts: {{connect: 2, first_byte: 5, idle: 5, total: 30}}
+agents:
+  ag_support: {{api_key: "${{TEST_SUPPORT_KEY}}"}}
+  ag_sales: {{}}
+tenants:
+  acme:
+    keys:
+      - {{name: billing-service, sha256: {hash_key(ACME_KEY)}}}
+      - {{name: reports-service, sha256: {hash_key(ACME_REPORTS_KEY)}}}
+    agents: [ag_support, ag_sales]
+    session_isolation: key
+  globex:
+    keys: [{{name: web-frontend, sha256: {hash_key(GLOBEX_KEY)}}}]
+    agents: ["*"]
+    session_isolation: key
+# A budget no busy machine overruns: a request settled on the local fallback would be in
+# that process's memory, not in the Redis ledger.
+quota: {{backend: redis, redis_url: "{redis_url}", timeout_ms: 2000, on_backend_error: closed,
+        timezone: Europe/Berlin}}
+listen: {{host: 127.0.0.1, port: {port}}}
+admin: {{host: 127.0.0.1, port: {admin}}}
+logging: {{level: warning}}
+shutdown_grace: 5
+"""
+
+
+@dataclass
+class Stack:
+    """A simulator, a `serve` process (replaceable: `restart`) and a redis-server."""
+
+    tmp_path: Path
+    env: dict[str, str]
+    config: Path
+    url: str
+    admin: str
+    simulator: str
+    gateway: asyncio.subprocess.Process
+    starts: int = 1
+
+    async def restart(self) -> None:
+        assert await stop(self.gateway) == 0
+        self.starts += 1
+        log = self.tmp_path / f"gateway{self.starts}.log"
+        self.gateway = await start("serve", "--config", str(self.config), env=self.env, log=log)
+        await wait_healthy(f"{self.admin}/readyz", self.gateway, log)
+
+    async def cli(self, *args: str) -> str:
+        """`thinnest-gateway usage --config … ARGS`, run as an operator runs it; its stdout."""
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway",
+            "usage",
+            "--config",
+            str(self.config),
+            *args,
+            env=self.env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+        assert process.returncode == 0, err.decode()
+        return out.decode()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
+    with RedisServer(tmp_path / "redis") as redis:
+        sim_port, port, admin = free_port(), free_port(), free_port()
+        (tmp_path / "simulator.yaml").write_text(SIMULATOR_YAML)
+        sim_log, log = tmp_path / "simulator.log", tmp_path / "gateway1.log"
+        simulator = await start(
+            "simulate",
+            "--port",
+            str(sim_port),
+            "--config",
+            str(tmp_path / "simulator.yaml"),
+            env=env,
+            log=sim_log,
+        )
+        running: Stack | None = None
+        try:
+            await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
+            config = tmp_path / "gw.yaml"
+            sim_url = f"http://127.0.0.1:{sim_port}"
+            config.write_text(gateway_config(sim_url, redis.url, port, admin))
+            gateway = await start("serve", "--config", str(config), env=env, log=log)
+            running = Stack(
+                tmp_path,
+                env,
+                config,
+                f"http://127.0.0.1:{port}",
+                f"http://127.0.0.1:{admin}",
+                sim_url,
+                gateway,
+            )
+            await wait_healthy(f"{running.admin}/readyz", gateway, log)
+            yield running
+            assert await stop(running.gateway) == 0
+        finally:
+            for process in (simulator, running.gateway if running else None):
+                if process is not None and process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+def days_around_today() -> tuple[str, str]:
+    """A range holding today in any time zone (the ledger's day is Berlin's)."""
+    now = datetime.now(UTC).date()
+    return (now - timedelta(days=1)).isoformat(), (now + timedelta(days=1)).isoformat()
+
+
+async def chat_json(
+    session: aiohttp.ClientSession, url: str, key: str, agent: str, message: str
+) -> None:
+    async with session.post(
+        f"{url}/v1/agents/{agent}/chat",
+        json={"message": message, "session_id": "conversation"},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status == 200, await response.text()
+        await response.read()
+
+
+async def chat_stream(
+    session: aiohttp.ClientSession, url: str, key: str, agent: str, message: str, *, leave: bool
+) -> None:
+    """A stream read to its end, or (`leave`) left after its first event."""
+    async with session.post(
+        f"{url}/v1/agents/{agent}/chat",
+        json={"message": message, "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.status == 200, await response.text()
+        if leave:
+            await response.content.readuntil(b"\n\n")
+            response.close()
+        else:
+            await response.read()
+
+
+async def admin_json(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(url) as response:
+        assert response.status == 200, await response.text()
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+async def settled(session: aiohttp.ClientSession, admin: str, requests: int) -> None:
+    """Until the ledger counts `requests` settled requests: abandoned streams settle when
+    their drains have read them to the end, after their callers have gone."""
+    for _ in range(400):
+        body = await admin_json(session, f"{admin}/usage?by=tenant")
+        counted = sum(row["requests"] for row in body["rows"])
+        if counted == requests:
+            return
+        assert counted < requests, body
+        await asyncio.sleep(0.05)  # drains finish at upstream's pace: the ledger is the event
+    pytest.fail(f"the ledger counts {counted} requests, upstream answered {requests}")
+
+
+def upstream_bill(recorded: list[dict[str, Any]]) -> dict[tuple[str, str, str], list[int]]:
+    """What upstream answered, per (tenant, key, agent): requests, input, output and total
+    tokens, each request's owner read from its session id's namespace."""
+    bill: dict[tuple[str, str, str], list[int]] = {}
+    for entry in recorded:
+        usage = entry["usage"]
+        assert usage is not None, entry["path"]
+        session_id = json.loads(entry["body"])["session_id"]
+        owner = session_id.removeprefix("gw:").split(":")[0]
+        tenant, key = owner.split("/")
+        agent = entry["path"].split("/")[3]
+        counts = bill.setdefault((tenant, key, agent), [0, 0, 0, 0])
+        for i, amount in enumerate(
+            (1, usage["input_tokens"], usage["output_tokens"], usage["total_tokens"])
+        ):
+            counts[i] += amount
+    return bill
+
+
+@pytest.mark.timeout(90)
+async def test_the_ledger_equals_what_upstream_answered_and_survives_a_restart(
+    stack: Stack, secret_watch: SecretWatch
+) -> None:
+    first, last = days_around_today()
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        calls = []
+        for tenant, key_name, key, agents in CALLERS:
+            for agent in agents:
+                words = f"{tenant} {key_name} asks {agent} something"
+                for turn in range(2):  # one conversation: the second turn costs more
+                    calls.append(chat_json(session, stack.url, key, agent, f"{words} {turn}"))
+                calls.append(chat_stream(session, stack.url, key, agent, words, leave=False))
+                for n in range(2):
+                    text = f"{words} at length {'and more ' * n}"
+                    calls.append(chat_stream(session, stack.url, key, agent, text, leave=True))
+        await asyncio.gather(*calls)
+        # Upstream's side (its record holds the upstream keys the gateway sent: not watched).
+        async with (
+            aiohttp.ClientSession() as upstream_side,
+            upstream_side.get(f"{stack.simulator}/_sim/requests") as response,
+        ):
+            recorded = await response.json()
+        assert len(recorded) == len(calls)
+        await settled(session, stack.admin, len(recorded))
+        async with session.get(f"{stack.admin}/metrics") as response:
+            metrics = await response.text()
+
+    # Callers did leave mid-stream, and their drains charged what upstream reported.
+    left = [
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("gateway_client_disconnects_total{") and 'stage="streaming"' in line
+    ]
+    assert sum(left) >= 1, metrics
+
+    report = json.loads(
+        await stack.cli("--from", first, "--to", last, "--by", "tenant,key,agent", "--format=json")
+    )
+    ledger = {
+        (row["tenant"], row["key"], row["agent"]): [
+            row["requests"],
+            row["tokens_input"],
+            row["tokens_output"],
+            row["tokens_total"],
+        ]
+        for row in report["rows"]
+    }
+    assert ledger == upstream_bill(recorded)
+    assert {row["tokens_estimated"] for row in report["rows"]} == {0}
+
+    # The ledger lives in Redis: the same with no gateway running, and after `serve` restarts.
+    full = ("--from", first, "--to", last, "--format", "csv")
+    before = await stack.cli(*full)
+    assert await stop(stack.gateway) == 0
+    assert await stack.cli(*full) == before
+    await stack.restart()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            f"{stack.admin}/usage", params={"from": first, "to": last, "format": "csv"}
+        ) as response,
+    ):
+        assert await response.text() == before
+
+
+@pytest.mark.timeout(90)
+async def test_the_cli_and_get_usage_agree_row_for_row_in_csv_and_json(
+    stack: Stack, secret_watch: SecretWatch
+) -> None:
+    first, last = days_around_today()
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        await asyncio.gather(
+            *(
+                chat_json(session, stack.url, key, agent, f"hello from {key_name}")
+                for _, key_name, key, agents in CALLERS
+                for agent in agents
+            ),
+            chat_stream(session, stack.url, GLOBEX_KEY, "ag_sales", "a story", leave=False),
+        )
+        served = {}
+        for by in ("tenant,key,agent,day", "tenant,key"):
+            for fmt in ("csv", "json"):
+                params = {"from": first, "to": last, "by": by, "format": fmt}
+                async with session.get(f"{stack.admin}/usage", params=params) as response:
+                    assert response.status == 200
+                    served[(by, fmt)] = await response.text()
+    printed = await asyncio.gather(
+        *(
+            stack.cli("--from", first, "--to", last, "--by", by, "--format", fmt)
+            for by, fmt in served
+        )
+    )
+    assert dict(zip(served, printed, strict=True)) == served
+    for by in ("tenant,key,agent,day", "tenant,key"):
+        rows = json.loads(served[(by, "json")])["rows"]
+        assert sum(row["requests"] for row in rows) == 6
+        assert all(row["tokens_total"] > 0 for row in rows)
+        table = list(csv.DictReader(io.StringIO(served[(by, "csv")])))
+        assert [{k: str(v) for k, v in row.items()} for row in rows] == table
