@@ -122,9 +122,10 @@ def _usage(args: argparse.Namespace) -> int:
     except report.ReportError as exc:
         print(f"thinnest-gateway usage: --{exc.param}: {exc.problem}", file=sys.stderr)
         return 2
-    # To stderr, errors only: stdout carries the report, and a failure is explained below.
-    configure_logging(dataclasses.replace(config.logging, level="error"))
     try:
+        report.check_readable(config)
+        # To stderr, errors only: stdout carries the report, and a failure is explained below.
+        configure_logging(dataclasses.replace(config.logging, level="error"))
         result = asyncio.run(report.read(config, query))
     except report.LedgerUnreadable as exc:
         print(f"thinnest-gateway usage: {exc}", file=sys.stderr)

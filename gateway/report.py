@@ -195,16 +195,21 @@ def _counts(row: UsageRow) -> list[str]:
     return [f"{getattr(row, name):,}" for name in COUNTS]
 
 
-async def read(config: Config, query: Query) -> Report:
-    """The report from the backend `config` names, opened for this one read and closed."""
-    quota = config.quota
-    if quota.backend == "memory":
+def check_readable(config: Config) -> None:
+    """LedgerUnreadable unless the ledger lives outside the serving process (Redis)."""
+    if config.quota.backend == "memory":
         admin = config.admin
         raise LedgerUnreadable(
             "quota.backend is memory: the usage ledger lives inside the serving process, so "
             "nothing outside it can read it. Ask the running gateway on its admin port: "
             f"curl 'http://{admin.host}:{admin.port}/usage?format=csv'"
         )
+
+
+async def read(config: Config, query: Query) -> Report:
+    """The report from the backend `config` names, opened for this one read and closed."""
+    check_readable(config)
+    quota = config.quota
     # Redis or nothing: a report must not quietly read the empty in-process fallback.
     reader = dataclasses.replace(
         quota, timeout_ms=max(quota.timeout_ms, REPORT_TIMEOUT_MS), on_backend_error="closed"

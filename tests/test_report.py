@@ -331,18 +331,33 @@ def test_the_cli_refuses_bad_parameters_with_exit_2(
     assert "--by: unknown column 'team'" in capsys.readouterr().err
 
 
-def test_the_cli_says_redis_did_not_answer_without_quoting_its_url(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def usage_cli(config: Path, *args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    """`thinnest-gateway usage --config CONFIG ARGS` as an operator runs it: its exit status,
+    stdout and stderr. (In a process of its own: it configures logging, process-wide.)"""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gateway",
+        "usage",
+        "--config",
+        str(config),
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=30)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_the_cli_says_redis_did_not_answer_without_quoting_its_url(tmp_path: Path) -> None:
     url = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
     config = write_config(tmp_path, f"quota: {{backend: redis, redis_url: '{url}'}}\n")
-    assert main(["usage", "--config", str(config)]) == 1
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert "cannot read the usage ledger from Redis (quota.redis_url): ConnectionError" in (
-        captured.err
-    )
-    assert "hunter2secret" not in captured.err and "127.0.0.1" not in captured.err
+    status, out, err = await usage_cli(config, env=dict(os.environ))
+    assert (status, out) == (1, "")
+    assert "cannot read the usage ledger from Redis (quota.redis_url): ConnectionError" in err
+    assert "hunter2secret" not in err and "127.0.0.1" not in err
 
 
 # --- real processes on their own redis-server --------------------------------------------
@@ -417,22 +432,10 @@ class Stack:
         await wait_healthy(f"{self.admin}/readyz", self.gateway, log)
 
     async def cli(self, *args: str) -> str:
-        """`thinnest-gateway usage --config … ARGS`, run as an operator runs it; its stdout."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "usage",
-            "--config",
-            str(self.config),
-            *args,
-            env=self.env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(process.communicate(), timeout=30)
-        assert process.returncode == 0, err.decode()
-        return out.decode()
+        """`thinnest-gateway usage` on this stack's configuration: what it prints."""
+        status, out, err = await usage_cli(self.config, *args, env=self.env)
+        assert status == 0, err
+        return out
 
 
 @pytest.fixture
