@@ -1,9 +1,12 @@
-"""Command line: `thinnest-gateway serve | check-config | keys new | simulate`."""
+"""Command line: `thinnest-gateway serve | check-config | keys new | usage | simulate`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import sys
+import time
 from collections.abc import Sequence
 
 from gateway import __version__
@@ -31,6 +34,34 @@ def _parser() -> argparse.ArgumentParser:
     new = key_commands.add_parser("new", help="print a new caller key once, and its YAML entry")
     new.add_argument("--tenant", required=True, help="tenant the key belongs to")
     new.add_argument("--name", required=True, help="name of the calling service")
+
+    usage = commands.add_parser(
+        "usage",
+        help="usage report from the ledger, for chargeback",
+        description="Tokens and requests charged, per day, tenant, key (service) and agent, "
+        "read from the backend the configuration names (Redis; with the memory backend ask "
+        "the running gateway: GET /usage on its admin port).",
+    )
+    usage.add_argument("--config", help="YAML file (default: $GATEWAY_CONFIG)")
+    usage.add_argument(
+        "--from",
+        dest="first",
+        metavar="YYYY-MM-DD",
+        help="first day, in quota.timezone (default: the 1st of --to's month)",
+    )
+    usage.add_argument(
+        "--to",
+        dest="last",
+        metavar="YYYY-MM-DD",
+        help="last day, inclusive (default: today in quota.timezone)",
+    )
+    usage.add_argument(
+        "--by",
+        metavar="COLUMNS",
+        help="split rows by any of tenant,key,agent,day, sorted in that order "
+        "(default: tenant,key,agent,day)",
+    )
+    usage.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
     simulate = commands.add_parser("simulate", help="run a local stand-in for api.thinnest.ai")
     simulate.add_argument("--host", default="127.0.0.1")
@@ -79,6 +110,30 @@ def _new_key(tenant: str, name: str) -> str:
     )
 
 
+def _usage(args: argparse.Namespace) -> int:
+    from gateway import report
+    from gateway.logs import configure_logging
+
+    config = _load(args.config)
+    try:
+        query = report.Query.parse(
+            args.first, args.last, args.by, today=report.today(config.quota.timezone, time.time())
+        )
+    except report.ReportError as exc:
+        print(f"thinnest-gateway usage: --{exc.param}: {exc.problem}", file=sys.stderr)
+        return 2
+    try:
+        report.check_readable(config)
+        # To stderr, errors only: stdout carries the report, and a failure is explained below.
+        configure_logging(dataclasses.replace(config.logging, level="error"))
+        result = asyncio.run(report.read(config, query))
+    except report.LedgerUnreadable as exc:
+        print(f"thinnest-gateway usage: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(report.render(result, args.format))
+    return 0
+
+
 def _simulate(host: str, port: int, config_path: str | None) -> int:
     from aiohttp import web
 
@@ -115,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _load(args.config)
             configure_logging(config.logging)
             serve(config)
+        elif args.command == "usage":
+            return _usage(args)
         elif args.command == "simulate":
             return _simulate(args.host, args.port, args.config)
     except ConfigError as exc:

@@ -15,7 +15,7 @@ import structlog
 from aiohttp import hdrs, web
 from prometheus_client.registry import Collector
 
-from gateway import errors
+from gateway import errors, report
 from gateway.auth import KeyRing, end_user_of
 from gateway.config import Config
 from gateway.drains import Drains
@@ -31,6 +31,7 @@ from gateway.metrics import (
 from gateway.openapi import openapi
 from gateway.proxy import chat
 from gateway.quota import open_quota
+from gateway.quota.service import BACKEND_ERRORS
 from gateway.reload import reload_config
 from gateway.state import (
     ACCESS,
@@ -242,12 +243,14 @@ def _readiness(app: web.Application) -> dict[str, str]:
 
 
 def create_admin_app(gateway: web.Application) -> web.Application:
-    """The admin listener's app: metrics and probes of `gateway`, kept off the caller port."""
+    """The admin listener's app: metrics, probes and usage reports of `gateway`, kept off the
+    caller port."""
     admin = web.Application()
     admin[GATEWAY] = gateway
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)
     admin.router.add_get("/readyz", admin_readyz)
+    admin.router.add_get("/usage", usage_report)
     return admin
 
 
@@ -261,6 +264,25 @@ async def admin_readyz(request: web.Request) -> web.Response:
         return web.json_response(_readiness(request.app[GATEWAY]))
     except errors.GatewayError as exc:
         return errors.render(exc, _new_request_id())
+
+
+async def usage_report(request: web.Request) -> web.Response:
+    """`GET /usage?from=&to=&by=&format=json|csv`: the usage ledger as `thinnest-gateway usage`
+    prints it (report.py), for every tenant: the admin port is the operator's."""
+    gateway = request.app[GATEWAY]
+    try:
+        zone = gateway[CONFIG].quota.timezone
+        query, fmt = report.params_query(request.query, today=report.today(zone, time.time()))
+        rows = await gateway[QUOTA].ledger(query.first.isoformat(), query.last.isoformat())
+    except report.ReportError as exc:
+        return errors.render(errors.InvalidRequest(str(exc)), _new_request_id())
+    except BACKEND_ERRORS:
+        unreadable = errors.Unavailable("the quota backend did not answer; try again shortly")
+        return errors.render(unreadable, _new_request_id())
+    return web.Response(
+        text=report.render(report.summarise(rows, query), fmt),
+        content_type=report.CONTENT_TYPES[fmt],
+    )
 
 
 async def usage(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ PLATFORM_KEY = "thns_sk_demo_0001"
 SUPPORT_KEY = "ak_demo_support_0001"
 ACME_KEY = "gw_test_acme_billing_0001"
 GLOBEX_KEY = "gw_test_globex_web_0002"
+ACME_REPORTS_KEY = "gw_test_acme_reports_0003"  # test_report's second key of one tenant
 ROTATED_PLATFORM_KEY = "thns_sk_rotated_0002"  # test_lifecycle's key rotation
 ACME = {"Authorization": f"Bearer {ACME_KEY}"}
 GLOBEX = {"Authorization": f"Bearer {GLOBEX_KEY}"}
@@ -34,6 +35,7 @@ SECRETS_IN_PLAY = (
     SUPPORT_KEY,
     ACME_KEY,
     GLOBEX_KEY,
+    ACME_REPORTS_KEY,
     ROTATED_PLATFORM_KEY,
     "gw_demo_acme_billing_key_0001",  # config/demo.yaml
     "gw_demo_globex_web_key_0002",

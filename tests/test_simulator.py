@@ -669,6 +669,24 @@ async def test_chat_requests_are_recorded_as_received(sim: SimClient) -> None:
     assert await (await sim.get("/_sim/requests")).json() == []
 
 
+async def test_each_recorded_request_carries_the_usage_its_turn_ran(sim: SimClient) -> None:
+    """Upstream's side of the bill: what each turn cost, as its answer reports it, whether or
+    not the answer was read to its end; nothing for a request refused or faulted before it."""
+    answered = await reply_json(sim, {"message": "Hi"}, agent="ag_usage")
+    streamed = await chat(sim, {"message": "Hi", "stream": True}, agent="ag_usage")
+    done = parse_sse(await streamed.read())[-1]
+    await chat(sim, {"message": "Hi"}, key="ak_wrong")
+    await add_fault(sim, {"kind": "error", "status": 500})
+    await chat(sim, {"message": "Hi"})
+    recorded = await (await sim.get("/_sim/requests")).json()
+    assert [entry["usage"] for entry in recorded] == [
+        answered["usage"],
+        done["usage"],
+        None,
+        None,
+    ]
+
+
 async def test_the_request_record_keeps_only_the_latest(make_sim: MakeSim) -> None:
     sim = await make_sim(replace(CONFIG, max_recorded_requests=3))
     for number in range(5):

@@ -62,7 +62,9 @@ def parse_chat_body(raw: bytes) -> ChatRequest:
 async def chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     raw = await request.read()
-    app[REQUESTS].record(request.method, request.path, request.query_string, request.headers, raw)
+    recorded = app[REQUESTS].record(
+        request.method, request.path, request.query_string, request.headers, raw
+    )
     agent_id = request.match_info["agent_id"]
     key, reason = app[KEYS].check(request.headers.get("Authorization"), agent_id)
     if key is None:
@@ -91,6 +93,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
     session_id = body.session_id or SessionStore.new_id()
     reply = compose_reply(agent_id, body.message, app[SESSIONS].advance(session_id, body.message))
+    recorded.usage = reply.usage()
     # The turn has run (the session remembers it) whether or not anyone reads the answer.
     if (
         fault is not None
