@@ -41,11 +41,15 @@ from gateway.quota.plan import (
 from tests.conftest import FakeClock
 from tests.redis_servers import RedisClusterServers, RedisServer, command
 from tests.test_quota import (  # noqa: F401  (fixtures)
+    BUDGET_MS,
+    COOLDOWN,
     Harness,
     Kind,
     cluster,
     limits,
+    own_redis,
     redis_server,
+    until,
 )
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -478,3 +482,32 @@ async def test_budgets_and_the_ledger_on_a_cluster(cluster: RedisClusterServers)
     assert sorted((r.tenant, r.key, r.tokens_total) for r in rows) == sorted(
         [("acme", "billing", 5), ("globex", "web", 5), *((n, "svc", 5) for n in names)]
     )
+
+
+async def test_requests_the_local_fallback_admitted_reach_the_redis_ledger(
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    """The ledger drops no row: a request admitted and settled on the local fallback while
+    Redis was down is written to Redis's ledger once it answers again, once."""
+    config = Quota(
+        backend="redis",
+        redis_url=(Secret(own_redis.url),),
+        on_backend_error="local",
+        timeout_ms=BUDGET_MS,
+        timezone="Europe/Berlin",
+    )
+    wall = FakeClock(berlin(2026, 11, 28, 10, 0))
+    tenants = team(Budget(requests=Amount(per_day=100)), keys=(service("billing"),))
+    async with open_quota(config, tenants, lease_ttl=60, wall_clock=wall) as quota:
+        # Seen on Redis first: the fallback starts where Redis left the tenant, not empty.
+        assert (await quota.reserve("acme", "r0", tokens=0, stream=False)).backend == "redis"
+        own_redis.kill()
+        reservation = await quota.reserve("acme", "r1", tokens=10, stream=False, key="billing")
+        assert reservation.allowed and reservation.backend == "local"
+        await quota.settle(reservation, 42, Charge("billing", "support", 20, 22, 0))
+        assert quota.owed == 1
+        own_redis.restart()
+        await until(lambda: quota.owed == 0, within=COOLDOWN + 2)
+        assert await quota.ledger("2026-11-28", "2026-11-28") == [
+            UsageRow("2026-11-28", "acme", "billing", "support", 1, 20, 22, 42, 0)
+        ]

@@ -27,6 +27,7 @@ import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -248,6 +249,14 @@ class RedisStore:
         """Found by SCAN (on every primary of a cluster): a ledger day of a tenant since
         removed from the configuration is still charged for. A report, not the request path:
         not bounded by the admission budget, each command by the client's own timeout."""
+        try:
+            return await self._ledger(first, last)
+        except RedisConnectionError:
+            # A pooled connection a Redis restart closed: the client does not retry (the
+            # request path must not), a report may, once, over a fresh connection.
+            return await self._ledger(first, last)
+
+    async def _ledger(self, first: str, last: str) -> list[UsageRow]:
         rows: list[UsageRow] = []
         async for raw in self._client.scan_iter(match=f"tg:{{*}}:{LEDGER}*", count=1000):
             name = raw.decode() if isinstance(raw, bytes) else str(raw)

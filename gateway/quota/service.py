@@ -71,6 +71,10 @@ MAX_REMEMBERED = 10_000
 """Owners whose last Redis levels are kept for seeding the fallback (the least recent go)."""
 
 
+LEDGER_ONLY = Plan(())
+"""A settle with no bucket: the settled marker, tokens today and the ledger row only."""
+
+
 class _Down(Exception):
     """The primary store did not answer (already counted); the policy takes over."""
 
@@ -237,6 +241,17 @@ class QuotaService:
                 self._warn(tenant, settled.crossed)
 
         await self._owe_on_failure(store, "settle", tenant, settle)
+        if store is not self._primary and self._fallback is not None:
+            # Admitted on the fallback: its buckets are this replica's, but the ledger is
+            # everyone's. The row goes to Redis (owed until it answers), once, by settle's
+            # own marker; with no buckets, the call moves nothing else.
+            primary = self._primary
+            await self._owe_on_failure(
+                primary,
+                "ledger",
+                tenant,
+                lambda: primary.settle(tenant, LEDGER_ONLY, key, 0, actual_tokens, at, charge),
+            )
 
     async def refund(self, reservation: Reservation) -> None:
         """For a request that never reached upstream: as if it had never been admitted (its
