@@ -397,6 +397,11 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
             for name, compared in ratios.items()
             if compared is not None
         ]
+        lines += [
+            f"* CPU per request, {LABELS[name]}: {compared.cpu_ratio.fmt(2, suffix=TIMES)} "
+            f"the tenant-only path's on the same backend (per round)"
+            for name, compared in summary.levels_vs_tenant.items()
+        ]
         lines += [f"* {line}" for line in quota_notes(summary)]
         print("\n".join(["", *lines, ""]), flush=True)
     elif phase == "openloop":
