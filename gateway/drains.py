@@ -43,7 +43,7 @@ class Drains:
         self._changed = asyncio.Condition()
 
     def __len__(self) -> int:
-        """Drains reading an answer now (`gateway_stream_drains`)."""
+        """Drains reading an answer or settling it now (`gateway_stream_drains`)."""
         return self._readers
 
     def take(self, admission: Admission, error: BaseException | None) -> None:
@@ -77,16 +77,18 @@ class Drains:
                 error = exc
             except asyncio.CancelledError:  # shutdown: settle what was seen
                 admission.abandoned = cancelled = True
-            finally:
-                self._readers -= 1
-                self._reading[tenant] -= 1
-                if not self._reading[tenant]:
-                    del self._reading[tenant]
         elif admission.sent and not admission.complete:
             admission.abandoned = True  # no drain free: not read at all
         try:
             tokens = await asyncio.shield(admission.settle(error))
         finally:
+            if read:
+                # Counted until settled, not only while reading: a drain at 0 on /metrics
+                # means its charge is in the buckets and the ledger.
+                self._readers -= 1
+                self._reading[tenant] -= 1
+                if not self._reading[tenant]:
+                    del self._reading[tenant]
             async with self._changed:
                 self._finished += 1
                 self._changed.notify_all()
