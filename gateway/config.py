@@ -26,6 +26,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+TENANT_LEVEL_KEY = "all"  # a metric's `key` label for the tenant's own level, never a key
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")  # an HTTP token
 
 
@@ -614,6 +615,11 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
         k.done()
         if any(key.name == key_name for key in keys):
             raise _Problem(k.at("name"), f"duplicate key name {key_name!r}")
+        if key_name == TENANT_LEVEL_KEY:
+            raise _Problem(
+                k.at("name"),
+                f"{key_name!r} names the tenant's own level on /metrics; choose another",
+            )
         keys.append(TenantKey(name=key_name, sha256=digest, limits=key_limits, budget=key_budget))
 
     raw_agents = s.get("agents")

@@ -26,7 +26,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from gateway import __version__
-from gateway.config import ALL_AGENTS, Config
+from gateway.config import ALL_AGENTS, TENANT_LEVEL_KEY, Config
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.logs import AccessRecord
 from gateway.quota.plan import (
@@ -42,7 +42,7 @@ from gateway.usage import Usage
 
 NONE = "none"  # no tenant (unauthenticated) or no agent (a path that names none)
 OTHER = "other"  # an agent id that is not in the configuration
-TENANT_LEVEL = "all"  # the `key` of a tenant's own budget (all its keys together)
+TENANT_LEVEL = TENANT_LEVEL_KEY  # the `key` of a tenant's own budget (all its keys together)
 BUDGETS = ("tokens_per_day", "tokens_per_month", "requests_per_day", "requests_per_month")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 Reader = Callable[[], float]

@@ -124,6 +124,10 @@ def test_secrets_never_show_in_repr() -> None:
             "tenants.acme.keys[1].sha256: the same key hash is already used by tenants.acme",
         ),
         (
+            ("keys: [{name: billing,", "keys: [{name: all,"),
+            "tenants.acme.keys[0].name: 'all' names the tenant's own level on /metrics",
+        ),
+        (
             ("tenants:", "quota: {timezone: Europe/Berln}\ntenants:"),
             "quota.timezone: 'Europe/Berln' is not an IANA time zone (e.g. UTC, Europe/Berlin)",
         ),
