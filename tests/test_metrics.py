@@ -331,8 +331,7 @@ async def test_budget_ratios_show_each_level_as_last_reported_and_none_before(
 async def test_a_budget_of_a_tenant_or_key_not_configured_adds_no_series(
     make_gateway: Any, simulator_url: str, admin_of: Any
 ) -> None:
-    # acme also has a key named `all`, which must not pass for acme's tenant level.
-    config = parse_config(with_acme_keys(simulator_url, "all"), "test.yaml")
+    config = parse_config(with_acme_keys(simulator_url, "reports"), "test.yaml")
     gateway: Client = await make_gateway(config=config)
     admin = await admin_of(gateway)
     metrics = gateway.app[METRICS]
@@ -344,7 +343,7 @@ async def test_a_budget_of_a_tenant_or_key_not_configured_adds_no_series(
         ("other", None),
         ("acme", "reporting"),  # no such key
         ("acme", "web-frontend"),  # globex's key, not acme's
-        ("acme", "all"),  # the key named `all`
+        ("acme", "all"),  # not a key (config refuses the name): never the tenant's level
     ):
         metrics.budget_used(tenant, key, "tokens_per_day", 0.99)
 
