@@ -16,7 +16,7 @@ from aiohttp import hdrs, web
 from prometheus_client.registry import Collector
 
 from gateway import errors, report
-from gateway.auth import KeyRing, end_user_of
+from gateway.auth import end_user_of
 from gateway.config import Config
 from gateway.drains import Drains
 from gateway.headers import add_caller_headers, buckets_of
@@ -39,15 +39,16 @@ from gateway.state import (
     CONFIG,
     DRAINS,
     GATEWAY,
-    KEYRING,
     LIFECYCLE,
     LIMITER,
     LIMITS,
     METRICS,
     QUOTA,
+    TENANCY,
     UPSTREAM,
     Lifecycle,
 )
+from gateway.tenancy import Tenancy, TenancyHolder
 from gateway.upstream import UpstreamClient
 from gateway.upstream_limits import UpstreamLimiter
 
@@ -76,10 +77,11 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
     )
     app[CONFIG] = config
     app[CLOCK] = clock
-    app[KEYRING] = KeyRing(config.tenants)
-    app[LIFECYCLE] = Lifecycle(config)
-    app[METRICS] = Metrics(config)
-    app[LIMITER] = UpstreamLimiter(config)
+    # Everything a reload changes, in one value; the parts below read theirs through it.
+    tenancy = app[TENANCY] = TenancyHolder(Tenancy.of(config))
+    app[LIFECYCLE] = Lifecycle()
+    app[METRICS] = Metrics(lambda: tenancy.current.labels)
+    app[LIMITER] = UpstreamLimiter(lambda: tenancy.current.upstream_limits)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_quota)
     app.router.add_post("/v1/agents/{agent_id}/chat", chat)
@@ -93,10 +95,10 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
+    config, tenancy = app[CONFIG], app[TENANCY]
     session = UpstreamClient.open_session(config.upstream)
     upstream = app[UPSTREAM] = UpstreamClient(
-        config.upstream, config.agents, session, clock=app[CLOCK]
+        config.upstream, lambda: tenancy.current.upstream_keys, session, clock=app[CLOCK]
     )
     with _sampled(app, upstream_circuit_open(lambda: upstream.breaker.state != "closed")):
         yield
@@ -107,11 +109,11 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     # Settle markers only guard against a settle sent twice in quick succession; a short
     # life keeps one key per request from piling up in Redis.
+    # Upstream keys' own limits are buckets in the same store, beside the tenants': the
+    # tenancy in force has both.
     async with open_quota(
-        config.quota, config.tenants, clock=app[CLOCK], lease_ttl=LEASE_TTL, settled_ttl=60
+        config.quota, app[TENANCY], clock=app[CLOCK], lease_ttl=LEASE_TTL, settled_ttl=60
     ) as quota:
-        # Upstream keys' own limits are buckets in the same store, beside the tenants'.
-        app[LIMITER].register(quota)
         quota.observe_budget = app[METRICS].budget_used
         app[QUOTA] = quota
         drains = app[DRAINS] = Drains(config.quota.drain_timeout, config.quota.max_drains)
@@ -287,7 +289,8 @@ async def usage_report(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     """The calling tenant's own buckets and tokens used today."""
-    caller = request.app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    keyring = request.app[TENANCY].current.keyring
+    caller = keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION))
     request[ACCESS].tenant, request[ACCESS].key_name = caller.tenant.name, caller.key_name
     body = await request.app[QUOTA].usage(
         caller.tenant.name, caller.key_name, end_user_of(request.headers, caller)

@@ -46,13 +46,12 @@ def new_key() -> str:
 
 
 class KeyRing:
-    """Maps the hash of a presented key to the tenant and key name it belongs to."""
+    """Maps the hash of a presented key to the tenant and key name it belongs to. Never
+    changed: a reload builds a new one with the rest of the tenancy (gateway/tenancy.py)."""
+
+    __slots__ = ("_callers",)
 
     def __init__(self, tenants: Mapping[str, Tenant]) -> None:
-        self.load(tenants)
-
-    def load(self, tenants: Mapping[str, Tenant]) -> None:
-        """Replace every key at once (a reload): the next request sees only the new set."""
         self._callers = {
             key.sha256: Caller(tenant, key.name)
             for tenant in tenants.values()

@@ -11,7 +11,8 @@ first byte takes up to a minute, and a stream may run for ten.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
 
 from prometheus_client import (
@@ -114,10 +115,39 @@ def upstream_reason(record: AccessRecord) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class MetricLabels:
+    """The tenant, agent and key label values one configuration allows."""
+
+    tenants: frozenset[str]
+    agents: frozenset[str]
+    keys: Mapping[str, frozenset[str]]  # tenant → its key names
+
+    @classmethod
+    def of(cls, config: Config) -> MetricLabels:
+        agents = frozenset(config.agents) | {
+            agent for tenant in config.tenants.values() for agent in tenant.agents
+        }
+        keys = {
+            tenant.name: frozenset(key.name for key in tenant.keys)
+            for tenant in config.tenants.values()
+        }
+        return cls(frozenset(config.tenants), agents - {ALL_AGENTS}, keys)
+
+    def allows_budget(self, tenant: str, key: str) -> bool:
+        """A budget ratio's (tenant, key) labels: a configured tenant, and one of its keys or
+        `all` (the tenant level)."""
+        keys = self.keys.get(tenant)
+        return keys is not None and (key == TENANT_LEVEL or key in keys)
+
+
 class Metrics:
     """Every metric of one gateway app, and the label rules that keep their series bounded."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, labels: Callable[[], MetricLabels]) -> None:
+        """`labels` reads the label values in force (a reload replaces them: `_current`)."""
+        self._labels = labels
+        self._prepared: MetricLabels | None = None
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry
@@ -216,41 +246,38 @@ class Metrics:
             self.upstream_errors.labels(reason)
         for result in ("ok", "invalid"):
             self.config_reloads.labels(result)
-        self.use_config(config)
+        self._current()
 
-    def use_config(self, config: Config) -> None:
-        """The label values configuration allows (again on a reload). Counters of a tenant or
-        agent that was removed stay until restart, they only stop growing; a removed tenant's
-        or key's budget ratios go at once (a gauge left behind would keep an alert firing)."""
-        self._tenants = frozenset(config.tenants)
-        self._agents = frozenset(config.agents) | {
-            agent for tenant in config.tenants.values() for agent in tenant.agents
-        } - {ALL_AGENTS}
-        self._keys = {
-            tenant.name: frozenset(key.name for key in tenant.keys)
-            for tenant in config.tenants.values()
-        }
-        for values in list(self._budgets):
-            tenant_name, key_name, _ = values
-            if not self._budget_allowed(tenant_name, key_name):
-                self.budget_used_ratio.remove(*values)
-                del self._budgets[values]
-        # Series that alerts and rate() need to exist before the first event.
-        for tenant in self._tenants:
-            self.active_streams.labels(tenant)
-            self.tokens_estimated.labels(tenant)
-            for limit in LIMITS:
-                self.quota_rejections.labels(tenant, limit)
-            for stage in ("before_upstream", "streaming"):
-                self.client_disconnects.labels(tenant, stage)
+    def _current(self) -> MetricLabels:
+        """The label values in force. The first read of new ones (a reload) creates the series
+        that alerts and rate() need to exist before the first event, and removes the budget
+        ratios of tenants and keys no longer configured (a gauge left behind would keep an
+        alert firing); counters of removed tenants and agents stay until restart, they only
+        stop growing. Every scrape reads them first."""
+        labels = self._labels()
+        if labels is not self._prepared:
+            for values in list(self._budgets):
+                tenant_name, key_name, _ = values
+                if not labels.allows_budget(tenant_name, key_name):
+                    self.budget_used_ratio.remove(*values)
+                    del self._budgets[values]
+            for tenant in labels.tenants:
+                self.active_streams.labels(tenant)
+                self.tokens_estimated.labels(tenant)
+                for limit in LIMITS:
+                    self.quota_rejections.labels(tenant, limit)
+                for stage in ("before_upstream", "streaming"):
+                    self.client_disconnects.labels(tenant, stage)
+            self._prepared = labels
+        return labels
 
     def tenant_label(self, tenant: str | None) -> str:
-        return tenant if tenant in self._tenants else NONE
+        return tenant if tenant in self._current().tenants else NONE
 
     def agent_label(self, agent_id: str | None) -> str:
         if agent_id is None:
             return NONE
-        return agent_id if agent_id in self._agents else OTHER
+        return agent_id if agent_id in self._current().agents else OTHER
 
     def finished(self, record: AccessRecord, duration: float) -> None:
         """Everything one request's end tells: counts, latencies, rejections, failures."""
@@ -296,17 +323,13 @@ class Metrics:
             raise ValueError(f"unknown budget {budget!r}: expected one of {', '.join(BUDGETS)}")
         level = TENANT_LEVEL if key is None else key
         # A key configured as `all` is dropped too: it must not overwrite its tenant's level.
-        if key == TENANT_LEVEL or not self._budget_allowed(tenant, level):
+        if key == TENANT_LEVEL or not self._current().allows_budget(tenant, level):
             return
         values = (tenant, level, budget)
         series = self._budgets.get(values)
         if series is None:
             series = self._budgets[values] = self.budget_used_ratio.labels(*values)
         series.set(ratio)
-
-    def _budget_allowed(self, tenant: str, key: str) -> bool:
-        keys = self._keys.get(tenant)
-        return keys is not None and (key == TENANT_LEVEL or key in keys)
 
     def streams_of(self, tenant: str | None) -> Gauge:
         """The tenant's `gateway_active_streams` series."""
@@ -322,6 +345,7 @@ class Metrics:
         return cast(_M, child)
 
     def exposition(self) -> bytes:
+        self._current()
         return generate_latest(self.registry)
 
 

@@ -38,7 +38,7 @@ from gateway.headers import buckets_of
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
 from gateway.quota import QuotaUnavailable, Reservation
 from gateway.sessions import SessionScope, parse_answer
-from gateway.state import ACCESS, CONFIG, KEYRING, LIMITER, LIMITS, METRICS, QUOTA, UPSTREAM
+from gateway.state import ACCESS, CONFIG, LIMITER, LIMITS, METRICS, QUOTA, TENANCY, UPSTREAM
 from gateway.upstream import Deadline, UpstreamClient, next_chunk
 from gateway.validation import ChatRequest, read_chat_request
 
@@ -54,7 +54,7 @@ STREAM_HEADERS = {
 
 async def chat(request: web.Request) -> web.StreamResponse:
     app, record = request.app, request[ACCESS]
-    caller = app[KEYRING].authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    caller = app[TENANCY].current.keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION))
     record.tenant, record.key_name = caller.tenant.name, caller.key_name
     upstream, sessions = app[UPSTREAM], SessionScope.of(caller.tenant, caller.key_name)
     try:

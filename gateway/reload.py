@@ -1,12 +1,13 @@
 """Hot reload (SIGHUP): tenants, their keys and limits, and agents' keys change while running.
 
-The file is read and validated in full first; an invalid file changes nothing (logged and
-counted). A valid one's tenants, agents, upstream keys and upstream.rate_limits are applied in
-one step with no await in between, so every request sees either the old or the new
-configuration, never a mix: a removed key is refused from the next request on, requests and
-streams in flight finish as they started, and quota buckets keep their levels (they live in
-the store by name). Sockets, the rest of upstream, the quota backend, limits and logging are
-read once at start-up; a change there is reported as needing a restart.
+The file is read and validated in full first, and the new tenancy (gateway/tenancy.py: key
+ring, tenants with their levels, limits and budgets, upstream keys and their limits, metric
+label values) is built from it; an invalid file changes nothing (logged and counted). A valid
+one's tenancy replaces the running one in one assignment, so every request sees either the
+old or the new configuration, never a mix: a removed key is refused from the next request on,
+requests and streams in flight finish as they started, and quota buckets keep their levels
+(they live in the store by name). Sockets, the rest of upstream, the quota backend, limits and
+logging are read once at start-up; a change there is reported as needing a restart.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import dataclasses
 import structlog
 from aiohttp import web
 
-from gateway.config import Config, load_config
+from gateway.config import Config, UpstreamRateLimits, load_config
 from gateway.errors import ConfigError
-from gateway.state import KEYRING, LIFECYCLE, LIMITER, METRICS, QUOTA, UPSTREAM
+from gateway.state import CONFIG, METRICS, TENANCY
+from gateway.tenancy import Tenancy
 
 log = structlog.get_logger("gateway.reload")
 
@@ -27,30 +29,19 @@ RESTART_ONLY = ("listen", "admin", "upstream", "quota", "logging", "limits", "sh
 
 def reload_config(app: web.Application) -> bool:
     """Re-read the configuration file; True when the new one is in force."""
-    lifecycle, metrics = app[LIFECYCLE], app[METRICS]
-    running = lifecycle.config
+    started, metrics = app[CONFIG], app[METRICS]
     try:
-        new = load_config(running.source)
+        new = load_config(started.source)
     except ConfigError as exc:
         metrics.config_reloads.labels("invalid").inc()
         # ConfigError messages name the file and YAML path, never a secret's value.
         log.error("config reload refused, the running configuration stays", error=str(exc))
         return False
-    _apply(app, new)
-    # Upstream keys and their rate limits are applied with the agents (keys choose buckets).
-    applied = dataclasses.replace(
-        running,
-        tenants=new.tenants,
-        agents=new.agents,
-        upstream=dataclasses.replace(
-            running.upstream,
-            api_key=new.upstream.api_key,
-            rate_limits=new.upstream.rate_limits,
-        ),
-    )
-    lifecycle.config = applied
+    app[TENANCY].current = Tenancy.of(new)  # the one step: no request sees a mix
     metrics.config_reloads.labels("ok").inc()
-    restart = [name for name in RESTART_ONLY if getattr(applied, name) != getattr(new, name)]
+    restart = [
+        name for name in RESTART_ONLY if _start_up_only(started, name) != _start_up_only(new, name)
+    ]
     log.info(
         "config reloaded",
         tenants=len(new.tenants),
@@ -61,11 +52,10 @@ def reload_config(app: web.Application) -> bool:
     return True
 
 
-def _apply(app: web.Application, new: Config) -> None:
-    # No await from here to the end: requests see all of it or none of it.
-    app[KEYRING].load(new.tenants)
-    app[LIMITER].use_config(new)
-    app[QUOTA].use_tenants(new.tenants)
-    app[LIMITER].register(app[QUOTA])
-    app[UPSTREAM].use_keys(new.agents, new.upstream.api_key)
-    app[METRICS].use_config(new)
+def _start_up_only(config: Config, section: str) -> object:
+    """What of a section only a restart applies: all of it, except upstream's key and rate
+    limits (the tenancy's)."""
+    value: object = getattr(config, section)
+    if section == "upstream":
+        value = dataclasses.replace(config.upstream, api_key=None, rate_limits=UpstreamRateLimits())
+    return value

@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 from multidict import MultiMapping
 
 from gateway.config import Config
-from gateway.quota import UsageRow, open_quota
+from gateway.quota import Owners, UsageRow, open_quota
 from gateway.quota.service import BACKEND_ERRORS
 
 DIMENSIONS = ("tenant", "key", "agent", "day")
@@ -216,7 +216,7 @@ async def read(config: Config, query: Query) -> Report:
     )
     try:
         # lease_ttl: a report holds no stream leases; the service requires one all the same.
-        async with open_quota(reader, config.tenants, lease_ttl=30.0) as service:
+        async with open_quota(reader, Owners(config.tenants), lease_ttl=30.0) as service:
             rows = await service.ledger(query.first.isoformat(), query.last.isoformat())
     except BACKEND_ERRORS as exc:
         # The error's type only: its text may name the server.

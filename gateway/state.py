@@ -6,17 +6,20 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from gateway.auth import KeyRing
 from gateway.config import Config
 from gateway.drains import Drains
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
 from gateway.quota import BucketState, QuotaService
+from gateway.tenancy import TenancyHolder
 from gateway.upstream import UpstreamClient
 from gateway.upstream_limits import UpstreamLimiter
 
+# The configuration the app was started with: what a reload does not change (sockets, the
+# upstream's address and timeouts, the quota backend, limits, logging). Tenants, agents and
+# upstream keys in force are the tenancy's.
 CONFIG = web.AppKey("config", Config)
-KEYRING = web.AppKey("keyring", KeyRing)
+TENANCY = web.AppKey("tenancy", TenancyHolder)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 QUOTA = web.AppKey("quota", QuotaService)
 DRAINS = web.AppKey("drains", Drains)
@@ -25,13 +28,11 @@ LIMITER = web.AppKey("upstream_limiter", UpstreamLimiter)
 
 
 class Lifecycle:
-    """The configuration in force (replaced by a reload) and whether this process should
-    still take new work (flips once, at shutdown)."""
+    """Whether this process should still take new work (flips once, at shutdown)."""
 
-    __slots__ = ("config", "draining")
+    __slots__ = ("draining",)
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self) -> None:
         self.draining = False
 
 

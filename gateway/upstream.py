@@ -13,6 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import aiohttp
 import structlog
@@ -60,17 +61,37 @@ class Deadline:
         return min(self._loop.time() + seconds, self._at)
 
 
+@dataclass(frozen=True, slots=True)
+class UpstreamKeys:
+    """Which upstream key each agent's requests go out with: its own, else the platform key."""
+
+    platform: Secret | None
+    by_agent: Mapping[str, Secret]
+
+    @classmethod
+    def of(cls, agents: Mapping[str, Agent], platform: Secret | None) -> UpstreamKeys:
+        return cls(platform, {a.id: a.api_key for a in agents.values() if a.api_key is not None})
+
+    def for_agent(self, agent_id: str) -> Secret | None:
+        return self.by_agent.get(agent_id) or self.platform
+
+    def can_reach(self, agent_id: str) -> bool:
+        return agent_id in self.by_agent or self.platform is not None
+
+
 class UpstreamClient:
     def __init__(
         self,
         config: Upstream,
-        agents: Mapping[str, Agent],
+        keys: Callable[[], UpstreamKeys],
         session: ClientSession,
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`rng` is the retry jitter's source (a fresh one by default; tests may seed one)."""
+        """`keys` reads the upstream keys in force (a reload replaces them: the next request
+        goes out with the new ones). `rng` is the retry jitter's source (a fresh one by
+        default; tests may seed one)."""
         self.timeouts = config.timeouts
         self.retry_policy = RetryPolicy(config.retries, rng)
         # Consecutive failures (unreachable, no first byte in time, 5xx) open it: callers then
@@ -82,13 +103,7 @@ class UpstreamClient:
         self._pause = str(math.ceil(config.breaker.cooldown))
         self._session = session
         self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
-        self._platform_key = config.api_key
-        self._agent_keys = {a.id: a.api_key for a in agents.values() if a.api_key is not None}
-
-    def use_keys(self, agents: Mapping[str, Agent], platform_key: Secret | None) -> None:
-        """Upstream keys from a reloaded configuration (gateway/reload.py), in one step."""
-        self._agent_keys = {a.id: a.api_key for a in agents.values() if a.api_key is not None}
-        self._platform_key = platform_key
+        self._keys = keys
 
     @staticmethod
     def open_session(config: Upstream) -> ClientSession:
@@ -102,12 +117,12 @@ class UpstreamClient:
         )
 
     def can_reach(self, agent_id: str) -> bool:
-        return agent_id in self._agent_keys or self._platform_key is not None
+        return self._keys().can_reach(agent_id)
 
     def headers_for(
         self, agent_id: str, caller_headers: Mapping[str, str], request_id: str, *, stream: bool
     ) -> CIMultiDict[str]:
-        key = self._agent_keys.get(agent_id) or self._platform_key
+        key = self._keys().for_agent(agent_id)
         assert key is not None, "can_reach() is checked before forwarding"
         headers: CIMultiDict[str] = CIMultiDict()
         for name in FORWARDED_HEADERS:

@@ -29,7 +29,7 @@ from gateway.config import (
     TenantKey,
     TenantLimits,
 )
-from gateway.quota import Charge, QuotaService, UsageRow, open_quota
+from gateway.quota import Charge, Owners, QuotaService, UsageRow, open_quota
 from gateway.quota.calendar import Calendar
 from gateway.quota.memory import MemoryStore
 from gateway.quota.plan import (
@@ -337,8 +337,10 @@ async def test_each_end_user_has_buckets_of_their_own(harness: Harness) -> None:
 async def test_a_hundred_thousand_end_users_keep_the_memory_store_bounded() -> None:
     clock, wall = FakeClock(1000.0), FakeClock(berlin(2026, 11, 28, 10, 0))
     store = MemoryStore(clock=clock, wall_clock=wall, lease_ttl=60, settled_ttl=60)
-    quota = QuotaService(store, clock=clock, lease_ttl=60, calendar=Calendar("Europe/Berlin", wall))
-    quota.use_tenants(team(end_user=EndUser(header="X-End-User", limits=limits(rpm=10))))
+    owners = Owners(team(end_user=EndUser(header="X-End-User", limits=limits(rpm=10))))
+    quota = QuotaService(
+        store, owners=owners, clock=clock, lease_ttl=60, calendar=Calendar("Europe/Berlin", wall)
+    )
     most = 0
     for i in range(100_000):
         await quota.reserve("acme", f"r{i}", tokens=0, stream=False, end_user=f"user-{i}")
@@ -468,7 +470,7 @@ async def test_budgets_and_the_ledger_on_a_cluster(cluster: RedisClusterServers)
     names = [f"t{i}" for i in range(8)]  # spread over the masters
     for name in names:
         tenants |= team(keys=(service("svc"),), name=name)
-    async with open_quota(config, tenants, lease_ttl=60, wall_clock=wall) as quota:
+    async with open_quota(config, Owners(tenants), lease_ttl=60, wall_clock=wall) as quota:
         for tenant, key in [("acme", "billing"), ("globex", "web"), *((n, "svc") for n in names)]:
             reservation = await quota.reserve(tenant, "r1", tokens=5, stream=False, key=key)
             assert reservation.allowed and reservation.backend == "redis"
@@ -498,7 +500,7 @@ async def test_requests_the_local_fallback_admitted_reach_the_redis_ledger(
     )
     wall = FakeClock(berlin(2026, 11, 28, 10, 0))
     tenants = team(Budget(requests=Amount(per_day=100)), keys=(service("billing"),))
-    async with open_quota(config, tenants, lease_ttl=60, wall_clock=wall) as quota:
+    async with open_quota(config, Owners(tenants), lease_ttl=60, wall_clock=wall) as quota:
         # Seen on Redis first: the fallback starts where Redis left the tenant, not empty.
         assert (await quota.reserve("acme", "r0", tokens=0, stream=False)).backend == "redis"
         own_redis.kill()

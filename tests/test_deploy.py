@@ -18,6 +18,7 @@ import yaml
 from gateway.config import parse_config
 from gateway.logs import AccessRecord
 from gateway.metrics import (
+    MetricLabels,
     Metrics,
     quota_backend_errors,
     stream_drains,
@@ -71,7 +72,8 @@ def dashboard_exprs() -> list[str]:
 def exposed_labels() -> dict[str, set[str]]:
     """Sample name → its label names, from a real registry with every metric observed once."""
     config = parse_config(gateway_yaml("http://127.0.0.1:9"), "test.yaml")
-    metrics = Metrics(config)
+    allowed = MetricLabels.of(config)
+    metrics = Metrics(lambda: allowed)
     for sampled in (quota_backend_errors, stream_drains, upstream_circuit_open):
         metrics.registry.register(sampled(lambda: 0))
     # Labelled metrics have no samples until first used: one request that did everything.

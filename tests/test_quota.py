@@ -28,6 +28,7 @@ from gateway.quota import (
     REQUESTS_PER_MINUTE,
     TOKENS_PER_DAY,
     TOKENS_PER_MINUTE,
+    Owners,
     QuotaService,
     QuotaUnavailable,
     Reservation,
@@ -124,7 +125,7 @@ class Harness:
         return await self.stack.enter_async_context(
             open_quota(
                 config,
-                tenants,
+                Owners(tenants),
                 clock=self.clock if self.server is None else time.monotonic,
                 wall_clock=self.wall,
                 lease_ttl=lease_ttl,
@@ -484,7 +485,10 @@ async def test_unknown_tenants_and_negative_tokens_are_programming_errors(
 async def test_a_clock_stepping_back_mints_nothing() -> None:
     clock = FakeClock(1_000.0)
     async with open_quota(
-        Quota(), {"acme": tenant("acme", limits(rpm=60, burst=2))}, clock=clock, lease_ttl=60
+        Quota(),
+        Owners({"acme": tenant("acme", limits(rpm=60, burst=2))}),
+        clock=clock,
+        lease_ttl=60,
     ) as quota:
         assert (await quota.reserve("acme", "r1", tokens=0, stream=False)).allowed
         clock.now = 500.0  # back by 500 s; the one request left may still be taken
@@ -501,9 +505,10 @@ async def test_a_lease_no_longer_renewed_lapses_and_a_renewed_one_stays() -> Non
     # Two services on one store stand for two replicas on one Redis; `gone` never renews again.
     clock = FakeClock(0.0)
     store = MemoryStore(clock=clock, wall_clock=time.time, lease_ttl=30.0, settled_ttl=30.0)
-    alive, gone = (QuotaService(store, clock=clock, lease_ttl=30.0) for _ in range(2))
-    for service in (alive, gone):
-        service.use_tenants({"acme": tenant("acme", limits(streams=2))})
+    owners = Owners({"acme": tenant("acme", limits(streams=2))})
+    alive, gone = (
+        QuotaService(store, owners=owners, clock=clock, lease_ttl=30.0) for _ in range(2)
+    )
     assert (await gone.reserve("acme", "g", tokens=0, stream=True)).allowed
     assert (await alive.reserve("acme", "a", tokens=0, stream=True)).allowed
     for _ in range(3):
@@ -538,8 +543,8 @@ class ManyTenants(Mapping[str, Tenant]):
 async def test_state_stays_bounded_over_a_hundred_thousand_tenants() -> None:
     clock = FakeClock(0.0)
     store = MemoryStore(clock=clock, wall_clock=time.time, lease_ttl=1.0, settled_ttl=1.0)
-    quota = QuotaService(store, clock=clock, lease_ttl=1.0)
-    quota.use_tenants(ManyTenants(limits(rpm=600, burst=1, tpm=6000)))
+    owners = Owners(ManyTenants(limits(rpm=600, burst=1, tpm=6000)))
+    quota = QuotaService(store, owners=owners, clock=clock, lease_ttl=1.0)
     most_held = most_settled = 0
     for i in range(100_000):
         reservation = await quota.reserve(f"t-{i}", f"r{i}", tokens=10, stream=False)
@@ -556,7 +561,10 @@ async def test_state_stays_bounded_over_a_hundred_thousand_tenants() -> None:
 async def test_tokens_today_start_again_at_utc_midnight() -> None:
     wall = FakeClock(20_000 * DAY - 1.0)
     async with open_quota(
-        Quota(), {"acme": tenant("acme", limits(tpm=1000))}, wall_clock=wall, lease_ttl=60
+        Quota(),
+        Owners({"acme": tenant("acme", limits(tpm=1000))}),
+        wall_clock=wall,
+        lease_ttl=60,
     ) as quota:
         first = await quota.reserve("acme", "r1", tokens=10, stream=False)
         await quota.settle(first, 10)
@@ -681,7 +689,7 @@ async def test_a_dead_redis_follows_the_policy_within_budget_and_recovers(
 ) -> None:
     config, tenants = redis_quota(own_redis, policy, rpm=10)
     async with open_quota(
-        config, tenants, lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
+        config, Owners(tenants), lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
     ) as quota:
         # A live Redis answers, though on a loaded machine not always within 50 ms: the
         # outage below is what this test is about, so it starts from one answer in budget.
@@ -772,7 +780,7 @@ async def test_a_release_lost_to_a_redis_restart_is_retried_when_it_answers(
     with RedisServer(tmp_path / "redis", options=persistent) as server:
         config, tenants = redis_quota(server, "closed", streams=2)
         async with open_quota(
-            config, tenants, lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
+            config, Owners(tenants), lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
         ) as quota:
             stream = await quota.reserve("acme", "s1", tokens=0, stream=True)
             assert stream.allowed and (await active_streams(quota)) == 1
@@ -787,7 +795,7 @@ async def test_a_release_lost_to_a_redis_restart_is_retried_when_it_answers(
 async def test_a_release_after_a_restart_takes_the_scripts_path(own_redis: RedisServer) -> None:
     """After a restart the pooled connections are all stale: a release must not use them."""
     config, tenants = redis_quota(own_redis, "closed", streams=2)
-    async with open_quota(config, tenants, lease_ttl=60) as quota:
+    async with open_quota(config, Owners(tenants), lease_ttl=60) as quota:
         own_redis.restart()
         assert await active_streams(quota) is None  # the batch connection finds out, once
         stream = await quota.reserve("acme", "s1", tokens=0, stream=True)
@@ -809,7 +817,7 @@ async def test_the_fallback_starts_from_the_levels_redis_last_reported(
         "initech": tenant("initech", limits(streams=3)),
     }
     async with open_quota(
-        config, tenants, lease_ttl=60, breaker_threshold=1, breaker_cooldown=COOLDOWN
+        config, Owners(tenants), lease_ttl=60, breaker_threshold=1, breaker_cooldown=COOLDOWN
     ) as quota:
 
         async def admitted(name: str, count: int, *, stream: bool = False) -> int:
@@ -853,8 +861,8 @@ async def test_leases_of_a_replica_that_is_gone_lapse_and_the_others_stay(
 ) -> None:
     config, tenants = redis_quota(own_redis, "closed", streams=3)
     async with AsyncExitStack() as stack:
-        alive = await stack.enter_async_context(open_quota(config, tenants, lease_ttl=0.6))
-        async with open_quota(config, tenants, lease_ttl=0.6) as gone:
+        alive = await stack.enter_async_context(open_quota(config, Owners(tenants), lease_ttl=0.6))
+        async with open_quota(config, Owners(tenants), lease_ttl=0.6) as gone:
             assert (await gone.reserve("acme", "g", tokens=0, stream=True)).allowed
             taken = time.monotonic()
             assert (await alive.reserve("acme", "a", tokens=0, stream=True)).allowed
@@ -871,7 +879,7 @@ async def test_a_busy_event_loop_is_not_a_slow_redis(own_redis: RedisServer) -> 
     """Finding 4's cause: in a burst, one turn of the event loop outlasted the 50 ms budget
     while Redis had answered at once; the timeout blamed Redis and opened the breaker."""
     config, tenants = redis_quota(own_redis, "closed", rpm=1000)
-    async with open_quota(config, tenants, lease_ttl=60, breaker_threshold=1) as quota:
+    async with open_quota(config, Owners(tenants), lease_ttl=60, breaker_threshold=1) as quota:
         assert (await quota.reserve("acme", "warm", tokens=0, stream=False)).backend == "redis"
         loop = asyncio.get_running_loop()
         # Two turns of the loop from now, just after the batch writer has sent the call (and
@@ -888,7 +896,7 @@ async def test_a_hung_redis_costs_one_budget_per_call_until_the_breaker_opens(
 ) -> None:
     config, tenants = redis_quota(own_redis, "local", rpm=1000)
     async with open_quota(
-        config, tenants, lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
+        config, Owners(tenants), lease_ttl=60, breaker_threshold=3, breaker_cooldown=COOLDOWN
     ) as quota:
         assert (await quota.reserve("acme", "warm", tokens=0, stream=False)).backend == "redis"
         own_redis.freeze()
@@ -911,7 +919,7 @@ async def test_a_hung_redis_costs_one_budget_per_call_until_the_breaker_opens(
 async def test_scripts_flushed_from_the_server_are_loaded_again(redis_server: RedisServer) -> None:
     command(redis_server.port, "FLUSHALL")
     config, tenants = redis_quota(redis_server, "closed", rpm=100, tpm=1000)
-    async with open_quota(config, tenants, lease_ttl=60) as quota:
+    async with open_quota(config, Owners(tenants), lease_ttl=60) as quota:
         first = await quota.reserve("acme", "r1", tokens=100, stream=False)
         command(redis_server.port, "SCRIPT", "FLUSH")
         second = await quota.reserve("acme", "r2", tokens=100, stream=False)
@@ -929,7 +937,7 @@ async def test_every_key_of_a_tenant_shares_its_hash_tag_and_expires(
 ) -> None:
     command(redis_server.port, "FLUSHALL")
     config, tenants = redis_quota(redis_server, "closed", rpm=60, tpm=6000, streams=2)
-    async with open_quota(config, tenants, lease_ttl=60) as quota:
+    async with open_quota(config, Owners(tenants), lease_ttl=60) as quota:
         reservation = await quota.reserve("acme", "r1", tokens=600, stream=True)
         await quota.settle(reservation, 600)
     with redis.Redis(port=redis_server.port, decode_responses=True) as admin:
@@ -958,7 +966,9 @@ async def test_no_url_or_password_reaches_an_error_or_a_log(
 ) -> None:
     dead = f"redis://:hunter2secret@127.0.0.1:{free_port()}/0"
     config = Quota(backend="redis", redis_url=(Secret(dead),), on_backend_error="closed")
-    async with open_quota(config, {"acme": tenant("acme", limits(rpm=1))}, lease_ttl=60) as quota:
+    async with open_quota(
+        config, Owners({"acme": tenant("acme", limits(rpm=1))}), lease_ttl=60
+    ) as quota:
         assert readiness(quota) == "degraded"  # the start-up check found it down
         with pytest.raises(QuotaUnavailable) as caught:
             await quota.reserve("acme", "r1", tokens=0, stream=False)
@@ -984,8 +994,8 @@ async def test_two_replicas_share_limits_on_a_cluster(cluster: RedisClusterServe
     )
     tenants = {"acme": tenant("acme", limits(rpm=30, tpm=10_000, streams=1))}
     async with (
-        open_quota(config, tenants, lease_ttl=60) as one,
-        open_quota(config, tenants, lease_ttl=60) as two,
+        open_quota(config, Owners(tenants), lease_ttl=60) as one,
+        open_quota(config, Owners(tenants), lease_ttl=60) as two,
     ):
         results = await asyncio.gather(
             *(
@@ -1028,8 +1038,8 @@ async def test_stream_leases_are_shared_by_replicas_on_a_cluster(
     )
     tenants = {"globex": tenant("globex", limits(streams=1))}
     async with (
-        open_quota(config, tenants, lease_ttl=60) as one,
-        open_quota(config, tenants, lease_ttl=60) as two,
+        open_quota(config, Owners(tenants), lease_ttl=60) as one,
+        open_quota(config, Owners(tenants), lease_ttl=60) as two,
     ):
         held = await one.reserve("globex", "a", tokens=0, stream=True)
         assert held.allowed and held.stream_lease is not None

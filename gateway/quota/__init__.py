@@ -6,16 +6,18 @@ concurrent streams. A request reserves one request and an estimate of its tokens
 step, all or nothing; afterwards it settles to the tokens it really used, which may leave a
 token bucket in debt that refill pays off, or, when it never reached upstream, is refunded.
 
-    open_quota(config, tenants, lease_ttl=…) ─▶ QuotaService ─▶ MemoryStore   (memory.py)
+    open_quota(config, owners, lease_ttl=…)  ─▶ QuotaService ─▶ MemoryStore   (memory.py)
                                                       │      └─▶ RedisStore    (redis.py + *.lua)
                                                       └─ CircuitBreaker, failure policy
 
-Modules: plan (limits → buckets, the arithmetic), model (results, the store protocol), memory,
-redis, connect (the Redis client and its bounds), breaker, service, lifecycle (open_quota).
+Modules: plan (limits → buckets, the arithmetic), owners (bucket owners by name → their plans),
+model (results, the store protocol), memory, redis, connect (the Redis client and its bounds),
+breaker, service, lifecycle (open_quota).
 """
 
 from gateway.quota.lifecycle import open_quota
 from gateway.quota.model import BucketState, Charge, QuotaUnavailable, Reservation, UsageRow
+from gateway.quota.owners import Owners, PlanLookup
 from gateway.quota.plan import (
     CONCURRENT_STREAMS,
     REQUESTS_PER_DAY,
@@ -35,6 +37,8 @@ __all__ = [
     "TOKENS_PER_MINUTE",
     "BucketState",
     "Charge",
+    "Owners",
+    "PlanLookup",
     "QuotaService",
     "QuotaUnavailable",
     "Reservation",

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from gateway.breaker import CircuitBreaker
-from gateway.config import Quota, Tenant
+from gateway.config import Quota
 from gateway.quota.calendar import Calendar
 from gateway.quota.connect import MAX_CONNECTIONS, connect
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import Backend
+from gateway.quota.owners import PlanLookup
 from gateway.quota.redis import RedisStore
 from gateway.quota.service import STARTUP_BUDGET, QuotaService
 
@@ -22,7 +23,7 @@ BREAKER_COOLDOWN = 1.0  # seconds between probes of a dead backend: one slow req
 @asynccontextmanager
 async def open_quota(
     config: Quota,
-    tenants: Mapping[str, Tenant],
+    owners: PlanLookup,
     *,
     clock: Callable[[], float] = time.monotonic,
     lease_ttl: float,
@@ -31,7 +32,8 @@ async def open_quota(
     breaker_threshold: int = BREAKER_THRESHOLD,
     breaker_cooldown: float = BREAKER_COOLDOWN,
 ) -> AsyncIterator[QuotaService]:
-    """`tenants` are registered as bucket owners (more kinds: `QuotaService.use_owners`).
+    """`owners`: where every bucket owner's plan is looked up (an `Owners`, or the app's
+    holder of the one in force, so that a reload needs no call here).
     `lease_ttl`: seconds after which a lease no longer renewed expires (the service renews the
     leases it holds every third of it, so only a crashed replica's lapse). `settled_ttl`: how
     long a settled request is remembered so that a duplicate settle changes nothing (default
@@ -56,7 +58,9 @@ async def open_quota(
     store: MemoryStore | RedisStore
     if config.backend == "memory":
         store = memory("memory")
-        service = QuotaService(store, clock=clock, lease_ttl=lease_ttl, calendar=calendar)
+        service = QuotaService(
+            store, owners=owners, clock=clock, lease_ttl=lease_ttl, calendar=calendar
+        )
     else:
         budget = config.timeout_ms / 1000
         store = RedisStore(
@@ -69,6 +73,7 @@ async def open_quota(
         )
         service = QuotaService(
             store,
+            owners=owners,
             clock=clock,
             lease_ttl=lease_ttl,
             policy=config.on_backend_error,
@@ -80,7 +85,6 @@ async def open_quota(
             startup_budget=max(budget, STARTUP_BUDGET),
             calendar=calendar,
         )
-    service.use_tenants(tenants)
     try:
         if isinstance(store, RedisStore):
             await service.check(store.prepare)

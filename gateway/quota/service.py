@@ -1,7 +1,9 @@
 """The quota service: which store answers, what happens when it cannot, and what it still owes.
 
 Buckets belong to owners: tenants, and the upstream keys whose own limits the gateway keeps
-(upstream_limits.py); each kind registers its owners by name, again on a reload.
+(upstream_limits.py). The service looks each one's plan up in the `PlanLookup` it was given
+(owners.py), at every reservation: the app's holds the configuration in force, so a reload
+applies from the next reservation on, while one in flight settles under the plan it carries.
 
 Redis calls are bounded by what Redis takes (redis.py's `redis_time`), not by how long a caller
 waited behind a busy event loop. When Redis fails (or the breaker is open) `on_backend_error`
@@ -25,7 +27,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
@@ -34,7 +36,6 @@ import structlog
 from redis.exceptions import RedisError
 
 from gateway.breaker import CircuitBreaker
-from gateway.config import Tenant, TenantLimits
 from gateway.quota.calendar import Calendar, Moment, Period
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import (
@@ -47,7 +48,8 @@ from gateway.quota.model import (
     Store,
     UsageRow,
 )
-from gateway.quota.plan import BucketSpec, Plan, plan_for, reset_after, whole_seconds
+from gateway.quota.owners import PlanLookup
+from gateway.quota.plan import BucketSpec, Plan, reset_after, whole_seconds
 
 log = structlog.get_logger("gateway.quota")
 
@@ -59,7 +61,6 @@ ratio); the metrics' `budget_used`."""
 # What a backend in trouble raises: connection and protocol errors, socket and budget timeouts.
 BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 STARTUP_BUDGET = 1.0
-TENANTS = "tenants"
 RENEWALS_PER_TTL = 3
 """Leases are renewed every lease_ttl / 3: two renewals in a row may fail before one lapses."""
 RETRY_FIRST, RETRY_MAX = 0.05, 1.0
@@ -105,6 +106,7 @@ class QuotaService:
         self,
         primary: Store,
         *,
+        owners: PlanLookup,
         clock: Callable[[], float],
         lease_ttl: float,
         policy: Policy = "local",
@@ -114,7 +116,8 @@ class QuotaService:
         startup_budget: float = STARTUP_BUDGET,
         calendar: Calendar | None = None,
     ) -> None:
-        """`breaker` None means the primary cannot fail (memory): no policy, nothing owed.
+        """`owners`: where each owner's plan is found (read at every lookup, never copied).
+        `breaker` None means the primary cannot fail (memory): no policy, nothing owed.
         The primary bounds its own calls; `startup_budget` bounds `check`."""
         if policy == "local" and breaker is not None and fallback is None:
             raise ValueError("on_backend_error local needs a fallback store")
@@ -132,10 +135,7 @@ class QuotaService:
         # index, the ratio), so a ratio follows its period's end without a request.
         self._observed: dict[tuple[str, str | None, str], tuple[Period, int, float]] = {}
         self._roller: asyncio.Task[None] | None = None
-        self._owners: dict[str, Mapping[str, TenantLimits]] = {}
-        # Per owner and key, built on first use after each registration (a reload).
-        self._plans: dict[tuple[str, str | None], Plan] = {}
-        self._tenants: Mapping[str, Tenant] = {}  # for their keys' own limits
+        self._owners = owners
         self._held: dict[str, _Held] = {}  # every stream lease this process holds
         self._reported: OrderedDict[str, _Reported] = OrderedDict()
         self._seeded: set[str] = set()  # owners the fallback took over since Redis last answered
@@ -158,25 +158,6 @@ class QuotaService:
     def owed(self) -> int:
         """Settles, refunds and releases waiting for Redis to answer again."""
         return len(self._owed)
-
-    # --- owners ------------------------------------------------------------------------
-
-    def use_owners(self, kind: str, owners: Mapping[str, TenantLimits]) -> None:
-        """Register every bucket owner of one kind (tenants, upstream keys) by name, replacing
-        that kind's previous set: a reload. New limits apply from the next reservation; bucket
-        levels are kept (they live in the store, by name), and requests in flight settle
-        under the plan they were reserved under. Names are shared by all kinds, so two kinds
-        may not use the same one."""
-        for name in owners:
-            for other, taken in self._owners.items():
-                if other != kind and name in taken:
-                    raise ValueError(f"{kind} {name!r} is already one of the {other}")
-        self._owners[kind] = owners
-        self._plans.clear()
-
-    def use_tenants(self, tenants: Mapping[str, Tenant]) -> None:
-        self._tenants = tenants
-        self.use_owners(TENANTS, _LimitsOf(tenants))
 
     # --- the request path --------------------------------------------------------------
 
@@ -415,30 +396,7 @@ class QuotaService:
     # --- inside ------------------------------------------------------------------------
 
     def _plan(self, owner: str, key: str | None = None, end_user: str | None = None) -> Plan:
-        for owners in self._owners.values():
-            limits = owners.get(owner)
-            if limits is not None:
-                break
-        else:
-            raise ValueError(f"unknown tenant or upstream key {owner!r}")
-        tenant = self._tenants.get(owner)
-        plan = self._plans.get((owner, key))
-        if plan is None:
-            if tenant is None:  # an upstream key
-                plan = plan_for(limits)
-            else:
-                own = tenant.key(key) if key is not None else None
-                plan = plan_for(
-                    limits,
-                    key,
-                    own.limits if own is not None else None,
-                    budget=tenant.budget,
-                    key_budget=own.budget if own is not None else None,
-                )
-            self._plans[(owner, key)] = plan
-        if end_user is not None and tenant is not None and tenant.end_user is not None:
-            return plan.with_end_user(tenant.end_user, end_user)
-        return plan
+        return self._owners.plan(owner, key, end_user)
 
     def _store_for(self, reservation: Reservation) -> tuple[Store, Plan]:
         plan = self._plan(reservation.tenant) if reservation.plan is None else reservation.plan
@@ -652,24 +610,6 @@ class QuotaService:
         if before != "closed":
             log.info("quota backend recovered")
         return result
-
-
-class _LimitsOf(Mapping[str, TenantLimits]):
-    """Tenants as bucket owners: a view, so a large (or lazily built) tenant map is not copied."""
-
-    __slots__ = ("_tenants",)
-
-    def __init__(self, tenants: Mapping[str, Tenant]) -> None:
-        self._tenants = tenants
-
-    def __getitem__(self, name: str) -> TenantLimits:
-        return self._tenants[name].limits
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tenants)
-
-    def __len__(self) -> int:
-        return len(self._tenants)
 
 
 class _Ids:
