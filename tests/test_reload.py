@@ -187,3 +187,33 @@ async def test_an_invalid_file_changes_nothing(
     assert (await chat(gateway, KEY_B))[0] == 200  # B is still a key
     statuses = [(await chat(gateway, KEY_A))[0] for _ in range(2)]
     assert statuses == [200, 429]  # A is still held to 2, with one already used
+
+
+async def test_a_request_in_flight_finishes_when_its_tenant_is_removed(
+    make_gateway: GatewayFactory,
+    simulator: TestClient[Any, Any],
+    simulator_url: str,
+    tmp_path: Path,
+) -> None:
+    """An unlimited tenant's request reserves nothing; its settlement still finds its way
+    (and its ledger row) after a reload has removed the tenant."""
+    path = tmp_path / "gateway.yaml"
+    acme = config_text(simulator_url, a_per_minute=5, with_b=False)
+    globex = f"{{name: web, sha256: {hash_key(GLOBEX_KEY)}}}"
+    path.write_text(acme + f'  globex:\n    agents: ["*"]\n    keys: [{globex}]\n')
+    gateway = await make_gateway(config=load_config(str(path)), clock=FakeClock())
+    await simulator.post("/_sim/faults", json={"kind": "hold_answer", "times": 1})
+    pending = asyncio.create_task(chat(gateway, GLOBEX_KEY))
+    response = await simulator.get("/_sim/held", params={"at_least": 1, "timeout": 10})
+    assert (await response.json())["held"] == 1
+
+    path.write_text(acme)  # globex is gone
+    assert reload_config(gateway.app)
+    assert (await chat(gateway, GLOBEX_KEY))[0] == 401
+
+    await simulator.post("/_sim/release")
+    status, body, _ = await pending
+    assert status == 200
+    usage = usage_from(body)
+    assert usage is not None
+    assert (await ledger(gateway))["web"] == (1, usage.total)

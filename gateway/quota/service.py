@@ -399,7 +399,12 @@ class QuotaService:
         return self._owners.plan(owner, key, end_user)
 
     def _store_for(self, reservation: Reservation) -> tuple[Store, Plan]:
-        plan = self._plan(reservation.tenant) if reservation.plan is None else reservation.plan
+        plan = reservation.plan
+        if plan is None:  # reserved with nothing to count, or passed by the `open` policy
+            try:
+                plan = self._plan(reservation.tenant)
+            except ValueError:
+                plan = LEDGER_ONLY  # a reload removed its owner since: the ledger still counts it
         if reservation.backend == "local" and self._fallback is not None:
             return self._fallback, plan
         return self._primary, plan
