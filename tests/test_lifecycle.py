@@ -221,3 +221,67 @@ async def test_sighup_rotates_the_upstream_platform_key_read_from_a_file(
             sent = [r["headers"]["Authorization"] for r in await response.json()]
         assert sent == [f"Bearer {old}", f"Bearer {new}"]
         assert "restart_needed_for" not in running.log.read_text()
+
+
+async def test_sighup_under_traffic_lowers_a_keys_limit_and_removes_another(
+    running: Running, secret_watch: SecretWatch
+) -> None:
+    """The real signal path of tests/test_reload.py's exact test: callers of two keys of one
+    tenant keep sending while SIGHUP lowers key A's requests per minute (600 → 6) and removes
+    key B. Nothing fails; every request sent once the reload is counted finds A under its new
+    limit and B refused; A gets no more than the new limit (plus what its refill of 0.1/s
+    adds) before it is refused."""
+    one_key = f"keys: [{{name: billing-service, sha256: {hash_key(ACME_KEY)}}}]"
+    text = running.config.read_text()
+
+    def keys(a_per_minute: int, *, with_b: bool) -> str:
+        a = f"{{name: billing-service, sha256: {hash_key(ACME_KEY)}, limits: "
+        a += f"{{requests: {{per_minute: {a_per_minute}}}}}}}"
+        b = f", {{name: reports, sha256: {hash_key(NEW_KEY)}}}" if with_b else ""
+        return text.replace(one_key, f"keys: [{a}{b}]")
+
+    running.config.write_text(keys(600, with_b=True))
+    loop = asyncio.get_running_loop()
+    warm, signalled, counted = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    outcomes: list[tuple[str, str, int, str | None]] = []  # key, sent, status, limit header
+
+    async def caller(session: aiohttp.ClientSession, name: str, key: str) -> None:
+        while True:
+            sent = "after" if counted.is_set() else "during" if signalled.is_set() else "before"
+            async with session.post(
+                f"{running.url}{CHAT}",
+                json={"message": "Hi"},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response:
+                await response.read()
+            outcomes.append(
+                (name, sent, response.status, response.headers.get("X-RateLimit-Limit"))
+            )
+            if sum(when == "before" for _, when, _, _ in outcomes) == 40:
+                warm.set()  # both keys' callers are under way
+            if sent == "after" and (name == "B" or response.status != 200):
+                return
+
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        await sighup(session, running, "ok")  # B is a key now
+        callers = [
+            *(asyncio.create_task(caller(session, "A", ACME_KEY)) for _ in range(4)),
+            *(asyncio.create_task(caller(session, "B", NEW_KEY)) for _ in range(4)),
+        ]
+        await warm.wait()
+        running.config.write_text(keys(6, with_b=False))
+        signalled.set()
+        started = loop.time()
+        await sighup(session, running, "ok")
+        counted.set()
+        async with asyncio.timeout(20):
+            await asyncio.gather(*callers)
+        elapsed = loop.time() - started
+
+    assert {status for name, _, status, _ in outcomes if name == "A"} <= {200, 429}
+    assert {status for name, _, status, _ in outcomes if name == "B"} <= {200, 401}
+    assert all(s == 200 for name, sent, s, _ in outcomes if sent == "before")
+    assert all(s == 401 for name, sent, s, _ in outcomes if name == "B" and sent == "after")
+    assert all(lim == "6" for name, sent, _, lim in outcomes if name == "A" and sent == "after")
+    under_new = [s for name, _, s, lim in outcomes if name == "A" and lim == "6" and s == 200]
+    assert len(under_new) <= 6 + 1 + int(elapsed * 0.1)
