@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
 
 from gateway.auth import hash_key
 from gateway.config import load_config
 from gateway.reload import reload_config
-from gateway.state import METRICS, QUOTA, TENANCY
+from gateway.state import METRICS, QUOTA, TENANCY, UPSTREAM
 from gateway.usage import usage_from
 from tests.conftest import ACME_KEY, GLOBEX_KEY, FakeClock, GatewayFactory
 
@@ -187,6 +188,31 @@ async def test_an_invalid_file_changes_nothing(
     assert (await chat(gateway, KEY_B))[0] == 200  # B is still a key
     statuses = [(await chat(gateway, KEY_A))[0] for _ in range(2)]
     assert statuses == [200, 429]  # A is still held to 2, with one already used
+
+
+async def test_a_reload_names_what_only_a_restart_applies(
+    make_gateway: GatewayFactory, simulator_url: str, tmp_path: Path
+) -> None:
+    """upstream.rate_limits and the upstream keys are the tenancy's; the rest of upstream and
+    the other start-up sections are reported, reload after reload, until a restart."""
+    path = tmp_path / "gateway.yaml"
+    text = config_text(simulator_url, a_per_minute=5)
+    path.write_text(text)
+    gateway = await make_gateway(config=load_config(str(path)), clock=FakeClock())
+    assert gateway.app[TENANCY].current.upstream_limits.bucket_for("ag_support") is None
+
+    changed = text.replace("  timeouts: {connect: 2,", "  timeouts: {connect: 3,")
+    changed = changed.replace("  timeouts:", "  rate_limits: {per_minute: 100}\n  timeouts:", 1)
+    path.write_text(changed + "limits: {max_body_bytes: 1024}\n")
+    for _ in range(2):
+        with capture_logs() as logs:
+            assert reload_config(gateway.app)
+        [line] = [entry for entry in logs if entry["event"] == "config reloaded"]
+        assert line["restart_needed_for"] == ["upstream", "limits"]
+
+    # upstream.rate_limits is in force; upstream.timeouts is still the start-up one.
+    assert gateway.app[TENANCY].current.upstream_limits.bucket_for("ag_support") is not None
+    assert gateway.app[UPSTREAM].timeouts.connect == 2
 
 
 async def test_a_request_in_flight_finishes_when_its_tenant_is_removed(
