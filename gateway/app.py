@@ -114,7 +114,7 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     async with open_quota(
         config.quota, app[TENANCY], clock=app[CLOCK], lease_ttl=LEASE_TTL, settled_ttl=60
     ) as quota:
-        quota.observe_budget = app[METRICS].budget_used
+        app[METRICS].budget_source = quota.budget_ratios
         app[QUOTA] = quota
         drains = app[DRAINS] = Drains(config.quota.drain_timeout, config.quota.max_drains)
         with _sampled(

@@ -11,7 +11,7 @@ first byte takes up to a minute, and a stream may run for ten.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal, TypeVar, cast
 
@@ -148,6 +148,9 @@ class Metrics:
         """`labels` reads the label values in force (a reload replaces them: `_current`)."""
         self._labels = labels
         self._prepared: MetricLabels | None = None
+        # Budgets' fractions used, read at scrape time from whoever keeps them (the quota
+        # service): (tenant, key or None, budget, ratio).
+        self.budget_source: Callable[[], Iterable[tuple[str, str | None, str, float]]] | None = None
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = {}
         r = self.registry
@@ -346,6 +349,9 @@ class Metrics:
 
     def exposition(self) -> bytes:
         self._current()
+        if self.budget_source is not None:
+            for tenant, key, budget, ratio in self.budget_source():
+                self.budget_used(tenant, key, budget, ratio)
         return generate_latest(self.registry)
 
 

@@ -316,13 +316,13 @@ class MemoryStore:
         if bucket is None:
             self._buckets[held] = _Bucket(level, stamp, warned, forget_at)
         else:
+            # Left where it is: the sweep moves a bucket it finds still in use to the back.
             bucket.level, bucket.stamp, bucket.warned, bucket.forget_at = (
                 level,
                 stamp,
                 warned,
                 forget_at,
             )
-            self._buckets.move_to_end(held)
 
     def _sweep(self, now: float, added: int) -> None:
         """A clock hand over the least recently used buckets: forget the full ones, pass over

@@ -99,6 +99,24 @@ class BucketSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetSlot:
+    index: int
+    key: str | None  # the key's name, None for the tenant's own
+    budget: str  # tokens_per_day, ... (BUDGET_LABELS)
+    period: Period
+    capacity: int
+
+
+def _slots(buckets: tuple[BucketSpec, ...]) -> tuple[BudgetSlot, ...]:
+    slots = []
+    for i, spec in enumerate(buckets):
+        labels = spec.budget_of()
+        if labels is not None and spec.period is not None:
+            slots.append(BudgetSlot(i, labels[0], labels[1], spec.period, spec.capacity))
+    return tuple(slots)
+
+
+@dataclass(frozen=True, slots=True)
 class StreamCap:
     """Concurrent streams of one level: a set of leases, each a stream still open."""
 
@@ -114,12 +132,18 @@ class Plan:
     # Derived once: every reservation and settlement asks.
     token_buckets: tuple[BucketSpec, ...] = field(init=False, compare=False, repr=False)
     budgets: bool = field(init=False, compare=False, repr=False)  # any calendar budget
+    # The tenant's and keys' budgets (not an end user's) by their index in `buckets` and in
+    # `token_buckets`: what gateway_budget_used_ratio shows, without a search per request.
+    budget_slots: tuple[BudgetSlot, ...] = field(init=False, compare=False, repr=False)
+    token_budget_slots: tuple[BudgetSlot, ...] = field(init=False, compare=False, repr=False)
     _max_token_cost: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         token_buckets = tuple(b for b in self.buckets if b.tokens)
         object.__setattr__(self, "token_buckets", token_buckets)
         object.__setattr__(self, "budgets", any(b.period is not None for b in self.buckets))
+        object.__setattr__(self, "budget_slots", _slots(self.buckets))
+        object.__setattr__(self, "token_budget_slots", _slots(token_buckets))
         object.__setattr__(
             self, "_max_token_cost", min((b.capacity for b in token_buckets), default=0)
         )

@@ -27,7 +27,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Literal, TypeVar
@@ -49,15 +49,12 @@ from gateway.quota.model import (
     UsageRow,
 )
 from gateway.quota.owners import PlanLookup
-from gateway.quota.plan import BucketSpec, Plan, reset_after, whole_seconds
+from gateway.quota.plan import BudgetSlot, Plan, reset_after, whole_seconds
 
 log = structlog.get_logger("gateway.quota")
 
 T = TypeVar("T")
 Policy = Literal["local", "open", "closed"]
-BudgetObserver = Callable[[str, str | None, str, float], None]
-"""Told each budget's fraction used as a reservation leaves it: (tenant, key or None, budget,
-ratio); the metrics' `budget_used`."""
 # What a backend in trouble raises: connection and protocol errors, socket and budget timeouts.
 BACKEND_ERRORS = (RedisError, OSError, TimeoutError)
 STARTUP_BUDGET = 1.0
@@ -130,11 +127,10 @@ class QuotaService:
         self._replicas = replicas
         self._startup_budget = startup_budget
         self._calendar = calendar or Calendar("UTC", time.time)
-        self.observe_budget: BudgetObserver | None = None
-        # What was last observed of each tenant's and key's budget: (its period, that period's
-        # index, the ratio), so a ratio follows its period's end without a request.
-        self._observed: dict[tuple[str, str | None, str], tuple[Period, int, float]] = {}
-        self._roller: asyncio.Task[None] | None = None
+        # The level each tenant's and key's budget was last left at, by (tenant, key,
+        # budget): (its period, that period's index, capacity, level). Kept per request (a
+        # dict write per budget), turned into ratios only when /metrics asks.
+        self._observed: dict[tuple[str, str | None, str], tuple[Period, int, int, float]] = {}
         self._owners = owners
         self._held: dict[str, _Held] = {}  # every stream lease this process holds
         self._reported: OrderedDict[str, _Reported] = OrderedDict()
@@ -217,8 +213,8 @@ class QuotaService:
         async def settle() -> None:
             settled = await store.settle(tenant, plan, key, delta, actual_tokens, at, charge)
             if settled is not None:
-                if settled.levels and plan.budgets:
-                    self._budgets_used(tenant, plan.token_buckets, settled.levels, at)
+                if settled.levels and plan.token_budget_slots:
+                    self._budgets_used(tenant, plan.token_budget_slots, settled.levels, at)
                 self._warn(tenant, settled.crossed)
 
         await self._owe_on_failure(store, "settle", tenant, settle)
@@ -382,7 +378,7 @@ class QuotaService:
             log.warning("quota lease renewal failed", owners=failed, owners_held=len(calls))
 
     async def aclose(self) -> None:
-        for task in (self._renewer, self._repayer, self._roller):
+        for task in (self._renewer, self._repayer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -436,7 +432,7 @@ class QuotaService:
         if store is self._primary and self._breaker is not None and plan.buckets:
             self._remember(tenant, plan, decision.levels)
         if decision.allowed and plan.budgets:
-            self._budgets_used(tenant, plan.buckets, decision.levels, at)
+            self._budgets_used(tenant, plan.budget_slots, decision.levels, at)
             self._warn(tenant, decision.crossed)
         if decision.allowed and lease is not None:
             self._held[lease] = _Held(tenant, store is not self._primary, plan.stream_sets)
@@ -457,40 +453,29 @@ class QuotaService:
         )
 
     def _budgets_used(
-        self, tenant: str, buckets: tuple[BucketSpec, ...], levels: tuple[float, ...], at: Moment
+        self, tenant: str, slots: tuple[BudgetSlot, ...], levels: tuple[float, ...], at: Moment
     ) -> None:
-        observe = self.observe_budget
-        if observe is None:
-            return
-        for spec, level in zip(buckets, levels, strict=True):
-            labels = spec.budget_of()
-            if labels is not None and spec.period is not None:
-                ratio = (spec.capacity - level) / spec.capacity
-                self._observed[(tenant, *labels)] = (spec.period, at.index(spec.period), ratio)
-                observe(tenant, labels[0], labels[1], ratio)
-        if self._roller is None:
-            self._roller = asyncio.create_task(self._roll_periods())
+        observed = self._observed
+        for slot in slots:
+            observed[(tenant, slot.key, slot.budget)] = (
+                slot.period,
+                at.index(slot.period),
+                slot.capacity,
+                levels[slot.index],
+            )
 
-    def roll_budget_periods(self) -> None:
-        """Report each observed budget whose period has ended as its new period begins: what
-        its debt carried over (a period's refill takes one whole limit off), else 0. An idle
-        tenant's ratio must not stay at yesterday's 85 % and keep an alert firing."""
-        observe = self.observe_budget
-        if observe is None:
-            return
+    def budget_ratios(self) -> Iterator[tuple[str, str | None, str, float]]:
+        """(tenant, key or None, budget, fraction used) of every budget seen since start-up,
+        as of now: one whose period has ended since shows its new period's (what its debt
+        carried over: each period's refill takes one whole limit off, else 0), so an idle
+        tenant's ratio does not stay at yesterday's 85 % and keep an alert firing."""
         at = self._calendar.now()
-        for labels, (period, index, ratio) in list(self._observed.items()):
+        for (tenant, key, budget), (period, index, capacity, level) in self._observed.items():
+            ratio = (capacity - level) / capacity
             elapsed = at.index(period) - index
             if elapsed > 0:
                 ratio = max(0.0, ratio - elapsed)
-                self._observed[labels] = (period, at.index(period), ratio)
-                observe(*labels, ratio)
-
-    async def _roll_periods(self) -> None:
-        while True:
-            # Every month begins at a midnight; an hour at most, should the clock be stepped.
-            await asyncio.sleep(min(self._calendar.now().until("day"), 3600.0) + 0.01)
-            self.roll_budget_periods()
+            yield tenant, key, budget, ratio
 
     @staticmethod
     def _warn(tenant: str, crossed: tuple[Crossing, ...]) -> None:
