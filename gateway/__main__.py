@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
+import re
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from gateway import __version__
 from gateway.auth import hash_key, new_key
@@ -34,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     new = key_commands.add_parser("new", help="print a new caller key once, and its YAML entry")
     new.add_argument("--tenant", required=True, help="tenant the key belongs to")
     new.add_argument("--name", required=True, help="name of the calling service")
+    new.add_argument(
+        "--expires",
+        metavar="WHEN",
+        help="refused from then on: a duration from now (90d, 12w, 36h) or a date or time "
+        "(2027-06-30, 2027-06-30T12:00:00Z)",
+    )
+    new.add_argument(
+        "--json", action="store_true", help="print one JSON object (for scripts and vaults)"
+    )
 
     usage = commands.add_parser(
         "usage",
@@ -95,18 +107,52 @@ def summary(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _new_key(tenant: str, name: str) -> str:
+_DURATION = re.compile(r"(\d+)([hdw])")
+_SECONDS = {"h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def _expiry(when: str, now: float) -> str:
+    """`--expires` as the configuration's `expires` value: UTC, to the second."""
+    duration = _DURATION.fullmatch(when.strip())
+    if duration:
+        at = datetime.fromtimestamp(now + int(duration[1]) * _SECONDS[duration[2]], UTC).replace(
+            microsecond=0
+        )
+    else:
+        try:
+            at = datetime.fromisoformat(when.strip())
+        except ValueError:
+            raise ConfigError(
+                f"--expires {when!r}: expected a duration (90d, 12w, 36h) or a date or time "
+                "(2027-06-30, 2027-06-30T12:00:00Z)"
+            ) from None
+        if at.tzinfo is None:
+            if len(when.strip()) > len("2027-06-30"):
+                raise ConfigError(f"--expires {when!r}: give the time zone too, e.g. …T12:00:00Z")
+            at = at.replace(tzinfo=UTC)  # a date: its start, in UTC, as the config reads it
+        at = at.astimezone(UTC)
+    if at.timestamp() <= now:
+        raise ConfigError(f"--expires {when!r} is already past")
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _new_key(tenant: str, name: str, expires: str | None, as_json: bool, now: float) -> str:
     for flag, value in (("--tenant", tenant), ("--name", name)):
         if not NAME_PATTERN.fullmatch(value):
             raise ConfigError(f"{flag} {value!r}: use letters, digits, _ . and - (at most 64)")
+    until = _expiry(expires, now) if expires is not None else None
     key = new_key()
+    entry = {"name": name, "sha256": hash_key(key)} | ({"expires": until} if until else {})
+    if as_json:
+        return json.dumps({"tenant": tenant, "key": key, **entry}) + "\n"
+    fields = ", ".join(f"{field}: {value}" for field, value in entry.items())
     return (
         f"# New gateway key for tenant {tenant}, service {name}. It is shown only this once:\n"
         f"# hand it to the service's secret store; the gateway keeps only its hash.\n"
         f"{key}\n"
         f"\n"
         f"# Add this entry under tenants.{tenant}.keys, then reload or restart the gateway:\n"
-        f"- {{name: {name}, sha256: {hash_key(key)}}}\n"
+        f"- {{{fields}}}\n"
     )
 
 
@@ -160,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "keys":
-            sys.stdout.write(_new_key(args.tenant, args.name))
+            sys.stdout.write(_new_key(args.tenant, args.name, args.expires, args.json, time.time()))
         elif args.command == "check-config":
             print(summary(_load(args.config)))
         elif args.command == "serve":

@@ -23,13 +23,14 @@ from gateway.headers import add_caller_headers, buckets_of
 from gateway.logs import AccessRecord, access_logger
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import (
+    KeyExpiry,
     Metrics,
     quota_backend_errors,
     stream_drains,
     upstream_circuit_open,
 )
 from gateway.openapi import openapi
-from gateway.proxy import chat
+from gateway.proxy import authenticate, chat
 from gateway.quota import open_quota
 from gateway.quota.service import BACKEND_ERRORS
 from gateway.reload import reload_config
@@ -46,6 +47,7 @@ from gateway.state import (
     QUOTA,
     TENANCY,
     UPSTREAM,
+    WALL_CLOCK,
     Lifecycle,
 )
 from gateway.tenancy import Tenancy, TenancyHolder
@@ -69,7 +71,11 @@ this."""
 _QUIET_PATHS = frozenset({"/healthz", "/readyz"})
 
 
-def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Application:
+def create_app(
+    config: Config, *, clock: Clock = time.monotonic, wall_clock: Clock = time.time
+) -> web.Application:
+    """`clock` times everything the gateway waits for and refills; `wall_clock` is the
+    calendar's (key expiry)."""
     app = web.Application(
         middlewares=[edge_middleware],
         # aiohttp refuses larger bodies itself; validation turns that into our 413.
@@ -77,10 +83,12 @@ def create_app(config: Config, *, clock: Clock = time.monotonic) -> web.Applicat
     )
     app[CONFIG] = config
     app[CLOCK] = clock
+    app[WALL_CLOCK] = wall_clock
     # Everything a reload changes, in one value; the parts below read theirs through it.
     tenancy = app[TENANCY] = TenancyHolder(Tenancy.of(config))
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics(lambda: tenancy.current.labels)
+    app[METRICS].registry.register(KeyExpiry(lambda: tenancy.current.expiries))
     app[LIMITER] = UpstreamLimiter(lambda: tenancy.current.upstream_limits)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_quota)
@@ -112,7 +120,12 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     # Upstream keys' own limits are buckets in the same store, beside the tenants': the
     # tenancy in force has both.
     async with open_quota(
-        config.quota, app[TENANCY], clock=app[CLOCK], lease_ttl=LEASE_TTL, settled_ttl=60
+        config.quota,
+        app[TENANCY],
+        clock=app[CLOCK],
+        wall_clock=app[WALL_CLOCK],
+        lease_ttl=LEASE_TTL,
+        settled_ttl=60,
     ) as quota:
         app[METRICS].budget_source = quota.budget_ratios
         app[QUOTA] = quota
@@ -289,9 +302,7 @@ async def usage_report(request: web.Request) -> web.Response:
 
 async def usage(request: web.Request) -> web.Response:
     """The calling tenant's own buckets and tokens used today."""
-    keyring = request.app[TENANCY].current.keyring
-    caller = keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION))
-    request[ACCESS].tenant, request[ACCESS].key_name = caller.tenant.name, caller.key_name
+    caller = authenticate(request)
     body = await request.app[QUOTA].usage(
         caller.tenant.name, caller.key_name, end_user_of(request.headers, caller)
     )

@@ -20,6 +20,7 @@ MAX_END_USER_LENGTH = 256
 class Caller:
     tenant: Tenant
     key_name: str
+    expires: float | None = None  # epoch seconds
 
 
 def end_user_of(headers: Mapping[str, str], caller: Caller) -> str | None:
@@ -53,12 +54,13 @@ class KeyRing:
 
     def __init__(self, tenants: Mapping[str, Tenant]) -> None:
         self._callers = {
-            key.sha256: Caller(tenant, key.name)
+            key.sha256: Caller(tenant, key.name, key.expires)
             for tenant in tenants.values()
             for key in tenant.keys
         }
 
-    def authenticate(self, authorization: str | None) -> Caller:
+    def authenticate(self, authorization: str | None, now: float) -> Caller:
+        """The caller a bearer key names, at wall-clock time `now` (for key expiry)."""
         if not authorization:
             raise Unauthorized("missing gateway key: send 'Authorization: Bearer <gateway key>'")
         scheme, _, token = authorization.partition(" ")
@@ -73,4 +75,7 @@ class KeyRing:
         caller = self._callers.get(hash_key(token))
         if caller is None:
             raise Unauthorized("unknown or revoked gateway key")
+        if caller.expires is not None and now >= caller.expires:
+            # Distinct from unknown: whoever holds it knows the key, and needs a new one.
+            raise Unauthorized("gateway key expired: ask for a new one (thinnest-gateway keys new)")
         return caller

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -190,6 +191,7 @@ class TenantKey:
     # The key's (a service's) own limits and budget inside its tenant's: a request passes both.
     limits: TenantLimits | None = None
     budget: Budget | None = None
+    expires: float | None = None  # epoch seconds from which the key is refused
 
 
 SessionIsolation = Literal["tenant", "key", "off"]
@@ -533,6 +535,28 @@ def _timezone(s: _Section) -> str:
     return zone
 
 
+def _instant(s: _Section, key: str) -> float | None:
+    """A moment: `2027-06-30T00:00:00Z` (a zone is required: an expiry must not depend on
+    where the gateway runs) or a date, `2027-06-30`, meaning its start in UTC."""
+    value = s.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise _Problem(
+                s.at(key), f"expected a date or a time such as 2027-06-30T00:00:00Z, got {value!r}"
+            ) from None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise _Problem(s.at(key), "give the time zone too, e.g. 2027-06-30T00:00:00Z")
+        return value.timestamp()
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()
+    raise _Problem(s.at(key), f"expected a date or a time, got {_kind(value)}")
+
+
 def _amount(s: _Section) -> Amount:
     amount = Amount(
         per_day=s.whole("per_day", None, minimum=1),
@@ -612,6 +636,7 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
             raise _Problem(k.at("sha256"), "expected 64 hex characters")
         key_limits = _key_limits(k.section("limits")) if k.has("limits") else None
         key_budget = _budget(k.section("budget")) if k.has("budget") else None
+        expires = _instant(k, "expires")
         k.done()
         if any(key.name == key_name for key in keys):
             raise _Problem(k.at("name"), f"duplicate key name {key_name!r}")
@@ -620,7 +645,15 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
                 k.at("name"),
                 f"{key_name!r} names the tenant's own level on /metrics; choose another",
             )
-        keys.append(TenantKey(name=key_name, sha256=digest, limits=key_limits, budget=key_budget))
+        keys.append(
+            TenantKey(
+                name=key_name,
+                sha256=digest,
+                limits=key_limits,
+                budget=key_budget,
+                expires=expires,
+            )
+        )
 
     raw_agents = s.get("agents")
     if not isinstance(raw_agents, list) or not raw_agents:

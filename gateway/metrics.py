@@ -389,6 +389,25 @@ def stream_drains(read: Reader) -> Sampled:
     )
 
 
+class KeyExpiry(Collector):
+    """`gateway_key_expiry_timestamp_seconds{tenant,key}`: each key's expiry as configured,
+    read from the tenancy in force at scrape time (a reload adds and removes series)."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, str, float]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_key_expiry_timestamp_seconds",
+            "When a gateway key is refused from (keys[].expires), epoch seconds; keys without "
+            "an expiry have no series.",
+            labels=["tenant", "key"],
+        )
+        for tenant, key, expires in self._read():
+            family.add_metric([tenant, key], expires)
+        yield family
+
+
 def upstream_circuit_open(read: Reader) -> Sampled:
     return Sampled(
         "gauge",

@@ -38,7 +38,17 @@ from gateway.headers import buckets_of
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
 from gateway.quota import QuotaUnavailable, Reservation
 from gateway.sessions import SessionScope, parse_answer
-from gateway.state import ACCESS, CONFIG, LIMITER, LIMITS, METRICS, QUOTA, TENANCY, UPSTREAM
+from gateway.state import (
+    ACCESS,
+    CONFIG,
+    LIMITER,
+    LIMITS,
+    METRICS,
+    QUOTA,
+    TENANCY,
+    UPSTREAM,
+    WALL_CLOCK,
+)
 from gateway.upstream import Deadline, UpstreamClient, next_chunk
 from gateway.validation import ChatRequest, read_chat_request
 
@@ -52,10 +62,19 @@ STREAM_HEADERS = {
 }
 
 
+def authenticate(request: web.Request) -> Caller:
+    """The caller of a request on the caller port, by the key ring in force, now; recorded on
+    its access line."""
+    app, record = request.app, request[ACCESS]
+    keyring = app[TENANCY].current.keyring
+    caller = keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION), app[WALL_CLOCK]())
+    record.tenant, record.key_name = caller.tenant.name, caller.key_name
+    return caller
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     app, record = request.app, request[ACCESS]
-    caller = app[TENANCY].current.keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION))
-    record.tenant, record.key_name = caller.tenant.name, caller.key_name
+    caller = authenticate(request)
     upstream, sessions = app[UPSTREAM], SessionScope.of(caller.tenant, caller.key_name)
     try:
         agent_id = _agent_for(request.match_info["agent_id"], caller, upstream)

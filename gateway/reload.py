@@ -13,11 +13,12 @@ logging are read once at start-up; a change there is reported as needing a resta
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import structlog
 from aiohttp import web
 
-from gateway.config import Config, UpstreamRateLimits, load_config
+from gateway.config import Config, Tenant, UpstreamRateLimits, load_config
 from gateway.errors import ConfigError
 from gateway.state import CONFIG, METRICS, TENANCY
 from gateway.tenancy import Tenancy
@@ -37,6 +38,7 @@ def reload_config(app: web.Application) -> bool:
         # ConfigError messages name the file and YAML path, never a secret's value.
         log.error("config reload refused, the running configuration stays", error=str(exc))
         return False
+    audit = _changes(app[TENANCY].current.owners.tenants, new.tenants)
     app[TENANCY].current = Tenancy.of(new)  # the one step: no request sees a mix
     metrics.config_reloads.labels("ok").inc()
     restart = [
@@ -47,9 +49,33 @@ def reload_config(app: web.Application) -> bool:
         tenants=len(new.tenants),
         keys=sum(len(tenant.keys) for tenant in new.tenants.values()),
         agents=len(new.agents),
+        **audit,
         **({"restart_needed_for": restart} if restart else {}),
     )
     return True
+
+
+def _changes(old: Mapping[str, Tenant], new: Mapping[str, Tenant]) -> dict[str, list[str]]:
+    """The audit of a reload, by name only (never a hash): tenants and keys (`tenant/key`)
+    added, removed or changed (a key is changed by a new hash, limits, budget or expiry; a
+    tenant by anything but its keys). Empty lists are left out."""
+    found: dict[str, list[str]] = {
+        "tenants_added": sorted(set(new) - set(old)),
+        "tenants_removed": sorted(set(old) - set(new)),
+        "tenants_changed": sorted(
+            name
+            for name in set(old) & set(new)
+            if dataclasses.replace(old[name], keys=()) != dataclasses.replace(new[name], keys=())
+        ),
+    }
+    before = {f"{t.name}/{k.name}": k for t in old.values() for k in t.keys}
+    after = {f"{t.name}/{k.name}": k for t in new.values() for k in t.keys}
+    found["keys_added"] = sorted(set(after) - set(before))
+    found["keys_removed"] = sorted(set(before) - set(after))
+    found["keys_changed"] = sorted(
+        name for name in set(before) & set(after) if before[name] != after[name]
+    )
+    return {field: names for field, names in found.items() if names}
 
 
 def _start_up_only(config: Config, section: str) -> object:

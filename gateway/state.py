@@ -37,6 +37,7 @@ class Lifecycle:
 
 
 CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+WALL_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("wall_clock")
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 # On the admin app: the gateway app whose metrics and readiness it serves.

@@ -42,6 +42,7 @@ class Tenancy:
     upstream_limits: UpstreamLimits
     owners: Owners
     labels: MetricLabels
+    expiries: tuple[tuple[str, str, float], ...]  # (tenant, key, epoch s) of expiring keys
 
     @classmethod
     def of(cls, config: Config) -> Tenancy:
@@ -52,6 +53,12 @@ class Tenancy:
             upstream_limits=upstream_limits,
             owners=Owners(config.tenants, upstream_limits.owners),
             labels=MetricLabels.of(config),
+            expiries=tuple(
+                (tenant.name, key.name, key.expires)
+                for tenant in config.tenants.values()
+                for key in tenant.keys
+                if key.expires is not None
+            ),
         )
 
 

@@ -9,25 +9,30 @@ from gateway.config import Tenant, TenantKey
 from gateway.errors import Unauthorized
 
 KEY = "gw_test_key_for_acme_billing"
+EXPIRING = "gw_test_key_for_acme_reports"
+NOW = 1_800_000_000.0
 
 
 @pytest.fixture
 def keyring() -> KeyRing:
     acme = Tenant(
         name="acme",
-        keys=(TenantKey(name="billing", sha256=hash_key(KEY)),),
+        keys=(
+            TenantKey(name="billing", sha256=hash_key(KEY)),
+            TenantKey(name="reports", sha256=hash_key(EXPIRING), expires=NOW + 60),
+        ),
         agents=frozenset({"ag_support"}),
     )
     return KeyRing({"acme": acme})
 
 
 def test_known_key_names_tenant_and_key(keyring: KeyRing) -> None:
-    caller = keyring.authenticate(f"Bearer {KEY}")
+    caller = keyring.authenticate(f"Bearer {KEY}", NOW)
     assert (caller.tenant.name, caller.key_name) == ("acme", "billing")
 
 
 def test_scheme_is_case_insensitive(keyring: KeyRing) -> None:
-    assert keyring.authenticate(f"bearer {KEY}").tenant.name == "acme"
+    assert keyring.authenticate(f"bearer {KEY}", NOW).tenant.name == "acme"
 
 
 @pytest.mark.parametrize(
@@ -46,9 +51,19 @@ def test_refusals_say_what_is_wrong_without_echoing_the_key(
     keyring: KeyRing, header: str | None, message: str
 ) -> None:
     with pytest.raises(Unauthorized) as info:
-        keyring.authenticate(header)
+        keyring.authenticate(header, NOW)
     assert message in info.value.message
     assert KEY not in info.value.message and "gw_not_a_known_key" not in info.value.message
+
+
+def test_a_key_is_refused_from_its_expiry_on_and_says_so(keyring: KeyRing) -> None:
+    assert keyring.authenticate(f"Bearer {EXPIRING}", NOW + 59.9).key_name == "reports"
+    with pytest.raises(Unauthorized) as info:
+        keyring.authenticate(f"Bearer {EXPIRING}", NOW + 60)
+    # Not "unknown": its holder has the right key, and needs a new one.
+    assert info.value.message.startswith("gateway key expired")
+    assert EXPIRING not in info.value.message
+    assert keyring.authenticate(f"Bearer {KEY}", NOW + 10**9).key_name == "billing"
 
 
 def test_new_keys_are_prefixed_long_and_unique() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -128,3 +129,44 @@ def test_keys_new_refuses_names_that_would_break_the_yaml(
     captured = capsys.readouterr()
     assert "--name 'billing: {x}': use letters, digits" in captured.err
     assert "gw_" not in captured.out
+
+
+def test_keys_new_with_an_expiry_prints_an_entry_the_config_accepts_and_json_for_scripts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = time.time()
+    assert main(["keys", "new", "--tenant", "acme", "--name", "reports", "--expires", "90d"]) == 0
+    out = capsys.readouterr().out
+    (entry,) = yaml.safe_load(next(line for line in out.splitlines() if line.startswith("- {")))
+    assert abs(entry["expires"].timestamp() - (before + 90 * 86_400)) < 5
+    text = gateway_yaml("http://127.0.0.1:9").replace(
+        "keys: [{name: billing-service",
+        f"keys: [{{name: reports, sha256: {entry['sha256']},"
+        f" expires: {entry['expires']:%Y-%m-%dT%H:%M:%SZ}}}, {{name: billing-service",
+    )
+    assert parse_config(text).tenants["acme"].keys[0].expires == entry["expires"].timestamp()
+
+    assert (
+        main(
+            [
+                "keys",
+                "new",
+                "--tenant",
+                "acme",
+                "--name",
+                "reports",
+                "--expires",
+                "2099-06-30",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["expires"] == "2099-06-30T00:00:00Z"
+    assert printed["sha256"] == hash_key(printed["key"])
+    assert (printed["tenant"], printed["name"]) == ("acme", "reports")
+
+    for when, problem in (("2020-01-01", "is already past"), ("soon", "expected a duration")):
+        assert main(["keys", "new", "--tenant", "acme", "--name", "x", "--expires", when]) == 1
+        assert problem in capsys.readouterr().err

@@ -18,6 +18,7 @@ import yaml
 from gateway.config import parse_config
 from gateway.logs import AccessRecord
 from gateway.metrics import (
+    KeyExpiry,
     MetricLabels,
     Metrics,
     quota_backend_errors,
@@ -76,6 +77,7 @@ def exposed_labels() -> dict[str, set[str]]:
     metrics = Metrics(lambda: allowed)
     for sampled in (quota_backend_errors, stream_drains, upstream_circuit_open):
         metrics.registry.register(sampled(lambda: 0))
+    metrics.registry.register(KeyExpiry(lambda: [("acme", "billing-service", 1.8e9)]))
     # Labelled metrics have no samples until first used: one request that did everything.
     record = AccessRecord(
         request_id="r1",

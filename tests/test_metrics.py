@@ -6,6 +6,7 @@ import asyncio
 import secrets
 import shutil
 from collections import Counter
+from datetime import UTC, datetime
 from subprocess import PIPE, STDOUT
 from typing import Any
 
@@ -15,10 +16,19 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_admin_app
+from gateway.auth import hash_key
 from gateway.config import load_config, parse_config
 from gateway.reload import reload_config
 from gateway.state import DRAINS, METRICS
-from tests.conftest import ACME, GLOBEX, AiohttpClient, gateway_yaml, sse_events
+from tests.conftest import (
+    ACME,
+    ACME_KEY,
+    GLOBEX,
+    GLOBEX_KEY,
+    AiohttpClient,
+    gateway_yaml,
+    sse_events,
+)
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]
@@ -386,3 +396,48 @@ async def test_a_reload_removes_the_budget_series_of_removed_tenants_and_keys(
     metrics.budget_used("globex", None, "tokens_per_month", 0.95)  # a late report: dropped
     metrics.budget_used("acme", "reporting", "tokens_per_month", 0.95)
     assert len(budget_ratios(await scrape(admin))) == 2
+
+
+async def test_an_expired_key_gets_its_own_401_and_every_expiry_is_on_metrics(
+    make_gateway: Any, simulator_url: str, admin_of: Any
+) -> None:
+    text = (
+        gateway_yaml(simulator_url)
+        .replace(
+            f"{{name: billing-service, sha256: {hash_key(ACME_KEY)}}}",
+            f"{{name: billing-service, sha256: {hash_key(ACME_KEY)}, expires: 2099-06-30}}",
+        )
+        .replace(
+            f"{{name: web-frontend, sha256: {hash_key(GLOBEX_KEY)}}}",
+            f"{{name: web-frontend, sha256: {hash_key(GLOBEX_KEY)},"
+            " expires: 2020-01-01T00:00:00Z}",
+        )
+    )
+    gateway: Client = await make_gateway(config=parse_config(text, "test.yaml"))
+    admin = await admin_of(gateway)
+    chat = "/v1/agents/ag_support/chat"
+    assert (await gateway.post(chat, json={"message": "Hi"}, headers=ACME)).status == 200
+    expired = await gateway.post("/v1/agents/ag_sales/chat", json={"message": "Hi"}, headers=GLOBEX)
+    assert expired.status == 401
+    body = await expired.json()
+    assert body["error"]["message"].startswith("gateway key expired")
+    assert GLOBEX_KEY not in await expired.text()
+    unknown = await gateway.post(
+        chat, json={"message": "Hi"}, headers={"Authorization": "Bearer gw_nobody"}
+    )
+    assert (await unknown.json())["error"]["message"] == "unknown or revoked gateway key"
+
+    samples = (await scrape(admin)).samples
+    expiries = {
+        labels: value
+        for (name, labels), value in samples.items()
+        if name == "gateway_key_expiry_timestamp_seconds"
+    }
+    assert expiries == {
+        frozenset({("tenant", "acme"), ("key", "billing-service")}): datetime(
+            2099, 6, 30, tzinfo=UTC
+        ).timestamp(),
+        frozenset({("tenant", "globex"), ("key", "web-frontend")}): datetime(
+            2020, 1, 1, tzinfo=UTC
+        ).timestamp(),
+    }

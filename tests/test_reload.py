@@ -243,3 +243,40 @@ async def test_a_request_in_flight_finishes_when_its_tenant_is_removed(
     usage = usage_from(body)
     assert usage is not None
     assert (await ledger(gateway))["web"] == (1, usage.total)
+
+
+async def test_every_reload_logs_by_name_what_it_added_removed_and_changed(
+    make_gateway: GatewayFactory, simulator_url: str, tmp_path: Path
+) -> None:
+    """An audit line: tenants and `tenant/key`s added, removed or changed, never a hash."""
+    path = tmp_path / "gateway.yaml"
+    text = config_text(simulator_url, a_per_minute=5)
+    path.write_text(text)
+    gateway = await make_gateway(config=load_config(str(path)), clock=FakeClock())
+    rotated = "gw_test_acme_reports_rotated_0004"
+    changed = (
+        config_text(simulator_url, a_per_minute=7, with_b=False)
+        + f"      - {{name: reports, sha256: {hash_key(rotated)}}}\n"
+        + "  initech:\n    agents: [ag_support]\n"
+        + f"    keys: [{{name: crm, sha256: {hash_key('gw_test_initech_crm_0005')}}}]\n"
+    )
+    path.write_text(changed)
+    with capture_logs() as logs:
+        assert reload_config(gateway.app)
+    [line] = [entry for entry in logs if entry["event"] == "config reloaded"]
+    assert {
+        field: line.get(field) for field in line if field.endswith(("added", "removed", "changed"))
+    } == {
+        "tenants_added": ["initech"],
+        "keys_added": ["initech/crm"],
+        "keys_changed": ["acme/billing", "acme/reports"],  # new limits; a rotated hash
+    }
+    assert not any(hash_key(k) in str(line) for k in (rotated, KEY_A, KEY_B))
+
+    path.write_text(config_text(simulator_url, a_per_minute=7, with_b=False))
+    with capture_logs() as logs:
+        assert reload_config(gateway.app)
+    [line] = [entry for entry in logs if entry["event"] == "config reloaded"]
+    assert line["tenants_removed"] == ["initech"]
+    assert line["keys_removed"] == ["acme/reports", "initech/crm"]
+    assert "keys_changed" not in line and "tenants_added" not in line

@@ -33,9 +33,9 @@ def revealed(secret: Secret | None) -> str | None:
 def test_a_tenancy_holds_everything_a_reload_changes() -> None:
     tenancy = Tenancy.of(config())
 
-    caller = tenancy.keyring.authenticate(f"Bearer {ACME_KEY}")
+    caller = tenancy.keyring.authenticate(f"Bearer {ACME_KEY}", 0.0)
     assert (caller.tenant.name, caller.key_name) == ("acme", "billing-service")
-    assert tenancy.keyring.authenticate(f"Bearer {GLOBEX_KEY}").tenant.name == "globex"
+    assert tenancy.keyring.authenticate(f"Bearer {GLOBEX_KEY}", 0.0).tenant.name == "globex"
 
     keys = tenancy.upstream_keys
     assert revealed(keys.for_agent("ag_support")) == SUPPORT_KEY
@@ -71,7 +71,7 @@ def test_the_holder_answers_from_the_tenancy_in_force() -> None:
     # A key removed by the reload is refused from then on.
     holder.current = Tenancy.of(Config())  # no tenants at all
     with pytest.raises(Unauthorized):
-        holder.current.keyring.authenticate(f"Bearer {ACME_KEY}")
+        holder.current.keyring.authenticate(f"Bearer {ACME_KEY}", 0.0)
 
 
 def test_a_name_is_a_tenant_or_an_upstream_bucket_never_both() -> None:
