@@ -56,7 +56,7 @@ def test_check_config_names_the_problem_and_exits_1(
     path.write_text(gateway_yaml("http://127.0.0.1:9").replace("sha256: ", "sha256: 0", 1))
     assert main(["check-config", "--config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert f"{path}: tenants.acme.keys[0].sha256: expected 64 hex characters" in err
+    assert f"{path}:11: tenants.acme.keys[0].sha256: expected 64 hex characters" in err
 
 
 def test_config_path_comes_from_the_environment(
