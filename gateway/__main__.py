@@ -1,10 +1,12 @@
-"""Command line: `thinnest-gateway serve | check-config | keys new | usage | simulate`."""
+"""Command line: `thinnest-gateway serve | check-config | keys new | keys hash | usage |
+simulate`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import getpass
 import sys
 import time
 from collections.abc import Sequence
@@ -12,6 +14,7 @@ from collections.abc import Sequence
 from gateway import __version__
 from gateway.auth import hash_key, new_key
 from gateway.config import NAME_PATTERN, Config, config_path, load_config
+from gateway.config_file import mask_url
 from gateway.errors import ConfigError
 
 
@@ -34,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     new = key_commands.add_parser("new", help="print a new caller key once, and its YAML entry")
     new.add_argument("--tenant", required=True, help="tenant the key belongs to")
     new.add_argument("--name", required=True, help="name of the calling service")
+    key_commands.add_parser(
+        "hash",
+        help="print the sha256 of a key read from standard input (for tenants.*.keys[].sha256)",
+        description="Reads one key from standard input (never an argument: it would stay in "
+        "the shell's history) and prints the hash the configuration takes.",
+    )
 
     usage = commands.add_parser(
         "usage",
@@ -78,14 +87,18 @@ def _load(given: str | None) -> Config:
 
 
 def summary(config: Config) -> str:
+    """What the file configures, with no secret: keys as set or not, URLs without
+    credentials."""
+    redis = ", ".join(mask_url(url.reveal()) for url in config.quota.redis_url)
     lines = [
         f"{config.source}: OK",
         f"  listen {config.listen.host}:{config.listen.port}, "
         f"admin {config.admin.host}:{config.admin.port}",
-        f"  upstream {config.upstream.base_url} "
+        f"  upstream {mask_url(str(config.upstream.base_url))} "
         f"(platform key {'set' if config.upstream.api_key else 'not set'}), "
         f"{len(config.agents)} agent(s): {', '.join(config.agents) or '-'}",
-        f"  quota backend {config.quota.backend}, on_backend_error {config.quota.on_backend_error}",
+        f"  quota backend {config.quota.backend}{f' at {redis}' if redis else ''}, "
+        f"on_backend_error {config.quota.on_backend_error}",
     ]
     for tenant in config.tenants.values():
         lines.append(
@@ -108,6 +121,17 @@ def _new_key(tenant: str, name: str) -> str:
         f"# Add this entry under tenants.{tenant}.keys, then reload or restart the gateway:\n"
         f"- {{name: {name}, sha256: {hash_key(key)}}}\n"
     )
+
+
+def _hash_key() -> str:
+    if sys.stdin.isatty():
+        key = getpass.getpass("gateway key (not echoed): ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        raise ConfigError("keys hash: no key on standard input")
+    return hash_key(key) + "\n"
 
 
 def _usage(args: argparse.Namespace) -> int:
@@ -159,7 +183,9 @@ def _simulate(host: str, port: int, config_path: str | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "keys":
+        if args.command == "keys" and args.keys_command == "hash":
+            sys.stdout.write(_hash_key())
+        elif args.command == "keys":
             sys.stdout.write(_new_key(args.tenant, args.name))
         elif args.command == "check-config":
             print(summary(_load(args.config)))
