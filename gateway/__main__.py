@@ -1,10 +1,12 @@
-"""Command line: `thinnest-gateway serve | check-config | keys new | usage | simulate`."""
+"""Command line: `thinnest-gateway serve | check-config | keys new | keys hash | usage |
+simulate`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import dataclasses
+import getpass
 import json
 import re
 import sys
@@ -15,6 +17,7 @@ from datetime import UTC, datetime
 from gateway import __version__
 from gateway.auth import hash_key, new_key
 from gateway.config import NAME_PATTERN, Config, config_path, load_config
+from gateway.config_file import mask_url
 from gateway.errors import ConfigError
 
 
@@ -45,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     new.add_argument(
         "--json", action="store_true", help="print one JSON object (for scripts and vaults)"
+    )
+    key_commands.add_parser(
+        "hash",
+        help="print the sha256 of a key read from standard input (for tenants.*.keys[].sha256)",
+        description="Reads one key from standard input (never an argument: it would stay in "
+        "the shell's history) and prints the hash the configuration takes.",
     )
 
     usage = commands.add_parser(
@@ -90,14 +99,18 @@ def _load(given: str | None) -> Config:
 
 
 def summary(config: Config) -> str:
+    """What the file configures, with no secret: keys as set or not, URLs without
+    credentials."""
+    redis = ", ".join(mask_url(url.reveal()) for url in config.quota.redis_url)
     lines = [
         f"{config.source}: OK",
         f"  listen {config.listen.host}:{config.listen.port}, "
         f"admin {config.admin.host}:{config.admin.port}",
-        f"  upstream {config.upstream.base_url} "
+        f"  upstream {mask_url(str(config.upstream.base_url))} "
         f"(platform key {'set' if config.upstream.api_key else 'not set'}), "
         f"{len(config.agents)} agent(s): {', '.join(config.agents) or '-'}",
-        f"  quota backend {config.quota.backend}, on_backend_error {config.quota.on_backend_error}",
+        f"  quota backend {config.quota.backend}{f' at {redis}' if redis else ''}, "
+        f"on_backend_error {config.quota.on_backend_error}",
     ]
     for tenant in config.tenants.values():
         lines.append(
@@ -156,6 +169,17 @@ def _new_key(tenant: str, name: str, expires: str | None, as_json: bool, now: fl
     )
 
 
+def _hash_key() -> str:
+    if sys.stdin.isatty():
+        key = getpass.getpass("gateway key (not echoed): ")
+    else:
+        key = sys.stdin.readline()
+    key = key.strip()
+    if not key:
+        raise ConfigError("keys hash: no key on standard input")
+    return hash_key(key) + "\n"
+
+
 def _usage(args: argparse.Namespace) -> int:
     from gateway import report
     from gateway.logs import configure_logging
@@ -205,7 +229,9 @@ def _simulate(host: str, port: int, config_path: str | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "keys":
+        if args.command == "keys" and args.keys_command == "hash":
+            sys.stdout.write(_hash_key())
+        elif args.command == "keys":
             sys.stdout.write(_new_key(args.tenant, args.name, args.expires, args.json, time.time()))
         elif args.command == "check-config":
             print(summary(_load(args.config)))

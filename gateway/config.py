@@ -1,8 +1,9 @@
 """YAML configuration, parsed once into frozen, typed objects.
 
-This is the only module that reads the environment or secret files. Every problem stops
-start-up with one `ConfigError` naming the file and the YAML path
-(`tenants.acme.keys[0].sha256: expected 64 hex characters`).
+This module and gateway/config_file.py (which reads the file: strict YAML, lines, secret
+references) are the only ones that read the environment or secret files. Every problem stops
+start-up with one `ConfigError` naming the file, the line and the YAML path
+(`gw.yaml:12: tenants.acme.keys[0].sha256: expected 64 hex characters`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from yarl import URL
 
+from gateway.config_file import Place, Problem, Section, kind, read_yaml, resolve
 from gateway.errors import ConfigError
 
 ALL_AGENTS = "*"
-_SECRET_REF = re.compile(r"\$\{([^}]*)\}")
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
@@ -255,153 +254,43 @@ class Config:
     source: str = "<memory>"
 
 
-# --- parsing ---------------------------------------------------------------------------
+# --- parsing (the file is read by gateway/config_file.py) --------------------------------
 
 
-class _Problem(Exception):
-    def __init__(self, path: str, problem: str) -> None:
-        super().__init__(f"{path}: {problem}" if path else problem)
-
-
-class _Section:
-    """One YAML mapping being read; remembers which keys were used so leftovers are errors."""
-
-    def __init__(self, path: str, raw: object) -> None:
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise _Problem(path, f"expected a mapping, got {_kind(raw)}")
-        self.path = path
-        self.raw: dict[Any, Any] = raw
-        self._seen: set[str] = set()
-
-    def at(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def get(self, key: str) -> object:
-        self._seen.add(key)
-        return self.raw.get(key)
-
-    def has(self, key: str) -> bool:
-        return key in self.raw
-
-    def section(self, key: str) -> _Section:
-        return _Section(self.at(key), self.get(key))
-
-    def text(
-        self, key: str, default: str | None = None, *, pattern: re.Pattern[str] | None = None
-    ) -> str:
-        value = self.get(key)
-        if value is None:
-            if default is None:
-                raise _Problem(self.at(key), "is required")
-            return default
-        if not isinstance(value, str):
-            raise _Problem(self.at(key), f"expected a string, got {_kind(value)}")
-        value = _interpolate(self.at(key), value)
-        if pattern is not None and not pattern.fullmatch(value):
-            raise _Problem(self.at(key), f"{value!r} does not match {pattern.pattern}")
-        return value
-
-    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> Any:
-        value = self.text(key, default)
-        if value not in choices:
-            raise _Problem(self.at(key), f"expected one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def whole(self, key: str, default: int | None, *, minimum: int = 0) -> Any:
-        value = self.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Problem(self.at(key), f"expected a whole number, got {_kind(value)}")
-        if value < minimum:
-            raise _Problem(self.at(key), f"must be at least {minimum}, got {value}")
-        return value
-
-    def number(self, key: str, default: float, *, positive: bool = True) -> float:
-        value = self.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise _Problem(self.at(key), f"expected a number of seconds, got {_kind(value)}")
-        if positive and value <= 0:
-            raise _Problem(self.at(key), f"must be greater than 0, got {value}")
-        return float(value)
-
-    def flag(self, key: str, default: bool) -> bool:
-        value = self.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise _Problem(self.at(key), f"expected true or false, got {_kind(value)}")
-        return value
-
-    def secret(self, key: str) -> Secret | None:
-        value = self.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise _Problem(self.at(key), f"expected a string, got {_kind(value)}")
-        if not _SECRET_REF.search(value):
-            raise _Problem(
-                self.at(key),
-                "secrets are never written inline; reference one as ${ENV_NAME} "
-                "or ${file:/path/to/secret}",
-            )
-        return Secret(_interpolate(self.at(key), value))
-
-    def done(self) -> None:
-        unknown = sorted(str(k) for k in self.raw if k not in self._seen)
-        if unknown:
-            raise _Problem(self.at(unknown[0]), "unknown key")
-
-
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "true/false"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _interpolate(path: str, value: str) -> str:
-    def resolve(match: re.Match[str]) -> str:
-        ref = match.group(1)
-        if ref.startswith("file:"):
-            file = ref.removeprefix("file:")
-            try:
-                return Path(file).read_text().strip()
-            except OSError as exc:
-                raise _Problem(path, f"cannot read secret file {file}: {exc.strerror}") from None
-        if not _ENV_NAME.fullmatch(ref):
-            raise _Problem(path, f"${{{ref}}} is neither ${{ENV_NAME}} nor ${{file:/path}}")
-        env = os.environ.get(ref)
-        if env is None or env == "":
-            raise _Problem(path, f"environment variable {ref} is not set")
-        return env
-
-    return _SECRET_REF.sub(resolve, value)
-
-
-def _items(section: _Section, key: str) -> list[tuple[str, object]]:
-    raw = section.get(key)
-    if raw is None:
-        return []
-    if not isinstance(raw, dict):
-        raise _Problem(section.at(key), f"expected a mapping, got {_kind(raw)}")
-    return [(str(k), v) for k, v in raw.items()]
-
-
-def _listen(s: _Section, default: Listen) -> Listen:
+def _listen(s: Section, default: Listen) -> Listen:
     listen = Listen(host=s.text("host", default.host), port=s.whole("port", default.port))
     if listen.port > 65535:
-        raise _Problem(s.at("port"), f"must be at most 65535, got {listen.port}")
+        raise Problem(s.at("port"), f"must be at most 65535, got {listen.port}")
     s.done()
     return listen
 
 
-def _limit(s: _Section) -> Limit:
+_ANY_ADDRESS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def _ports_apart(listen_s: Section, listen: Listen, admin_s: Section, admin: Listen) -> None:
+    """The caller port and the admin port cannot be one socket: refused here, by name, rather
+    than by a bind error at start-up (or by metrics served to callers)."""
+    hosts = {listen.host.lower(), admin.host.lower()}
+    if listen.port != admin.port or listen.port == 0:
+        return
+    if len(hosts) > 1 and not hosts & _ANY_ADDRESS:
+        return
+    if not admin_s.has("port"):
+        raise Problem(
+            listen_s.at("port"),
+            f"{listen.port} is the admin port too (admin.port's default), on the same "
+            "address; set admin.port to another port",
+        )
+    where = f"line {listen_s.at('port').line}" if listen_s.has("port") else "its default"
+    raise Problem(
+        admin_s.at("port"),
+        f"{admin.port} is listen.port too ({where}), on the same address; "
+        "the admin port needs a port of its own",
+    )
+
+
+def _limit(s: Section) -> Limit:
     limit = Limit(
         per_minute=s.whole("per_minute", None, minimum=1),
         per_day=s.whole("per_day", None, minimum=1),
@@ -411,12 +300,12 @@ def _limit(s: _Section) -> Limit:
     return limit
 
 
-def _upstream_rate_limits(s: _Section) -> UpstreamRateLimits:
+def _upstream_rate_limits(s: Section) -> UpstreamRateLimits:
     max_wait = s.number("max_wait", 2.0, positive=False)
     return UpstreamRateLimits(requests=_limit(s), max_wait=max_wait)
 
 
-def _token_limit(s: _Section) -> TokenLimit:
+def _token_limit(s: Section) -> TokenLimit:
     limit = TokenLimit(
         per_minute=s.whole("per_minute", None, minimum=1),
         per_day=s.whole("per_day", None, minimum=1),
@@ -427,15 +316,28 @@ def _token_limit(s: _Section) -> TokenLimit:
     return limit
 
 
-def _upstream(s: _Section) -> Upstream:
-    base = s.text("base_url", "https://api.thinnest.ai")
-    url = URL(base)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise _Problem(s.at("base_url"), f"expected an http:// or https:// URL, got {base!r}")
+def _url(text: str) -> URL | None:
+    try:
+        return URL(text)
+    except ValueError:  # e.g. an unclosed [ipv6]
+        return None
+
+
+def _secret(s: Section, key: str) -> Secret | None:
+    value = s.secret(key)
+    return None if value is None else Secret(value)
+
+
+def _upstream(s: Section) -> Upstream:
+    url = _url(s.text("base_url", "https://api.thinnest.ai"))
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise Problem(
+            s.at("base_url"), f"expected an http:// or https:// URL, got {s.quoted('base_url')}"
+        )
     t, r, b = s.section("timeouts"), s.section("retries"), s.section("breaker")
     upstream = Upstream(
         base_url=url,
-        api_key=s.secret("api_key"),
+        api_key=_secret(s, "api_key"),
         timeouts=Timeouts(
             connect=t.number("connect", 5.0),
             first_byte=t.number("first_byte", 60.0),
@@ -460,58 +362,44 @@ def _upstream(s: _Section) -> Upstream:
     return upstream
 
 
-def _agents(root: _Section, upstream: Upstream) -> dict[str, Agent]:
+def _agents(root: Section, upstream: Upstream) -> dict[str, Agent]:
     agents = {}
-    for agent_id, raw in _items(root, "agents"):
-        s = _Section(root.at("agents") + f".{agent_id}", raw)
+    for agent_id, s in root.entries("agents"):
         if not AGENT_ID_PATTERN.fullmatch(agent_id):
-            raise _Problem(s.path, "agent ids are letters, digits, _ and - (at most 128)")
+            raise Problem(s.place, "agent ids are letters, digits, _ and - (at most 128)")
         limits = _limit(s.section("rate_limits")) if s.get("rate_limits") is not None else None
-        agent = Agent(id=agent_id, api_key=s.secret("api_key"), rate_limits=limits)
-        if agent.api_key is None and upstream.api_key is None:
-            raise _Problem(s.at("api_key"), "no upstream key: set it here or upstream.api_key")
+        agent = Agent(id=agent_id, api_key=_secret(s, "api_key"), rate_limits=limits)
         s.done()
+        if agent.api_key is None and upstream.api_key is None:
+            raise Problem(s.at("api_key"), "no upstream key: set it here or upstream.api_key")
         agents[agent_id] = agent
     return agents
 
 
-def _quota(s: _Section) -> Quota:
+def _quota(s: Section) -> Quota:
     # The parser of the Sentinel URL lives with the client it builds (imported late: that
     # module imports this one).
-    from gateway.quota.connect import SENTINEL_SCHEME, is_sentinel_url, parse_sentinel_url
+    from gateway.quota.connect import SENTINEL_SCHEME, is_sentinel_url, redis_url_problem
 
     backend = s.choice("backend", "memory", ("memory", "redis"))
-    raw_urls = s.get("redis_url")
-    urls: tuple[Secret, ...] = ()
-    if raw_urls is not None:
-        items = raw_urls if isinstance(raw_urls, list) else [raw_urls]
-        parsed = []
-        for i, item in enumerate(items):
-            path = s.at("redis_url") + (f"[{i}]" if isinstance(raw_urls, list) else "")
-            if not isinstance(item, str):
-                raise _Problem(path, f"expected a redis:// URL, got {_kind(item)}")
-            value = _interpolate(path, item)
-            # Messages quote no part of a URL: it may carry a password.
-            if is_sentinel_url(value):
-                if len(items) > 1:
-                    raise _Problem(
-                        path, f"a {SENTINEL_SCHEME}:// URL stands alone (one URL, not a list)"
-                    )
-                try:
-                    parse_sentinel_url(value)
-                except ValueError as exc:
-                    raise _Problem(path, str(exc)) from None
-            elif URL(value).scheme not in ("redis", "rediss", "unix"):
-                raise _Problem(
-                    path, f"expected a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL"
-                )
-            parsed.append(Secret(value))  # URLs may carry a password
-        urls = tuple(parsed)
+    items = s.many("redis_url")
+    urls: list[Secret] = []
+    for place, item in items:
+        if not isinstance(item, str):
+            raise Problem(place, f"expected a redis:// URL, got {kind(item)}")
+        value = resolve(place, item)
+        # Messages quote no part of a URL: it may carry a password.
+        if is_sentinel_url(value) and len(items) > 1:
+            raise Problem(place, f"a {SENTINEL_SCHEME}:// URL stands alone (one URL, not a list)")
+        problem = redis_url_problem(value, cluster_node=len(items) > 1)
+        if problem is not None:
+            raise Problem(place, problem)
+        urls.append(Secret(value))  # URLs may carry a password
     if backend == "redis" and not urls:
-        raise _Problem(s.at("redis_url"), "is required when quota.backend is redis")
+        raise s.missing("redis_url", "is required when quota.backend is redis")
     quota = Quota(
         backend=backend,
-        redis_url=urls,
+        redis_url=tuple(urls),
         on_backend_error=s.choice("on_backend_error", "local", ("local", "open", "closed")),
         timeout_ms=s.whole("timeout_ms", 50, minimum=1),
         expected_replicas=s.whole("expected_replicas", 1, minimum=1),
@@ -524,18 +412,19 @@ def _quota(s: _Section) -> Quota:
     return quota
 
 
-def _timezone(s: _Section) -> str:
+def _timezone(s: Section) -> str:
     zone = s.text("timezone", "UTC")
     try:
         ZoneInfo(zone)
     except (ZoneInfoNotFoundError, ValueError):
-        raise _Problem(
-            s.at("timezone"), f"{zone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)"
+        raise Problem(
+            s.at("timezone"),
+            f"{s.quoted('timezone')} is not an IANA time zone (e.g. UTC, Europe/Berlin)",
         ) from None
     return zone
 
 
-def _instant(s: _Section, key: str) -> float | None:
+def _instant(s: Section, key: str) -> float | None:
     """A moment: `2027-06-30T00:00:00Z` (a zone is required: an expiry must not depend on
     where the gateway runs) or a date, `2027-06-30`, meaning its start in UTC."""
     value = s.get(key)
@@ -545,19 +434,20 @@ def _instant(s: _Section, key: str) -> float | None:
         try:
             value = datetime.fromisoformat(value.strip())
         except ValueError:
-            raise _Problem(
-                s.at(key), f"expected a date or a time such as 2027-06-30T00:00:00Z, got {value!r}"
+            raise Problem(
+                s.at(key),
+                f"expected a date or a time such as 2027-06-30T00:00:00Z, got {s.quoted(key)}",
             ) from None
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            raise _Problem(s.at(key), "give the time zone too, e.g. 2027-06-30T00:00:00Z")
+            raise Problem(s.at(key), "give the time zone too, e.g. 2027-06-30T00:00:00Z")
         return value.timestamp()
     if isinstance(value, date):
         return datetime(value.year, value.month, value.day, tzinfo=UTC).timestamp()
-    raise _Problem(s.at(key), f"expected a date or a time, got {_kind(value)}")
+    raise Problem(s.at(key), f"expected a date or a time, got {kind(value)}")
 
 
-def _amount(s: _Section) -> Amount:
+def _amount(s: Section) -> Amount:
     amount = Amount(
         per_day=s.whole("per_day", None, minimum=1),
         per_month=s.whole("per_month", None, minimum=1),
@@ -566,16 +456,11 @@ def _amount(s: _Section) -> Amount:
     return amount
 
 
-def _budget(s: _Section) -> Budget:
-    raw = s.get("warn_at")
-    items = [] if raw is None else raw if isinstance(raw, list) else [raw]
+def _budget(s: Section) -> Budget:
     warn_at: list[float] = []
-    for i, value in enumerate(items):
+    for place, value in s.many("warn_at"):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
-            raise _Problem(
-                f"{s.at('warn_at')}[{i}]",
-                f"expected a fraction above 0 and at most 1, got {value!r}",
-            )
+            raise Problem(place, f"expected a fraction above 0 and at most 1, got {value!r}")
         warn_at.append(float(value))
     budget = Budget(
         tokens=_amount(s.section("tokens")),
@@ -583,12 +468,12 @@ def _budget(s: _Section) -> Budget:
         warn_at=tuple(sorted(set(warn_at))),
     )
     if budget.empty and warn_at:
-        raise _Problem(s.at("warn_at"), "there is no budget to warn about: set tokens or requests")
+        raise Problem(s.at("warn_at"), "there is no budget to warn about: set tokens or requests")
     s.done()
     return budget
 
 
-def _end_user(s: _Section) -> EndUser:
+def _end_user(s: Section) -> EndUser:
     header = s.text("header", pattern=_HEADER_NAME)
     end_user = EndUser(
         header=header,
@@ -601,17 +486,17 @@ def _end_user(s: _Section) -> EndUser:
     return end_user
 
 
-def _key_limits(s: _Section, *, streams: bool = True) -> TenantLimits:
+def _key_limits(s: Section, *, streams: bool = True) -> TenantLimits:
     """A key's (or the end-user level's) `limits`: buckets and a stream cap of its own (its
     tokens are reserved as the tenant's are, so a `reserve` here has no meaning)."""
     if not streams and s.has("max_concurrent_streams"):
-        raise _Problem(
+        raise Problem(
             s.at("max_concurrent_streams"),
             "streams are capped per tenant and per key, not per end user",
         )
     tokens = s.section("tokens")
     if tokens.has("reserve"):
-        raise _Problem(tokens.at("reserve"), "the reserve is the tenant's; set it there")
+        raise Problem(tokens.at("reserve"), "the reserve is the tenant's; set it there")
     limits = TenantLimits(
         requests=_limit(s.section("requests")),
         tokens=_token_limit(tokens),
@@ -621,48 +506,70 @@ def _key_limits(s: _Section, *, streams: bool = True) -> TenantLimits:
     return limits
 
 
-def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
+def _key_hash(k: Section) -> str:
+    from gateway.auth import KEY_PREFIX  # auth imports this module
+
+    digest = k.text("sha256")
+    if digest.startswith(KEY_PREFIX):
+        # Never quoted: it is a caller's key.
+        raise Problem(
+            k.at("sha256"),
+            "this looks like a gateway key itself; put its sha256 here: "
+            "`thinnest-gateway keys hash` or the `keys new` output",
+        )
+    digest = digest.lower()
+    if not _SHA256.fullmatch(digest):
+        raise Problem(k.at("sha256"), "expected 64 hex characters")
+    return digest
+
+
+def _tenant_key(k: Section, named: dict[str, Place], hashes: dict[str, Place]) -> TenantKey:
+    """One of a tenant's keys; `named` holds its tenant's key names so far, `hashes` every
+    tenant's key hashes (a key belongs to one tenant)."""
+    key_name = k.text("name", pattern=NAME_PATTERN)
+    digest = _key_hash(k)
+    key = TenantKey(
+        name=key_name,
+        sha256=digest,
+        limits=_key_limits(k.section("limits")) if k.has("limits") else None,
+        budget=_budget(k.section("budget")) if k.has("budget") else None,
+        expires=_instant(k, "expires"),
+    )
+    k.done()
+    if key_name in named:
+        raise Problem(
+            k.at("name"), f"duplicate key name {key_name!r} (line {named[key_name].line})"
+        )
+    if key_name == TENANT_LEVEL_KEY:
+        raise Problem(
+            k.at("name"), f"{key_name!r} names the tenant's own level on /metrics; choose another"
+        )
+    if digest in hashes:
+        used = hashes[digest]
+        raise Problem(
+            k.at("sha256"),
+            f"the same key hash is already used by {used.path} (line {used.line})",
+        )
+    named[key_name] = k.at("name")
+    hashes[digest] = k.place
+    return key
+
+
+def _tenant(name: str, s: Section, agents: Mapping[str, Agent], hashes: dict[str, Place]) -> Tenant:
     if not NAME_PATTERN.fullmatch(name):
-        raise _Problem(s.path, "tenant names are letters, digits, _ . and - (at most 64)")
+        raise Problem(s.place, "tenant names are letters, digits, _ . and - (at most 64)")
     raw_keys = s.get("keys")
     if not isinstance(raw_keys, list) or not raw_keys:
-        raise _Problem(s.at("keys"), "expected a list of {name, sha256} entries")
-    keys: list[TenantKey] = []
-    for i, raw in enumerate(raw_keys):
-        k = _Section(s.at("keys") + f"[{i}]", raw)
-        key_name = k.text("name", pattern=NAME_PATTERN)
-        digest = k.text("sha256").lower()
-        if not _SHA256.fullmatch(digest):
-            raise _Problem(k.at("sha256"), "expected 64 hex characters")
-        key_limits = _key_limits(k.section("limits")) if k.has("limits") else None
-        key_budget = _budget(k.section("budget")) if k.has("budget") else None
-        expires = _instant(k, "expires")
-        k.done()
-        if any(key.name == key_name for key in keys):
-            raise _Problem(k.at("name"), f"duplicate key name {key_name!r}")
-        if key_name == TENANT_LEVEL_KEY:
-            raise _Problem(
-                k.at("name"),
-                f"{key_name!r} names the tenant's own level on /metrics; choose another",
-            )
-        keys.append(
-            TenantKey(
-                name=key_name,
-                sha256=digest,
-                limits=key_limits,
-                budget=key_budget,
-                expires=expires,
-            )
-        )
+        raise s.missing("keys", "expected a list of {name, sha256} entries")
+    named: dict[str, Place] = {}
+    keys = tuple(_tenant_key(Section(place, raw), named, hashes) for place, raw in s.many("keys"))
 
     raw_agents = s.get("agents")
     if not isinstance(raw_agents, list) or not raw_agents:
-        raise _Problem(s.at("agents"), 'expected a list of agent ids, or ["*"]')
-    for i, agent_id in enumerate(raw_agents):
+        raise s.missing("agents", 'expected a list of agent ids, or ["*"]')
+    for place, agent_id in s.many("agents"):
         if agent_id != ALL_AGENTS and agent_id not in agents:
-            raise _Problem(
-                s.at("agents") + f"[{i}]", f"agent {agent_id!r} is not configured under agents"
-            )
+            raise Problem(place, f"agent {agent_id!r} is not configured under agents")
 
     lim = s.section("limits")
     limits = TenantLimits(
@@ -673,7 +580,7 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
     lim.done()
     tenant = Tenant(
         name=name,
-        keys=tuple(keys),
+        keys=keys,
         agents=frozenset(str(a) for a in raw_agents),
         limits=limits,
         session_isolation=_isolation(s),
@@ -684,24 +591,14 @@ def _tenant(name: str, s: _Section, agents: Mapping[str, Agent]) -> Tenant:
     return tenant
 
 
-def _parse(raw: object, source: str) -> Config:
-    root = _Section("", raw)
-    upstream = _upstream(root.section("upstream"))
+def _parse(root: Section, source: str) -> Config:
+    upstream_s = root.section("upstream")
+    upstream = _upstream(upstream_s)
     agents = _agents(root, upstream)
-    tenants: dict[str, Tenant] = {}
-    owners: dict[str, str] = {}
-    for name, raw_tenant in _items(root, "tenants"):
-        tenant = _tenant(name, _Section(f"tenants.{name}", raw_tenant), agents)
-        for i, key in enumerate(tenant.keys):
-            if key.sha256 in owners:
-                raise _Problem(
-                    f"tenants.{name}.keys[{i}].sha256",
-                    f"the same key hash is already used by {owners[key.sha256]}",
-                )
-            owners[key.sha256] = f"tenants.{name}"
-        tenants[name] = tenant
+    hashes: dict[str, Place] = {}
+    tenants = {name: _tenant(name, s, agents, hashes) for name, s in root.entries("tenants")}
     if ALL_AGENTS in {a for t in tenants.values() for a in t.agents} and not upstream.api_key:
-        raise _Problem("upstream.api_key", 'is required when a tenant may use agents: ["*"]')
+        raise Problem(upstream_s.at("api_key"), 'is required when a tenant may use agents: ["*"]')
 
     log = root.section("logging")
     logging = Logging(
@@ -712,10 +609,13 @@ def _parse(raw: object, source: str) -> Config:
     lim = root.section("limits")
     limits = Limits(max_body_bytes=lim.whole("max_body_bytes", 65536, minimum=64))
     lim.done()
+    listen_s, admin_s = root.section("listen"), root.section("admin")
+    listen, admin = _listen(listen_s, Listen()), _listen(admin_s, ADMIN_DEFAULT)
+    _ports_apart(listen_s, listen, admin_s, admin)
 
     config = Config(
-        listen=_listen(root.section("listen"), Listen()),
-        admin=_listen(root.section("admin"), ADMIN_DEFAULT),
+        listen=listen,
+        admin=admin,
         upstream=upstream,
         agents=agents,
         quota=_quota(root.section("quota")),
@@ -730,15 +630,11 @@ def _parse(raw: object, source: str) -> Config:
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:
-    """Parse YAML text; raises ConfigError('<source>: <yaml.path>: <problem>')."""
+    """Parse YAML text; raises ConfigError('<source>:<line>: <yaml.path>: <problem>')."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
-    try:
-        return _parse(raw, source)
-    except _Problem as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        return _parse(read_yaml(text), source)
+    except Problem as exc:
+        raise ConfigError(exc.message(source)) from None
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
@@ -754,7 +650,7 @@ def config_path(given: str | None) -> str | None:
     return given or os.environ.get("GATEWAY_CONFIG") or None
 
 
-def _isolation(s: _Section) -> SessionIsolation:
+def _isolation(s: Section) -> SessionIsolation:
     """`tenant | key | off`; the booleans of earlier versions still mean tenant and off."""
     value = s.get("session_isolation")
     if isinstance(value, bool):

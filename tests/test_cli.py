@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import time
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from gateway.__main__ import main
-from gateway.auth import hash_key
+from gateway.auth import hash_key, new_key
 from gateway.config import parse_config
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.processes import gateway_and_simulator, start
@@ -57,7 +58,63 @@ def test_check_config_names_the_problem_and_exits_1(
     path.write_text(gateway_yaml("http://127.0.0.1:9").replace("sha256: ", "sha256: 0", 1))
     assert main(["check-config", "--config", str(path)]) == 1
     err = capsys.readouterr().err
-    assert f"{path}: tenants.acme.keys[0].sha256: expected 64 hex characters" in err
+    assert f"{path}:11: tenants.acme.keys[0].sha256: expected 64 hex characters" in err
+
+
+def test_check_config_refuses_a_second_tenants_block_instead_of_dropping_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two files merged into one: PyYAML alone would keep only initech, with a summary "OK".
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        gateway_yaml("http://127.0.0.1:9")
+        + f"tenants:\n  initech:\n    keys: [{{name: ops, sha256: {'c' * 64}}}]\n"
+        + "    agents: [ag_support]\n"
+    )
+    assert main(["check-config", "--config", str(path)]) == 1
+    captured = capsys.readouterr()
+    assert f"{path}:17: tenants: defined twice, at lines 9 and 17" in captured.err
+    assert "OK" not in captured.out
+
+
+def test_check_config_refuses_the_admin_port_on_the_caller_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        gateway_yaml("http://127.0.0.1:9") + "listen: {port: 9000}\nadmin: {port: 9000}\n"
+    )
+    assert main(["check-config", "--config", str(path)]) == 1
+    assert f"{path}:18: admin.port: 9000 is listen.port too (line 17)" in capsys.readouterr().err
+
+
+def test_check_config_shows_urls_without_their_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    password = "pw-never-shown-7d2a"
+    monkeypatch.setenv("REDIS_URL", f"redis://:{password}@127.0.0.1:6379/0")
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        gateway_yaml(f"http://user:{password}@127.0.0.1:9")
+        + "quota: {backend: redis, redis_url: '${REDIS_URL}'}\n"
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "upstream http://***@127.0.0.1:9 (platform key set)" in captured.out
+    assert "quota backend redis at redis://***@127.0.0.1:6379/0," in captured.out
+    assert password not in captured.out + captured.err
+
+
+def test_keys_hash_prints_the_hash_of_a_key_read_from_standard_input(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = new_key()
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{key}\n"))
+    assert main(["keys", "hash"]) == 0
+    assert capsys.readouterr().out == f"{hash_key(key)}\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["keys", "hash"]) == 1
+    assert "keys hash: no key on standard input" in capsys.readouterr().err
 
 
 def test_config_path_comes_from_the_environment(

@@ -176,6 +176,41 @@ async def test_an_invalid_file_on_sighup_keeps_the_running_configuration(
     assert len(refused) == 1 and "tenants.acme.agents[0]" in refused[0]
 
 
+@pytest.mark.parametrize(
+    ("after", "added", "expected"),
+    [
+        pytest.param(
+            "shutdown_grace: 5\n",  # the last line, 19
+            "tenants:\n  globex:\n    keys: [{name: web-frontend, sha256: %s}]\n"
+            "    agents: ['*']\n",
+            ":20: tenants: defined twice, at lines 9 and 20",
+            id="two tenants blocks",
+        ),
+        pytest.param(
+            '    agents: ["*"]\n',  # globex's, the last line of tenants: 15
+            "  acme:\n    keys: [{name: billing-service, sha256: %s}]\n    agents: [ag_support]\n",
+            ":16: tenants.acme: defined twice, at lines 10 and 16",
+            id="two entries for one tenant",
+        ),
+    ],
+)
+async def test_a_duplicated_key_on_sighup_is_refused_and_the_old_configuration_serves(
+    running: Running, secret_watch: SecretWatch, after: str, added: str, expected: str
+) -> None:
+    # Taking the last one, as PyYAML alone does, would revoke acme's live key.
+    text = running.config.read_text()
+    assert text.count(after) == 1
+    running.config.write_text(text.replace(after, after + added % hash_key(NEW_KEY)))
+    async with aiohttp.ClientSession(response_class=secret_watch.response_class()) as session:
+        await sighup(session, running, "invalid")
+        assert await reloads(session, running, "ok") == 0
+        assert await chat_status(session, running, ACME_KEY) == 200
+        assert await chat_status(session, running, GLOBEX_KEY, "ag_sales") == 200
+        assert await chat_status(session, running, NEW_KEY) == 401
+    refused = [line for line in running.log.read_text().splitlines() if "reload refused" in line]
+    assert len(refused) == 1 and f"{running.config}{expected}" in refused[0]
+
+
 async def test_a_reload_keeps_the_tenants_bucket_levels(
     running: Running, secret_watch: SecretWatch
 ) -> None:

@@ -210,7 +210,7 @@ def test_a_malformed_sentinel_url_names_the_yaml_path_and_not_the_password(
     with pytest.raises(ConfigError) as caught:
         sentinel_config("http://127.0.0.1:9", url.format(pw=PASSWORD))
     message = str(caught.value)
-    assert message.startswith(f"test.yaml: quota.redis_url: {problem}"), message
+    assert message.startswith(f"test.yaml:17: quota.redis_url: {problem}"), message
     assert PASSWORD not in message and "h1" not in message
 
 
@@ -219,7 +219,7 @@ def test_a_sentinel_url_stands_alone() -> None:
     with pytest.raises(ConfigError) as caught:
         sentinel_config("http://127.0.0.1:9", urls)
     message = str(caught.value)
-    assert message.startswith("test.yaml: quota.redis_url[1]: a redis+sentinel:// URL stands")
+    assert message.startswith("test.yaml:17: quota.redis_url[1]: a redis+sentinel:// URL stands")
     assert PASSWORD not in message
 
 

@@ -59,12 +59,10 @@ def connect(config: Quota) -> Redis | RedisCluster:
     for i, url in enumerate(urls):
         if is_sentinel_url(url):
             raise ConfigError(f"quota.redis_url[{i}]: a {SENTINEL_SCHEME}:// URL stands alone")
-        try:
-            parsed = parse_url(url)
-        except ValueError:
-            raise ConfigError(f"quota.redis_url[{i}]: not a usable Redis URL") from None
-        if "path" in parsed:
-            raise ConfigError(f"quota.redis_url[{i}]: cluster nodes need redis:// or rediss://")
+        problem = redis_url_problem(url, cluster_node=True)
+        if problem is not None:
+            raise ConfigError(f"quota.redis_url[{i}]: {problem}")
+        parsed = parse_url(url)
         nodes.append(ClusterNode(parsed.get("host", "localhost"), parsed.get("port", 6379)))
     first = parse_url(urls[0])
     return RedisCluster(
@@ -75,6 +73,26 @@ def connect(config: Quota) -> Redis | RedisCluster:
         max_connections=MAX_CONNECTIONS,
         **bounded,
     )
+
+
+def redis_url_problem(url: str, *, cluster_node: bool) -> str | None:
+    """Why `url` cannot be used (quoting no part of it), or None. The configuration asks this
+    at load time, so `check-config` finds what connecting would."""
+    if is_sentinel_url(url):
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    if url.partition("://")[0].lower() not in ("redis", "rediss", "unix"):
+        return f"expected a redis://, rediss://, unix:// or {SENTINEL_SCHEME}:// URL"
+    try:
+        parsed = parse_url(url)
+    except ValueError:
+        return "not a usable Redis URL" + _ESCAPE
+    if cluster_node and "path" in parsed:
+        return "cluster nodes need redis:// or rediss://"
+    return None
 
 
 # --- Sentinel ----------------------------------------------------------------------------
