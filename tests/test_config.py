@@ -125,6 +125,14 @@ def test_secrets_never_show_in_repr() -> None:
             "tenants.acme.keys[1].sha256: the same key hash is already used by tenants.acme",
         ),
         (
+            ("sha256: " + HASH + "}", "sha256: " + HASH + ", expires: 2027-06-30T00:00}"),
+            "tenants.acme.keys[0].expires: give the time zone too, e.g. 2027-06-30T00:00:00Z",
+        ),
+        (
+            ("sha256: " + HASH + "}", "sha256: " + HASH + ", expires: next year}"),
+            "tenants.acme.keys[0].expires: expected a date or a time such as",
+        ),
+        (
             ("keys: [{name: billing,", "keys: [{name: all,"),
             "tenants.acme.keys[0].name: 'all' names the tenant's own level on /metrics",
         ),
@@ -166,6 +174,17 @@ def test_mistakes_name_the_yaml_path(edit: tuple[str, str], expected: str) -> No
     message = problem(MINIMAL.replace(old, new, 1))
     assert expected in message
     assert re.match(r"gw\.yaml:\d+: ", message), message
+
+
+def test_a_key_expires_at_the_moment_written_or_at_the_start_of_a_date_in_utc() -> None:
+    def expires(value: str) -> float | None:
+        text = MINIMAL.replace("sha256: " + HASH + "}", f"sha256: {HASH}, expires: {value}}}")
+        return parse_config(text).tenants["acme"].keys[0].expires
+
+    assert expires("2027-06-30T02:00:00+02:00") == 1_814_313_600  # 2027-06-30T00:00:00Z
+    assert expires("2027-06-30") == 1_814_313_600
+    assert expires("'2027-06-30T00:00:00Z'") == 1_814_313_600
+    assert parse_config(MINIMAL).tenants["acme"].keys[0].expires is None
 
 
 def test_a_key_hash_shared_by_two_tenants_is_refused() -> None:
