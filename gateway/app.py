@@ -244,17 +244,27 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    return web.json_response(_readiness(request.app))
+    """The caller port's: ready or not, and nothing more (anyone may ask it; the quota
+    backend's state is the admin port's to tell)."""
+    try:
+        _readiness(request.app)
+    except errors.Unavailable:
+        raise errors.Unavailable("not ready") from None
+    return web.json_response({"status": "ready"})
 
 
 def _readiness(app: web.Application) -> dict[str, str]:
+    """503 while shutting down, and while the quota backend is down under
+    `on_backend_error: closed` (every request would be refused: send them elsewhere)."""
     if app[LIFECYCLE].draining:
         raise errors.Unavailable("the gateway is shutting down")
-    return {
-        "status": "ready",
-        "quota_backend": app[CONFIG].quota.backend,
-        "quota_state": app[QUOTA].state,
-    }
+    quota = app[CONFIG].quota
+    state = app[QUOTA].state
+    if state != "ok" and quota.on_backend_error == "closed":
+        raise errors.Unavailable(
+            "the quota backend is unavailable and quota.on_backend_error is closed"
+        )
+    return {"status": "ready", "quota_backend": quota.backend, "quota_state": state}
 
 
 def create_admin_app(gateway: web.Application) -> web.Application:

@@ -29,6 +29,7 @@ from tests.conftest import (
     gateway_yaml,
     sse_events,
 )
+from tests.redis_servers import free_port
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]
@@ -441,3 +442,38 @@ async def test_an_expired_key_gets_its_own_401_and_every_expiry_is_on_metrics(
             2020, 1, 1, tzinfo=UTC
         ).timestamp(),
     }
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "state"), [("closed", 503, None), ("local", 200, "degraded")]
+)
+async def test_readiness_with_the_quota_backend_down_follows_the_failure_policy(
+    make_gateway: Any,
+    simulator_url: str,
+    admin_of: Any,
+    policy: str,
+    status: int,
+    state: str | None,
+) -> None:
+    """With `closed` every request would get 503: not ready, so a load balancer sends them
+    elsewhere. With `local` (or `open`) it serves, degraded."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    config = parse_config(
+        gateway_yaml(simulator_url)
+        + f"quota: {{backend: redis, redis_url: '{dead}', on_backend_error: {policy}}}\n",
+        "test.yaml",
+    )
+    gateway: Client = await make_gateway(config=config)
+    admin = await admin_of(gateway)
+    ready = await admin.get("/readyz")
+    assert ready.status == status
+    body = await ready.json()
+    if state is None:
+        assert body["error"]["message"] == (
+            "the quota backend is unavailable and quota.on_backend_error is closed"
+        )
+    else:
+        assert body["quota_state"] == state
+    caller_side = await gateway.get("/readyz")
+    assert caller_side.status == status
+    assert "quota" not in await caller_side.text()

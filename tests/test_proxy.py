@@ -366,4 +366,5 @@ async def test_health_endpoints(gateway: Client) -> None:
     assert (await gateway.get("/healthz")).status == 200
     ready = await gateway.get("/readyz")
     assert ready.status == 200
-    assert (await ready.json())["status"] == "ready"
+    # Ready or not, nothing more: the quota backend's state is the admin port's to tell.
+    assert await ready.json() == {"status": "ready"}

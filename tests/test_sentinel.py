@@ -166,12 +166,14 @@ async def test_a_password_on_the_master_works_and_is_never_shown(
         statuses = [(await chat(gateway))[0] for _ in range(PER_DAY + 1)]
         assert statuses == [200] * PER_DAY + [429]
 
-        # A wrong password: the gateway starts, says it is degraded, answers 503 — and names
-        # neither password anywhere.
+        # A wrong password: the gateway starts, says it is not ready (on_backend_error is
+        # closed: every request would be refused), answers 503 — and names neither password
+        # anywhere.
         monkeypatch.setenv("TEST_QUOTA_URL", servers.url(password=f"not-{PASSWORD}"))
         wrong = await make_gateway(config=sentinel_config(simulator_url, "${TEST_QUOTA_URL}"))
         async with wrong.get("/readyz") as response:
-            assert (await response.json())["quota_state"] == "degraded"
+            assert response.status == 503
+            assert (await response.json())["error"]["message"] == "not ready"
         status, body = await chat(wrong)
         assert (status, body["error"]["code"]) == (503, "unavailable")
         assert PASSWORD not in json.dumps(body)
