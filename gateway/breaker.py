@@ -15,19 +15,35 @@ from collections.abc import Callable
 from typing import Literal
 
 BreakerState = Literal["closed", "open", "half-open"]
+Changed = Callable[["BreakerState", "BreakerState"], None]
+"""Told (before, after) when the breaker opens and when it closes again: for a log line."""
 
 
 class CircuitBreaker:
-    __slots__ = ("_clock", "_cooldown", "_failures", "_since", "_state", "_threshold")
+    __slots__ = (
+        "_clock",
+        "_cooldown",
+        "_failures",
+        "_on_change",
+        "_since",
+        "_state",
+        "_threshold",
+    )
 
     def __init__(
-        self, *, threshold: int = 3, cooldown: float = 1.0, clock: Callable[[], float]
+        self,
+        *,
+        threshold: int = 3,
+        cooldown: float = 1.0,
+        clock: Callable[[], float],
+        on_change: Changed | None = None,
     ) -> None:
         if threshold < 1 or cooldown <= 0:
             raise ValueError("the breaker needs threshold >= 1 and cooldown > 0")
         self._threshold = threshold
         self._cooldown = cooldown
         self._clock = clock
+        self._on_change = on_change
         self._state: BreakerState = "closed"
         self._failures = 0
         self._since = 0.0  # when it opened, or when the probe went out
@@ -46,7 +62,10 @@ class CircuitBreaker:
         return True
 
     def success(self) -> None:
+        before = self._state
         self._state, self._failures = "closed", 0
+        if before != "closed" and self._on_change is not None:
+            self._on_change(before, "closed")
 
     def failure(self) -> None:
         self._failures += 1
@@ -55,4 +74,8 @@ class CircuitBreaker:
 
     def trip(self) -> None:
         """Open now, whatever the count (a failed start-up check)."""
+        before = self._state
         self._state, self._since = "open", self._clock()
+        # A failed probe (half-open → open) is no news: the breaker was open already.
+        if before == "closed" and self._on_change is not None:
+            self._on_change(before, "open")

@@ -47,8 +47,12 @@ def configure_logging(config: Logging, stream: LogStream | None = None) -> None:
         if config.format == "json"
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    # One list, changed in place: a logger cached on first use keeps the list it was given,
+    # so a later configuration (and structlog's own capture_logs) reaches it too.
+    processors = structlog.get_config()["processors"]
+    processors[:] = [*shared, structlog.processors.format_exc_info, renderer]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=processors,
         logger_factory=_NamedWriteLoggerFactory(out),
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,

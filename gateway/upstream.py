@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import __version__
-from gateway.breaker import CircuitBreaker
+from gateway.breaker import BreakerState, CircuitBreaker
 from gateway.config import Agent, Secret, Timeouts, Upstream
 from gateway.errors import (
     UpstreamConnectTimeout,
@@ -30,6 +30,7 @@ from gateway.errors import (
     UpstreamUnavailable,
     UpstreamUnreached,
 )
+from gateway.outages import FailureLog
 from gateway.retries import Retry, RetryPolicy
 
 # Only these caller headers go upstream; Authorization, cookies, hop-by-hop and anything
@@ -98,8 +99,14 @@ class UpstreamClient:
         # get an immediate 502 instead of each waiting out a failing upstream, and upstream
         # gets room to recover; one probe goes through per cooldown.
         self.breaker = CircuitBreaker(
-            threshold=config.breaker.failures, cooldown=config.breaker.cooldown, clock=clock
+            threshold=config.breaker.failures,
+            cooldown=config.breaker.cooldown,
+            clock=clock,
+            on_change=self._breaker_changed,
         )
+        self._peer = f"{config.base_url.host}:{config.base_url.port}"
+        self._failures = FailureLog(log, "upstream connection failed", self._peer, clock=clock)
+        self._breaker_config = config.breaker
         self._pause = str(math.ceil(config.breaker.cooldown))
         self._session = session
         self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
@@ -161,10 +168,13 @@ class UpstreamClient:
                 )
             try:
                 response = await self._post(url, body, headers, deadline)
-            except UpstreamTimeout:
+            except UpstreamTimeout as error:
+                if isinstance(error, UpstreamConnectTimeout):
+                    self._failures.failed(error, agent=agent_id)
                 self.breaker.failure()
                 raise
             except UpstreamUnavailable as error:
+                self._failures.failed(error, agent=agent_id)
                 self.breaker.failure()
                 retry = policy.after_error(
                     error.__cause__, tries=tries, remaining=stop_at - loop.time()
@@ -195,6 +205,17 @@ class UpstreamClient:
                 wait_ms=round(retry.wait * 1000, 3),
             )
             await asyncio.sleep(retry.wait)
+
+    def _breaker_changed(self, before: BreakerState, after: BreakerState) -> None:
+        if after == "open":
+            log.warning(
+                "upstream circuit opened",
+                peer=self._peer,
+                failures=self._breaker_config.failures,
+                cooldown_s=self._breaker_config.cooldown,
+            )
+        else:
+            log.info("upstream circuit closed", peer=self._peer)
 
     async def _post(
         self, url: URL, body: bytes, headers: CIMultiDict[str], deadline: Deadline

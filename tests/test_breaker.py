@@ -6,6 +6,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from structlog.testing import capture_logs
+from yarl import URL
 
 from gateway.app import create_admin_app
 from gateway.config import Config, parse_config
@@ -44,29 +46,38 @@ async def test_consecutive_failures_open_it_and_a_probe_after_the_cooldown_close
     gateway: Client = await make_gateway(config=with_breaker(simulator_url), clock=clock)
     admin = await aiohttp_client(create_admin_app(gateway.app))
     await simulator.post("/_sim/faults", json={"kind": "error", "status": 500, "times": 3})
+    with capture_logs() as changes:
+        for _ in range(2):
+            assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 500
+        # Open: refused at once, upstream is not asked.
+        refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+        assert refused.status == 502
+        assert (await refused.json())["error"]["code"] == "upstream_unavailable"
+        assert refused.headers["Retry-After"] == "5"
+        assert await upstream_requests(simulator) == 2
+        assert await circuit_open(admin) == 1
 
-    for _ in range(2):
+        # After the cooldown one probe goes through; it fails (the third fault), so it re-opens.
+        clock.now += 5
         assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 500
-    # Open: refused at once, upstream is not asked.
-    refused = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
-    assert refused.status == 502
-    assert (await refused.json())["error"]["code"] == "upstream_unavailable"
-    assert refused.headers["Retry-After"] == "5"
-    assert await upstream_requests(simulator) == 2
-    assert await circuit_open(admin) == 1
+        assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 502
+        assert await upstream_requests(simulator) == 3
 
-    # After the cooldown one probe goes through; it fails (the third fault), so it re-opens.
-    clock.now += 5
-    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 500
-    assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 502
-    assert await upstream_requests(simulator) == 3
-
-    # The next probe succeeds: closed again, everyone goes through.
-    clock.now += 5
-    for _ in range(3):
-        assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 200
-    assert await upstream_requests(simulator) == 6
-    assert await circuit_open(admin) == 0
+        # The next probe succeeds: closed again, everyone goes through.
+        clock.now += 5
+        for _ in range(3):
+            assert (await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)).status == 200
+        assert await upstream_requests(simulator) == 6
+        assert await circuit_open(admin) == 0
+    # One line when it opens (not again when a probe fails), one when it closes.
+    assert [
+        (line["event"], line["peer"])
+        for line in changes
+        if line["event"].startswith("upstream circuit")
+    ] == [
+        ("upstream circuit opened", f"127.0.0.1:{URL(simulator_url).port}"),
+        ("upstream circuit closed", f"127.0.0.1:{URL(simulator_url).port}"),
+    ]
 
 
 async def test_client_errors_do_not_count_as_failures(

@@ -110,6 +110,29 @@ class SentinelTarget:
     password: str | None = field(default=None, repr=False)
 
 
+def peer(config: Quota) -> str:
+    """Where the quota backend is, for a log line: hosts and ports (a socket's path), the
+    Sentinels and their master's name; never a password, a user or a query."""
+    described = []
+    for secret in config.redis_url:
+        url = secret.reveal()
+        if is_sentinel_url(url):
+            try:
+                target = parse_sentinel_url(url)
+            except ValueError:
+                return "redis (sentinel)"
+            hosts = ",".join(f"{host}:{port}" for host, port in target.sentinels)
+            return f"sentinel {hosts} master {target.master}"
+        try:
+            parts = urlsplit(url)
+            described.append(
+                parts.path if parts.scheme == "unix" else f"{parts.hostname}:{parts.port or 6379}"
+            )
+        except ValueError:
+            described.append("redis")
+    return ",".join(described)
+
+
 def is_sentinel_url(url: str) -> bool:
     return url[: len(SENTINEL_SCHEME) + 3].lower() == f"{SENTINEL_SCHEME}://"
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from gateway.breaker import CircuitBreaker
 from gateway.config import Quota
 from gateway.quota.calendar import Calendar
-from gateway.quota.connect import MAX_CONNECTIONS, connect
+from gateway.quota.connect import MAX_CONNECTIONS, connect, peer
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import Backend
 from gateway.quota.owners import PlanLookup
@@ -84,6 +84,7 @@ async def open_quota(
             replicas=config.expected_replicas,
             startup_budget=max(budget, STARTUP_BUDGET),
             calendar=calendar,
+            peer=peer(config),
         )
     try:
         if isinstance(store, RedisStore):

@@ -36,6 +36,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from gateway.breaker import CircuitBreaker
+from gateway.outages import FailureLog
 from gateway.quota.calendar import Calendar, Moment, Period
 from gateway.quota.memory import MemoryStore
 from gateway.quota.model import (
@@ -112,6 +113,7 @@ class QuotaService:
         replicas: int = 1,
         startup_budget: float = STARTUP_BUDGET,
         calendar: Calendar | None = None,
+        peer: str = "quota backend",
     ) -> None:
         """`owners`: where each owner's plan is found (read at every lookup, never copied).
         `breaker` None means the primary cannot fail (memory): no policy, nothing owed.
@@ -126,6 +128,7 @@ class QuotaService:
         self._breaker = breaker
         self._replicas = replicas
         self._startup_budget = startup_budget
+        self._failures = FailureLog(log, "quota backend failed", peer, clock=clock)
         self._calendar = calendar or Calendar("UTC", time.time)
         # The level each tenant's and key's budget was last left at, by (tenant, key,
         # budget): (its period, that period's index, capacity, level). Kept per request (a
@@ -591,8 +594,9 @@ class QuotaService:
         except BACKEND_ERRORS as exc:
             self.backend_errors += 1
             breaker.failure()
-            # The error's type only: its text may name the server, never worth the risk.
-            log.warning("quota backend failed", error=type(exc).__name__, breaker=breaker.state)
+            # The error's class and the OS error under it, never its text (which may quote a
+            # URL); once per kind every few seconds, however many requests meet it.
+            self._failures.failed(exc, breaker=breaker.state)
             raise _Down from exc
         breaker.success()
         if self._seeded:
