@@ -29,7 +29,7 @@ COPY gateway ./gateway
 # stage needs no compiler and no apt packages.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-# ---- runtime: the installed package and config/, nothing else ------------------------------
+# ---- runtime: the installed package and the production example, nothing else ---------------
 FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="thinnest-gateway" \
       org.opencontainers.image.description="API gateway in front of the thinnestAI agent chat API"
@@ -42,7 +42,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     && groupadd --system --gid 10001 gateway \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin gateway
-COPY config /etc/thinnest-gateway
+COPY config/gateway.yaml /etc/thinnest-gateway/gateway.yaml
 # Byte code was compiled at install time; at run time the root filesystem may be read-only.
 ENV GATEWAY_CONFIG=/etc/thinnest-gateway/gateway.yaml \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -427,6 +427,25 @@ def test_configmap_is_a_valid_gateway_config(directory: Path, tmp_path: Path) ->
     assert support is not None and support.reveal() == keys["support-agent-key"]
 
 
+def test_only_the_monitoring_namespace_reaches_the_admin_port() -> None:
+    """/metrics names every tenant and its usage: the base admits only the monitoring
+    namespace to the admin port; the caller port stays open to the cluster's callers."""
+    deployment = one(rendered(BASE), "Deployment")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    (policy,) = [doc for doc in rendered(BASE) if doc["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    selected = spec["podSelector"]["matchLabels"]
+    assert selected.items() <= pod_labels.items()
+    by_port = {rule["ports"][0]["port"]: rule for rule in spec["ingress"]}
+    assert set(by_port) == {"http", "admin"}
+    assert "from" not in by_port["http"]  # any pod may call the gateway
+    (source,) = by_port["admin"]["from"]
+    assert source == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    }
+
+
 def test_services_autoscaler_and_disruption_budget() -> None:
     docs = rendered(OVERLAY)
     deployment = one(docs, "Deployment")
@@ -736,8 +755,9 @@ def test_dockerfile() -> None:
     _parser().parse_args(cmd)
     assert final["EXPOSE"] == ["8080 9091"]
     assert dockerfile_env("GATEWAY_CONFIG") == CONFIG_PATH
-    # Only config/ is copied into the runtime image; the package comes as wheels from stage 1.
-    assert final["COPY"] == [f"config {PurePosixPath(CONFIG_PATH).parent}"]
+    # Only the production example is copied into the runtime image (never config/demo.yaml,
+    # whose comments hold the demo's caller keys); the package comes as wheels from stage 1.
+    assert final["COPY"] == [f"config/gateway.yaml {CONFIG_PATH}"]
     assert (ROOT / "config" / PurePosixPath(CONFIG_PATH).name).is_file()
     (install,) = final["RUN"]
     assert "--mount=type=bind,from=build" in install and "--no-index" in install
@@ -751,7 +771,7 @@ def test_dockerignore_admits_only_what_the_build_copies() -> None:
     ]
     assert patterns[0] == "*"
     admitted = {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")}
-    assert admitted == {"pyproject.toml", "README.md", "gateway", "config"}
+    assert admitted == {"pyproject.toml", "README.md", "gateway", "config/gateway.yaml"}
     copied = {
         word.rstrip("/")
         for stage in dockerfile_stages()
