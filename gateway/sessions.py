@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from gateway.config import Tenant
 from gateway.errors import InvalidRequest
 from gateway.sse import Frame, SSEFramer, with_data
-from gateway.validation import ChatRequest
+from gateway.validation import ChatRequest, folded
 
 NAMESPACE = "gw:"
 SEPARATOR = ":"  # never in a tenant or key name (config.NAME_PATTERN)
@@ -83,8 +83,12 @@ class SessionScope:
         (given or new) namespaced and every other field as the caller sent it."""
         session_id = chat.session_id
         if self.prefix is None:
-            if session_id is not None and session_id.startswith(NAMESPACE):
-                raise InvalidRequest(f"session_id must not start with {NAMESPACE!r} (reserved)")
+            # Folded as anything that normalises ids would see them: `GW:`, or `gw:` in
+            # fullwidth letters, is our prefix all the same.
+            if session_id is not None and folded(session_id).startswith(NAMESPACE):
+                raise InvalidRequest(
+                    f"session_id must not start with {NAMESPACE!r} in any case or form (reserved)"
+                )
             return chat.body
         if session_id is None:
             session_id = new_session_id()

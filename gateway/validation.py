@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from itertools import accumulate
@@ -152,6 +153,13 @@ def parse_chat_body(body: bytes) -> ChatRequest:
     if not message.strip():
         raise InvalidRequest("message must not be empty")
 
+    for name in parsed:
+        if name != "session_id" and folded(name).strip() == "session_id":
+            # Names are matched exactly: a variant would go upstream unnamespaced, and would
+            # name a session there should upstream ever normalise field names.
+            raise InvalidRequest(
+                f"field {name[:40]!r} is not session_id: field names are matched exactly"
+            )
     session_id = parsed.get("session_id")
     if session_id is not None:
         if not isinstance(session_id, str):
@@ -165,6 +173,12 @@ def parse_chat_body(body: bytes) -> ChatRequest:
     return ChatRequest(
         message=message, session_id=session_id, stream=bool(stream), body=body, fields=parsed
     )
+
+
+def folded(text: str) -> str:
+    """`text` as anything that normalises would see it: Unicode compatibility forms folded
+    (NFKC: fullwidth `\uff47\uff57\uff1a` is `gw:`) and case folded."""
+    return unicodedata.normalize("NFKC", text).casefold()
 
 
 def _check_depth(body: bytes) -> None:

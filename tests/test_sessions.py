@@ -212,12 +212,41 @@ async def test_a_tenant_without_isolation_may_not_send_a_namespaced_id(
     yaml = without_isolation(gateway_yaml(simulator_url), '["*"]')
     gateway: Client = await make_gateway(config=parse_config(yaml))
     await turn(gateway, ACME, "acme secret plans", session_id="plans")
-    response = await gateway.post(
-        CHAT, json={"message": "Hi", "session_id": "gw:acme:plans"}, headers=GLOBEX
-    )
-    assert response.status == 400
-    assert (await response.json())["error"]["code"] == "invalid_request"
+    # Case and Unicode compatibility forms (fullwidth letters, a fullwidth colon) are the
+    # same prefix to anything that normalises ids: refused alike.
+    for forged in (
+        "gw:acme:plans",
+        "GW:acme:plans",
+        "Gw:acme:plans",
+        "\uff47\uff57:acme:plans",
+        "gw\uff1aacme:plans",
+    ):
+        response = await gateway.post(
+            CHAT, json={"message": "Hi", "session_id": forged}, headers=GLOBEX
+        )
+        assert response.status == 400, forged
+        assert (await response.json())["error"]["code"] == "invalid_request"
     assert await upstream_session_ids(simulator) == ["gw:acme:plans"]
+
+
+@pytest.mark.parametrize("isolation", ["tenant", "off"])
+async def test_a_field_that_only_looks_like_session_id_is_refused(
+    make_gateway: Any, simulator: Sim, simulator_url: str, isolation: str
+) -> None:
+    """Field names are matched exactly: `Session_ID` or a fullwidth `\uff53ession_id` would pass
+    upstream unnamespaced if upstream ever normalised field names, so they are refused."""
+    yaml = gateway_yaml(simulator_url)
+    if isolation == "off":
+        yaml = without_isolation(yaml, '["*"]')
+    gateway: Client = await make_gateway(config=parse_config(yaml))
+    for variant in ("Session_ID", "SESSION_ID", "\uff53ession_id", "session_id "):
+        response = await gateway.post(
+            CHAT, json={"message": "Hi", variant: "gw:acme:plans"}, headers=GLOBEX
+        )
+        assert response.status == 400, variant
+        message = (await response.json())["error"]["message"]
+        assert "session_id" in message
+    assert await upstream_session_ids(simulator) == []
 
 
 async def test_the_caller_limit_leaves_room_for_the_namespace(
