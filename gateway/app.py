@@ -19,7 +19,7 @@ from gateway import errors, report
 from gateway.auth import end_user_of
 from gateway.config import Config
 from gateway.drains import Drains
-from gateway.headers import add_caller_headers, buckets_of
+from gateway.headers import add_caller_headers, buckets_of, name_server
 from gateway.logs import AccessRecord, access_logger
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import (
@@ -271,6 +271,7 @@ def create_admin_app(gateway: web.Application) -> web.Application:
     """The admin listener's app: metrics, probes and usage reports of `gateway`, kept off the
     caller port."""
     admin = web.Application()
+    admin.on_response_prepare.append(name_server)
     admin[GATEWAY] = gateway
     admin.router.add_get("/metrics", metrics)
     admin.router.add_get("/healthz", healthz)

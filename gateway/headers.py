@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from gateway.quota import REQUESTS_PER_MINUTE, BucketState, is_token_bucket
 from gateway.state import ACCESS, LIMITS
@@ -49,8 +49,19 @@ def buckets_of(usage: Mapping[str, object]) -> tuple[BucketState, ...]:
     return tuple(BucketState(**bucket) for bucket in buckets)
 
 
+SERVER = "thinnest-gateway"
+"""The `Server` header on both ports: a name, never versions (aiohttp's default names Python's
+and its own, which only helps whoever looks for a known flaw)."""
+
+
+async def name_server(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` of both apps: aiohttp sets its own `Server` only when none is."""
+    response.headers[hdrs.SERVER] = SERVER
+
+
 async def add_caller_headers(request: web.Request, response: web.StreamResponse) -> None:
     """`on_response_prepare` of the caller app."""
+    response.headers[hdrs.SERVER] = SERVER
     record = request.get(ACCESS)
     if record is None:  # refused before the edge saw it
         return

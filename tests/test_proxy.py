@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.app import create_admin_app
 from gateway.config import parse_config
 from tests.conftest import (
     ACME,
@@ -19,6 +20,7 @@ from tests.conftest import (
     GLOBEX_KEY,
     PLATFORM_KEY,
     SUPPORT_KEY,
+    AiohttpClient,
     gateway_yaml,
     sse_events,
 )
@@ -368,3 +370,21 @@ async def test_health_endpoints(gateway: Client) -> None:
     assert ready.status == 200
     # Ready or not, nothing more: the quota backend's state is the admin port's to tell.
     assert await ready.json() == {"status": "ready"}
+
+
+async def test_no_response_names_the_software_versions(
+    gateway: Client, aiohttp_client: AiohttpClient
+) -> None:
+    """aiohttp's default `Server: Python/3.11 aiohttp/3.x` on every response tells whoever
+    looks for a known flaw exactly where to look: both ports name the gateway only."""
+    admin = await aiohttp_client(create_admin_app(gateway.app))
+    responses = [
+        await gateway.get("/healthz"),
+        await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME),
+        await gateway.post(CHAT, json={"message": "Hi"}),  # 401
+        await gateway.get("/no/such/path"),
+        await admin.get("/metrics"),
+        await admin.get("/readyz"),
+    ]
+    for response in responses:
+        assert response.headers["Server"] == "thinnest-gateway", response.url
