@@ -2,34 +2,37 @@
 -- bucket arithmetic. A bucket is a hash {l = level, t = its clock at that level, w = warnings
 -- given this period}; an absent key is a full bucket, so a key may expire once it would be full.
 --
--- Every bucket comes as one group of GROUP arguments (redis.py's `_group`):
---   capacity, refill rate per unit of its clock, its clock (-1: the server's, in seconds; else
---   a calendar budget's period index), ms to the end of that period (0: not a budget), ms of
---   the longest such period, warn_at fractions ('0.8,0.95' or ''), amount (the script's own).
--- A rate limit refills by the second; a budget refills its capacity once per period, so the
--- same arithmetic carries a budget's debt into the next period.
+-- Every bucket comes as one group of arguments (redis.py's `_group`), read by `group`:
+--   a rate limit:  capacity, refill, window (s), -1, amount
+--   a budget:      capacity, capacity, 1, its period's index, amount, ms to the end of that
+--                  period, ms of the longest such period, warn_at fractions ('0.8,0.95' or '')
+-- (whole numbers all but the fractions: they pack and parse cheaply). A rate limit refills
+-- `refill` per `window` on the server's clock; a budget refills its capacity once per period
+-- (its clock is the period's index), so the same arithmetic carries a budget's debt into the
+-- next period. `amount` is the script's own (a cost, a give-back, unused).
 
 -- TIME is the server's clock, so replicas whose clocks disagree still agree on every rate limit.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local today = math.floor(tonumber(clock[1]) / 86400)
-local GROUP = 7
 
 local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- The group starting at ARGV[at], and where the next one starts.
 local function group(at)
   local g = {
-    capacity = tonumber(ARGV[at]), rate = tonumber(ARGV[at + 1]), at = tonumber(ARGV[at + 2]),
-    ends_ms = tonumber(ARGV[at + 3]), unit_ms = tonumber(ARGV[at + 4]), warns = ARGV[at + 5],
-    amount = tonumber(ARGV[at + 6]),
+    capacity = tonumber(ARGV[at]), rate = tonumber(ARGV[at + 1]) / tonumber(ARGV[at + 2]),
+    at = tonumber(ARGV[at + 3]), amount = tonumber(ARGV[at + 4]), ends_ms = 0, warns = '',
   }
   if g.at < 0 then
     g.at = now
+    return g, at + 5
   end
-  return g
+  g.ends_ms, g.unit_ms, g.warns = tonumber(ARGV[at + 5]), tonumber(ARGV[at + 6]), ARGV[at + 7]
+  return g, at + 8
 end
 
 -- The level refilled up to the bucket's clock, the clock it is valid at, and the warnings given

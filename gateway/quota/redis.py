@@ -70,20 +70,21 @@ LONGEST_MS = {"day": 25 * 3_600_000, "month": 31 * 86_400_000}
 period is kept that much longer per period, never less (an expired budget is a full one)."""
 
 
-def _group(spec: BucketSpec, at: Moment, amount: int) -> tuple[int | float | str, ...]:
-    """One bucket's arguments, as buckets.lua reads them."""
+def _group(spec: BucketSpec, at: Moment, amount: int) -> tuple[int | str, ...]:
+    """One bucket's arguments, as buckets.lua reads them: whole numbers (a float costs a
+    hiredis pack several times an int's, and a request packs dozens)."""
     period = spec.period
     if period is None:
-        return (spec.capacity, spec.rate, -1, 0, 0, "", amount)
-    ends_ms = math.ceil(at.until(period) * 1000)
+        return (spec.capacity, spec.refill, spec.window, -1, amount)
     return (
         spec.capacity,
-        spec.rate,
+        spec.refill,
+        spec.window,
         at.index(period),
-        ends_ms,
+        amount,
+        math.ceil(at.until(period) * 1000),
         LONGEST_MS[period],
         spec.warns,
-        amount,
     )
 
 
@@ -163,7 +164,7 @@ class RedisStore:
         n = len(plan.buckets)
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
         keys += [bucket_key(tenant, cap.key) for cap in plan.streams]
-        args: list[int | float | str] = [n, lease or "", len(plan.streams), self._lease_ttl_ms]
+        args: list[int | str] = [n, lease or "", len(plan.streams), self._lease_ttl_ms]
         for b in plan.buckets:
             args += _group(b, at, b.cost(tokens))
         args += [cap.limit for cap in plan.streams]
@@ -192,7 +193,7 @@ class RedisStore:
         keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, "today")]
         keys.append(bucket_key(tenant, LEDGER + at.date))
         charge = charge or Charge("", "")
-        args: list[int | float | str] = [len(buckets), delta, actual, self._settled_ttl_ms]
+        args: list[int | str] = [len(buckets), delta, actual, self._settled_ttl_ms]
         args += [charge.field(), charge.tokens_input, charge.tokens_output]
         args += [charge.tokens_estimated, self._ledger_ttl_ms]
         for b in buckets:
@@ -216,7 +217,7 @@ class RedisStore:
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
         keys.append(bucket_key(tenant, f"settled:{settle_key}"))
         keys += [bucket_key(tenant, cap.key) for cap in plan.streams]
-        args: list[int | float | str] = [len(plan.buckets), lease or "", self._settled_ttl_ms]
+        args: list[int | str] = [len(plan.buckets), lease or "", self._settled_ttl_ms]
         for b in plan.buckets:
             args += _group(b, at, b.cost(tokens))
         return bool(int(await self._run("refund", keys, args)))
@@ -235,7 +236,7 @@ class RedisStore:
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
         keys.append(bucket_key(tenant, "today"))
         keys += [bucket_key(tenant, cap.key) for cap in plan.streams]
-        args: list[int | float | str] = [n]
+        args: list[int | str] = [n]
         for b in plan.buckets:
             args += _group(b, at, 0)
         reply = await self._run("usage", keys, args)
@@ -276,9 +277,7 @@ class RedisStore:
         with contextlib.suppress(RedisTimeoutError):
             await self._client.aclose()
 
-    async def _run(
-        self, script: str, keys: Sequence[str], args: Sequence[int | float | str]
-    ) -> Any:
+    async def _run(self, script: str, keys: Sequence[str], args: Sequence[int | str]) -> Any:
         if self._pipelined is not None:
             return await self._pipelined.call(self._scripts[script], keys, args)
         async with redis_time(self._budget):
@@ -336,7 +335,7 @@ class _Deadline:
         self._handle.cancel()
 
 
-_Call = tuple[AsyncScript, Sequence[str], Sequence[int | float | str], "asyncio.Future[Any]", bool]
+_Call = tuple[AsyncScript, Sequence[str], Sequence[int | str], "asyncio.Future[Any]", bool]
 """A script, its keys and arguments, its caller's reply, and whether to send the source (EVAL:
 the server lost its script cache) rather than the hash (EVALSHA)."""
 
@@ -365,7 +364,7 @@ class _Pipelined:
         self._worker: asyncio.Task[None] | None = None
 
     def call(
-        self, script: AsyncScript, keys: Sequence[str], args: Sequence[int | float | str]
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[int | str]
     ) -> asyncio.Future[Any]:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((script, keys, args, reply, False))
@@ -458,7 +457,7 @@ def _rows(day: str, tenant: str, fields: dict[Any, Any]) -> list[UsageRow]:
 
 
 def _packed(
-    script: AsyncScript, keys: Sequence[str], args: Sequence[int | float | str], source: bool
+    script: AsyncScript, keys: Sequence[str], args: Sequence[int | str], source: bool
 ) -> bytes:
     command = ("EVAL", script.script) if source else ("EVALSHA", script.sha)
     # hiredis's stub says a 1-tuple; it takes a command of any length.

@@ -15,9 +15,9 @@ end
 if not redis.call('SET', KEYS[n + 1], '1', 'NX', 'PX', ARGV[3]) then
   return 0
 end
-local unused = {}
+local unused, at, g = {}, 4, nil
 for i = 1, n do
-  local g = group(4 + (i - 1) * GROUP)
+  g, at = group(at)
   if g.amount > 0 then
     adjust(i, KEYS[i], g, -g.amount, unused)
   end

@@ -10,9 +10,10 @@
 --          caller's sum.
 local n, m = tonumber(ARGV[1]), tonumber(ARGV[3])
 local groups, levels, stamps, warned = {}, {}, {}, {}
-local refused = 0
+local refused, at = 0, 5
 for i = 1, n do
-  local g = group(5 + (i - 1) * GROUP)
+  local g
+  g, at = group(at)
   groups[i] = g
   levels[i], stamps[i], warned[i] = level_of(KEYS[i], g)
   if levels[i] < g.amount then
@@ -25,7 +26,7 @@ if refused == 0 and ARGV[2] ~= '' then
     local leases = KEYS[n + j]
     -- Leases of a replica that died without releasing them expire here.
     redis.call('ZREMRANGEBYSCORE', leases, '-inf', now_ms)
-    if redis.call('ZCARD', leases) >= tonumber(ARGV[4 + n * GROUP + j]) then
+    if redis.call('ZCARD', leases) >= tonumber(ARGV[at + j - 1]) then
       refused = -j
       break
     end

@@ -19,8 +19,10 @@ local delta = tonumber(ARGV[2])
 local warnings, reply = {}, {1, 0}
 if delta ~= 0 then
   reply[2] = n
+  local at, g = 10, nil
   for i = 1, n do
-    reply[2 + i] = fmt(adjust(i, KEYS[i], group(10 + (i - 1) * GROUP), delta, warnings))
+    g, at = group(at)
+    reply[2 + i] = fmt(adjust(i, KEYS[i], g, delta, warnings))
   end
 end
 

@@ -8,8 +8,10 @@ local counted = redis.call('HMGET', KEYS[n + 1], 'd', 'n')
 if tonumber(counted[1]) == today then
   reply[1] = tonumber(counted[2])
 end
+local at, g = 2, nil
 for i = 1, n do
-  reply[1 + i] = fmt((level_of(KEYS[i], group(2 + (i - 1) * GROUP))))
+  g, at = group(at)
+  reply[1 + i] = fmt((level_of(KEYS[i], g)))
 end
 for j = n + 2, #KEYS do
   reply[#reply + 1] = redis.call('ZCOUNT', KEYS[j], '(' .. now_ms, '+inf')
