@@ -8,6 +8,7 @@ start-up with one `ConfigError` naming the file, the line and the YAML path
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -227,6 +228,15 @@ class Tenant:
 
 
 @dataclass(frozen=True, slots=True)
+class Streams:
+    """Event streams on their way to the caller."""
+
+    # Seconds of upstream silence before an SSE comment line (`: keep-alive`) goes to the
+    # caller, so idle timeouts on the way (load balancers, proxies) do not cut it; 0: never.
+    heartbeat: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
 class Logging:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -250,6 +260,7 @@ class Config:
     tenants: Mapping[str, Tenant] = field(default_factory=dict)
     logging: Logging = Logging()
     limits: Limits = Limits()
+    streams: Streams = Streams()
     shutdown_grace: float = 30.0
     source: str = "<memory>"
 
@@ -447,6 +458,16 @@ def _instant(s: Section, key: str) -> float | None:
     raise Problem(s.at(key), f"expected a date or a time, got {kind(value)}")
 
 
+def _streams(s: Section) -> Streams:
+    heartbeat = s.number("heartbeat", 15.0, positive=False)
+    if not (math.isfinite(heartbeat) and heartbeat >= 0):
+        raise Problem(
+            s.at("heartbeat"), f"expected seconds >= 0 (0 turns heartbeats off), got {heartbeat:g}"
+        )
+    s.done()
+    return Streams(heartbeat=heartbeat)
+
+
 def _amount(s: Section) -> Amount:
     amount = Amount(
         per_day=s.whole("per_day", None, minimum=1),
@@ -622,6 +643,7 @@ def _parse(root: Section, source: str) -> Config:
         tenants=tenants,
         logging=logging,
         limits=limits,
+        streams=_streams(root.section("streams")),
         shutdown_grace=root.number("shutdown_grace", 30.0, positive=False),
         source=source,
     )

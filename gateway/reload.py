@@ -25,7 +25,16 @@ from gateway.tenancy import Tenancy
 
 log = structlog.get_logger("gateway.reload")
 
-RESTART_ONLY = ("listen", "admin", "upstream", "quota", "logging", "limits", "shutdown_grace")
+RESTART_ONLY = (
+    "listen",
+    "admin",
+    "upstream",
+    "quota",
+    "logging",
+    "limits",
+    "streams",
+    "shutdown_grace",
+)
 
 
 def reload_config(app: web.Application) -> bool:

@@ -45,6 +45,13 @@ def test_minimal_config_reads_secrets_from_the_environment() -> None:
     assert config.listen.port == 8080 and config.admin.host == "127.0.0.1"
     assert config.limits.max_body_bytes == 65536
     assert config.quota.backend == "memory"
+    assert config.streams.heartbeat == 15.0
+
+
+@pytest.mark.parametrize(("given", "heartbeat"), [("0", 0.0), ("2.5", 2.5), ("20", 20.0)])
+def test_stream_heartbeat_is_seconds_and_0_turns_it_off(given: str, heartbeat: float) -> None:
+    config = parse_config(MINIMAL + f"streams: {{heartbeat: {given}}}\n")
+    assert config.streams.heartbeat == heartbeat
 
 
 def test_the_shipped_examples_are_valid(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -166,6 +173,19 @@ def test_secrets_never_show_in_repr() -> None:
             ("agents: [ag_support]", "agents: [ag_support]\n    end_user: {header: 'X End'}"),
             "tenants.acme.end_user.header: 'X End' does not match",
         ),
+        (
+            ("tenants:", "streams: {heartbeat: -1}\ntenants:"),
+            "gw.yaml:7: streams.heartbeat: expected seconds >= 0 (0 turns heartbeats off), got -1",
+        ),
+        (
+            ("tenants:", "streams: {heartbeat: .nan}\ntenants:"),
+            "streams.heartbeat: expected seconds >= 0 (0 turns heartbeats off), got nan",
+        ),
+        (
+            ("tenants:", "streams: {heartbeat: often}\ntenants:"),
+            "streams.heartbeat: expected a number of seconds, got a string",
+        ),
+        (("tenants:", "streams: {heartbeats: 5}\ntenants:"), "streams.heartbeats: unknown key"),
     ],
 )
 def test_mistakes_name_the_yaml_path(edit: tuple[str, str], expected: str) -> None:
