@@ -4,6 +4,8 @@ The framer (gateway/sse.py) cuts the bytes into whole events; each event's JSON 
 once, for the usage tally (gateway/usage.py) and for the session scope, which translates the
 `done` event's session id back (gateway/sessions.py). Every other byte passes unchanged, a
 complete event as soon as its blank line arrives: an SSE client acts on nothing before it.
+While upstream is silent the gateway may put a keep-alive comment between those events
+(`keep_alive`); it is the gateway's, so it is neither framed nor tallied.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ class EventRelay:
         if len(frames) == 1:  # the usual chunk, one event: sent on without a copy
             return self._caller_bytes(frames[0])
         return b"".join([self._caller_bytes(frame) for frame in frames])
+
+    def keep_alive(self) -> bytes:
+        """A heartbeat to send now (`: keep-alive`, a comment every SSE client skips), or b""
+        while the caller is inside an event: one over the framer's MAX_EVENT goes out piece
+        by piece. An event upstream has only half sent is held, so the heartbeat goes first."""
+        return self._framer.comment(b"keep-alive")
 
     def drain(self, chunk: bytes) -> None:
         """Read `chunk` for the tally only: its caller has left."""

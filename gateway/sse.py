@@ -7,6 +7,13 @@ next chunk's LF), comments, multi-line `data`, a leading BOM. Every byte fed com
 unchanged, in order: a complete event as soon as its blank line arrives, the rest by
 `finish()`. The usage tally and the session-id rewriter both read these frames, so each chunk
 is framed once.
+
+What has gone out is whole events (a leading BOM goes on at once, alone), so the framer also
+knows when the gateway may put in a comment of its own (`comment`, the stream's heartbeat):
+anywhere but inside an event over MAX_EVENT, whose pieces go out as they come. The bytes of an
+event still held follow the comment. A BOM that arrives after one no longer leads the stream,
+so it is dropped (a reader would take it for part of the first field name): the only bytes fed
+that do not come out.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ class Frame:
     """Bytes to pass on as one piece: a whole event and `event`, what it dispatches.
 
     `event` is None for bytes that dispatch nothing: a block of comments, an event without
-    data, the LF of a CRLF whose CR ended the event before it, or a piece of an event longer
-    than MAX_EVENT (passed on unread).
+    data, the leading BOM, the LF of a CRLF whose CR ended the event before it, or a piece of
+    an event longer than MAX_EVENT (passed on unread).
     """
 
     raw: bytes
@@ -42,7 +49,17 @@ class Frame:
 
 
 class SSEFramer:
-    __slots__ = ("_data", "_event", "_held", "_id", "_line", "_passing", "_skip_lf", "_started")
+    __slots__ = (
+        "_data",
+        "_event",
+        "_held",
+        "_id",
+        "_line",
+        "_passing",
+        "_skip_lf",
+        "_spoke_first",
+        "_started",
+    )
 
     def __init__(self) -> None:
         self._held = b""  # the bytes of the event in progress
@@ -53,11 +70,23 @@ class SSEFramer:
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None  # WHATWG's "last event ID buffer": kept across events
+        self._spoke_first = False  # a comment of ours went out before upstream's first byte
 
     @property
     def at_boundary(self) -> bool:
         """True when the bytes so far end exactly between events (nothing half-sent)."""
         return not (self._held or self._passing)
+
+    def comment(self, text: bytes) -> bytes:
+        """A comment line of the gateway's own (`: text` and the blank line that ends it) to
+        send now, between the events passed on so far; b"" while one of them is half passed on
+        (over MAX_EVENT). It is not fed: nothing reads it, and an event still held follows it.
+        """
+        if self._passing:
+            return b""
+        if not self._started:
+            self._spoke_first = True
+        return b": " + text + b"\n\n"
 
     def feed(self, chunk: bytes) -> list[Frame]:
         """The frames `chunk` completes; the bytes of an event still incomplete are held."""
@@ -74,7 +103,13 @@ class SSEFramer:
                 self._held = buf
                 return []
             self._started = True
-            scan = line = 3 if buf.startswith(_BOM) else 0
+            scan = line = 0
+            if buf.startswith(_BOM):
+                # It goes on at once and alone, so a comment of ours may follow it; after
+                # one, it would no longer lead the stream: dropped.
+                start = scan = line = 3
+                if not self._spoke_first:
+                    frames.append(Frame(_BOM, None))
         elif self._skip_lf:
             self._skip_lf = False
             if buf[scan] == 0x0A:  # the LF of a CRLF

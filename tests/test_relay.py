@@ -84,3 +84,20 @@ def test_event_data_that_is_not_a_json_object_is_passed_and_not_counted() -> Non
     assert relay.feed(odd) == odd
     tally = relay.tally
     assert (tally.done, tally.errored, tally.content_chars) == (False, False, 0)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=8))
+def test_heartbeats_between_any_chunks_change_neither_the_events_nor_the_tally(
+    cuts: list[int],
+) -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    points = [0, *sorted(cuts), len(STREAM)]
+    out = [relay.keep_alive()]
+    for a, b in itertools.pairwise(points):
+        out += [relay.feed(STREAM[a:b]), relay.keep_alive()]
+    caller = b"".join(out) + relay.finish(close=False)
+    assert caller.count(b": keep-alive\n\n") == len(points)
+    assert caller.replace(b": keep-alive\n\n", b"") == TRANSLATED
+    tally = relay.tally
+    assert tally.done and tally.usage == Usage(3, 4, 7)
+    assert tally.content_chars == len("Our business hours")

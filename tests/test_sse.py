@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from gateway.sse import MAX_EVENT, Event, Frame, SSEFramer, with_data
 
+_BOM = b"\xef\xbb\xbf"
+
 STREAM = (
     b'data: {"type": "content", "content": "Our business"}\n\n'
     b": a comment line\n"
@@ -190,7 +192,11 @@ def test_an_event_ending_in_cr_leaves_at_once_and_its_lf_after_it() -> None:
 
 
 def test_leading_bom_is_ignored_and_kept() -> None:
-    assert frame(b"\xef\xbb", b"\xbfdata: x\n\n") == [Frame(b"\xef\xbb\xbfdata: x\n\n", Event("x"))]
+    # It goes on at once, alone: the caller is between events after it.
+    assert frame(b"\xef\xbb", b"\xbfdata: x\n\n") == [
+        Frame(_BOM, None),
+        Frame(b"data: x\n\n", Event("x")),
+    ]
     assert scan(b"\xef\xbb\xbf\n", b"data: x\n\n") == [Event(data="x")]
     # Only the stream's first: another is part of a field name.
     assert scan(b"\xef\xbb\xbfdata: x\n\n\xef\xbb\xbfdata: y\n\n") == [Event(data="x")]
@@ -258,6 +264,64 @@ def test_an_overlong_event_loses_no_byte_however_cut() -> None:
             assert events == [Event("a"), Event("b")]
         else:  # whole in one chunk, never held: read like any other
             assert events == [Event("a"), Event(long[6:-2].decode()), Event("b")]
+
+
+# --- a comment of the gateway's own (the stream's heartbeat) ---------------------------
+
+
+def test_a_comment_goes_between_events_and_a_held_event_follows_it() -> None:
+    framer = SSEFramer()
+    event = b'data: {"type": "content", "content": "Hi"}\n\n'
+    assert framer.feed(event + event[:10]) == [Frame(event, Event(event[6:-2].decode()))]
+    # Half of the next event is held, not sent: the caller is between events.
+    assert framer.comment(b"keep-alive") == b": keep-alive\n\n"
+    assert framer.feed(event[10:]) == [Frame(event, Event(event[6:-2].decode()))]
+    assert framer.finish() == b""
+
+
+def test_no_comment_inside_an_event_passed_on_piece_by_piece() -> None:
+    framer = SSEFramer()
+    framer.feed(b"data: " + b"x" * MAX_EVENT)
+    assert framer.comment(b"keep-alive") == b""  # its first piece has gone out
+    framer.feed(b"xx\n")
+    assert framer.comment(b"keep-alive") == b""
+    framer.feed(b"\n")
+    assert framer.comment(b"keep-alive") == b": keep-alive\n\n"
+
+
+def test_a_bom_after_a_leading_comment_is_dropped() -> None:
+    framer = SSEFramer()
+    assert framer.comment(b"keep-alive") == b": keep-alive\n\n"
+    assert framer.feed(b"\xef\xbb") == []
+    assert framer.feed(b"\xbfdata: x\n\n") == [Frame(b"data: x\n\n", Event("x"))]
+    # A BOM that came first went on at once: a comment follows it.
+    later = SSEFramer()
+    assert later.feed(_BOM + b"data: ") == [Frame(_BOM, None)]
+    assert later.comment(b"keep-alive") == b": keep-alive\n\n"
+    assert later.feed(b"x\n\n") == [Frame(b"data: x\n\n", Event("x"))]
+
+
+@given(
+    st.lists(st.sampled_from(_PIECES), max_size=30).map(b"".join),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+    st.lists(st.booleans(), max_size=10),
+)
+def test_comments_wherever_allowed_leave_what_a_browser_reads_unchanged(
+    stream: bytes, cuts: list[int], comment_after: list[bool]
+) -> None:
+    framer, fed, sent, bom_dropped = SSEFramer(), b"", list[bytes](), False
+    pieces = [b"", *cut(stream, [c for c in cuts if c <= len(stream)])]
+    for piece, comment in zip(pieces, comment_after + [False] * len(pieces), strict=False):
+        sent += [f.raw for f in framer.feed(piece)]
+        fed += piece
+        if comment:
+            sent.append(framer.comment(b"keep-alive"))
+            # Before upstream's first byte (but a BOM's): a BOM to come would not lead.
+            bom_dropped = bom_dropped or _BOM.startswith(fed)
+    caller = b"".join(sent) + framer.finish()
+    assert reference_events(caller) == reference_events(stream)
+    upstreams = caller.replace(b": keep-alive\n\n", b"")
+    assert upstreams == (stream.removeprefix(_BOM) if bom_dropped else stream)
 
 
 # --- a done event rebuilt --------------------------------------------------------------
