@@ -10,8 +10,11 @@ chunk by chunk as they arrive; an SSE scanner reads the same bytes alongside to 
 `done` event's usage, and a stream that breaks off ends with one SSE error event. With session
 isolation (gateway/sessions.py) the session id is namespaced on the way up and translated back
 on the way down: in the body, and in the stream's `done` event (each event is passed on as soon
-as it is complete). Response headers are not this module's business: gateway/headers.py adds
-the request id and rate-limit headers to every response, streams included.
+as it is complete). While a stream's upstream is silent, a keep-alive comment goes to the
+caller every `streams.heartbeat` seconds, between events (the relay says when it may), so load
+balancers on the way do not cut it; upstream silent for `upstream.timeouts.idle` still ends
+it. Response headers are not this module's business: gateway/headers.py adds the request id
+and rate-limit headers to every response, streams included.
 """
 
 from __future__ import annotations
@@ -213,19 +216,26 @@ async def _pass_stream(
     assert relay is not None
     out = web.StreamResponse(status=response.status, headers=_passed_back(response))
     out.headers.update(STREAM_HEADERS)
-    idle = upstream.timeouts.idle
+    idle, beat = upstream.timeouts.idle, request.app[CONFIG].streams.heartbeat
     failure: GatewayError | None = None
+    chunk: bytes | None
     loop = asyncio.get_running_loop()
     await out.prepare(request)
+    # Upstream silent until then ends the stream; a heartbeat of ours does not move it.
+    silent_until = deadline.within(idle)
     while True:
         waiting = loop.time()
+        # With heartbeats on, the wait also ends `beat` seconds into a silence.
+        wake = min(silent_until, waiting + beat) if beat else silent_until
         try:
-            async with asyncio.timeout_at(deadline.within(idle)):
+            async with asyncio.timeout_at(wake):
                 chunk = await next_chunk(response.content)
         except TimeoutError:
-            failure = UpstreamTimeout("the upstream API stopped sending this stream")
-            record.upstream_error = STREAM_TIMEOUT
-            break
+            if wake == silent_until:
+                failure = UpstreamTimeout("the upstream API stopped sending this stream")
+                record.upstream_error = STREAM_TIMEOUT
+                break
+            chunk = None  # only a heartbeat is due
         except aiohttp.ClientError as exc:
             failure = UpstreamUnavailable(f"the upstream stream broke off ({type(exc).__name__})")
             record.upstream_error = STREAM_BROKEN
@@ -233,12 +243,20 @@ async def _pass_stream(
         finally:
             received = loop.time()
             record.upstream_wait += received - waiting
+        if chunk is None:
+            # Load balancers on the way cut a stream idle for their own timeout (60 s for
+            # ALB and nginx): a comment keeps it open, between events only, never tallied.
+            keep_alive = relay.keep_alive()
+            if keep_alive and not await _write(request, out, keep_alive, idle, admission):
+                return out
+            continue
         if not chunk:
             break
         passed = relay.feed(chunk)
         if passed and not await _write(request, out, passed, idle, admission):
             return out
         chunk_gap.observe(loop.time() - received)
+        silent_until = deadline.within(idle)
 
     tally = relay.tally
     if failure is None and not tally.done and not tally.errored:
