@@ -486,6 +486,9 @@ async def test_a_fault_is_registered_listed_and_cleared(sim: SimClient) -> None:
         ({"kind": "slow_first_byte", "delay": -1}, "delay"),
         ({"kind": "slow_drip", "interval": "fast"}, "interval"),
         ({"kind": "drop_mid_stream", "after_events": 1.5}, "after_events"),
+        ({"kind": "pause_stream", "after_events": 1}, "delay"),
+        ({"kind": "pause_stream", "delay": float("inf")}, "delay"),
+        ({"kind": "pause_stream", "delay": 1, "after_events": -1}, "after_events"),
         ({"kind": "error", "status": 200}, "status"),
         ({"kind": "error", "status": True}, "status"),
         ({"kind": "hang", "times": 0}, "times"),
@@ -618,6 +621,26 @@ async def test_hold_stream_sends_n_events_then_waits_for_release(sim: SimClient)
     assert content_of(events) == '[ag_support] You said: "Hi". This is turn 1 of session s.'
     assert events[-1]["type"] == "done"
     assert await (await sim.get("/_sim/held")).json() == {"held": 0}
+
+
+@pytest.mark.parametrize("after_events", [0, 2])
+async def test_pause_stream_is_silent_for_its_delay_after_n_events_then_goes_on(
+    sim: SimClient, after_events: int
+) -> None:
+    fault = {"kind": "pause_stream", "after_events": after_events, "delay": 0.3, "times": 1}
+    await add_fault(sim, fault)
+    assert (await chat(sim, {"message": "Hi"})).status == 200  # Not a stream: not counted.
+    loop = asyncio.get_running_loop()
+    response = await chat(sim, {"message": "Hi", "session_id": "s", "stream": True})
+    assert response.status == 200  # the headers come before the pause
+    before = [await read_event(response) for _ in range(after_events)]
+    paused = loop.time()
+    after = parse_sse(await response.read())
+    assert loop.time() - paused >= 0.29
+    events = before + after
+    assert content_of(events) == '[ag_support] You said: "Hi". This is turn 1 of session s.'
+    assert events[-1]["type"] == "done"
+    assert (await (await sim.get("/_sim/faults")).json()) == {"faults": []}
 
 
 async def test_held_streams_can_be_awaited_in_process(sim: SimClient) -> None:

@@ -144,7 +144,8 @@ async def _stream(
     events.append(sse_event(done_event(reply, usage_format)))
 
     interval = request.app[CONFIG].chunk_interval
-    drop_at = hold_at = -1
+    drop_at = hold_at = pause_at = -1
+    pause = 0.0
     if fault is not None:
         if fault.kind == "slow_drip":
             interval = fault.interval
@@ -152,6 +153,8 @@ async def _stream(
             drop_at = min(fault.after_events, content_events)
         elif fault.kind == "hold_stream":
             hold_at = min(fault.after_events, content_events)
+        elif fault.kind == "pause_stream":
+            pause_at, pause = min(fault.after_events, content_events), fault.delay
 
     response = web.StreamResponse(
         headers={**headers, "Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -165,6 +168,8 @@ async def _stream(
                 return response
             if index == hold_at and not await request.app[HELD_STREAMS].hold(is_gone):
                 return response
+            if index == pause_at:
+                await asyncio.sleep(pause)
             if index and interval:
                 await asyncio.sleep(interval)
             # One write per event: each reaches the socket on its own, as upstream's do.

@@ -21,6 +21,7 @@ FaultKind = Literal[
     "rate_limited",
     "error",
     "hold_stream",
+    "pause_stream",
     "hold_answer",
     "stream_unasked",
 ]
@@ -34,6 +35,9 @@ _PARAMS: Mapping[str, tuple[str, ...]] = {
     "rate_limited": ("retry_after",),
     "error": ("status", "code", "message"),
     "hold_stream": ("after_events",),
+    # Silent for `delay` seconds after `after_events` events, then the rest: a model that
+    # thinks before its first words (0) or mid-answer, as a load balancer's idle timer sees it.
+    "pause_stream": ("after_events", "delay"),
     # Runs the turn, then holds its answer (before any header) until released: a model's
     # generation as a JSON caller meets it, and as a stream's caller before its first byte.
     "hold_answer": (),
@@ -41,7 +45,9 @@ _PARAMS: Mapping[str, tuple[str, ...]] = {
     "stream_unasked": (),
 }
 # These only make sense for a stream; a JSON request skips them and leaves `times` alone.
-STREAM_ONLY: frozenset[str] = frozenset({"slow_drip", "drop_mid_stream", "hold_stream"})
+STREAM_ONLY: frozenset[str] = frozenset(
+    {"slow_drip", "drop_mid_stream", "hold_stream", "pause_stream"}
+)
 _COMMON = frozenset({"kind", "agent_id", "times"})
 
 
@@ -132,6 +138,9 @@ def parse_fault(spec: object, fault_id: int) -> Fault:
         fault.interval = _seconds(_required(spec, kind, "interval"), "interval")
     elif kind in ("drop_mid_stream", "hold_stream"):
         fault.after_events = _int(spec.get("after_events", 1), "after_events", minimum=0)
+    elif kind == "pause_stream":
+        fault.after_events = _int(spec.get("after_events", 1), "after_events", minimum=0)
+        fault.delay = _seconds(_required(spec, kind, "delay"), "delay")
     elif kind == "rate_limited":
         fault.retry_after = _int(spec.get("retry_after", 1), "retry_after", minimum=0)
     elif kind == "error":
