@@ -127,6 +127,7 @@ class AccessRecord:
     error: str | None = None
     client_closed: bool = False
     upstream_error: str | None = None
+    heartbeats: int = 0  # keep-alive comments written into a stream while upstream was silent
 
     def fields(self, finished: float) -> dict[str, Any]:
         fields: dict[str, Any] = {
@@ -166,4 +167,6 @@ class AccessRecord:
                 fields[name] = getattr(self, name)
         if self.client_closed:
             fields["client_closed"] = True
+        if self.heartbeats:
+            fields["heartbeats"] = self.heartbeats
         return fields

@@ -40,6 +40,7 @@ from gateway.errors import (
 from gateway.headers import buckets_of
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
 from gateway.quota import QuotaUnavailable, Reservation
+from gateway.relay import EventRelay
 from gateway.sessions import SessionScope, parse_answer
 from gateway.state import (
     ACCESS,
@@ -244,10 +245,7 @@ async def _pass_stream(
             received = loop.time()
             record.upstream_wait += received - waiting
         if chunk is None:
-            # Load balancers on the way cut a stream idle for their own timeout (60 s for
-            # ALB and nginx): a comment keeps it open, between events only, never tallied.
-            keep_alive = relay.keep_alive()
-            if keep_alive and not await _write(request, out, keep_alive, idle, admission):
+            if not await _keep_alive(request, out, relay, idle, admission):
                 return out
             continue
         if not chunk:
@@ -272,6 +270,25 @@ async def _pass_stream(
         except ConnectionError:
             admission.caller_left()
     return out
+
+
+async def _keep_alive(
+    request: web.Request,
+    out: web.StreamResponse,
+    relay: EventRelay,
+    idle: float,
+    admission: Admission,
+) -> bool:
+    """A heartbeat, for upstream has been silent: load balancers on the way cut a stream idle
+    for their own timeout (60 s for ALB and nginx). It goes between events only (the relay
+    knows where the caller is) and is never tallied. False when the caller has gone."""
+    comment = relay.keep_alive()
+    if not comment:  # the caller is inside an event: the next beat will tell
+        return True
+    if not await _write(request, out, comment, idle, admission):
+        return False
+    request[ACCESS].heartbeats += 1
+    return True
 
 
 async def _write(

@@ -11,8 +11,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from gateway.admission import estimate_tokens
 from gateway.app import create_admin_app
 from gateway.config import parse_config
+from gateway.state import DRAINS
 from tests.conftest import (
     ACME,
     ACME_KEY,
@@ -359,6 +361,127 @@ async def test_stream_that_goes_quiet_ends_with_a_timeout_event(
     assert [e["type"] for e in received] == ["content", "error"]
     assert received[-1]["code"] == "upstream_timeout"
     await simulator.post("/_sim/release")
+
+
+# --- heartbeats while upstream is silent -----------------------------------------------
+
+HEARTBEAT = b": keep-alive\n\n"
+STORY: dict[str, Any] = {"message": "Tell me about your products", "stream": True}
+
+
+async def as_passed_on(simulator: Sim, session_id: str) -> bytes:
+    """STORY's stream in acme's session `session_id` (3 characters) as the gateway passes it
+    on, taken straight from upstream in a session of its own (the same turn, the same size)."""
+    direct = await simulator.post(
+        CHAT,
+        json={**STORY, "session_id": "gw:acme:up_"},
+        headers={"Authorization": f"Bearer {SUPPORT_KEY}"},
+    )
+    received = (await direct.read()).replace(b"gw:acme:up_", f"gw:acme:{session_id}".encode())
+    return received.replace(b'"gw:acme:' + session_id.encode() + b'"', f'"{session_id}"'.encode())
+
+
+def blocks_of(received: bytes) -> list[str]:
+    """Each block up to a blank line: `beat` for a heartbeat, else the event's type. Every
+    block is a whole event or a whole comment: nothing was written inside an event."""
+    *blocks, rest = received.split(b"\n\n")
+    assert rest == b""
+    kinds = []
+    for block in blocks:
+        if block + b"\n\n" == HEARTBEAT:
+            kinds.append("beat")
+        else:
+            assert block.startswith(b"data: ") and b"\n" not in block, block
+            kinds.append(json.loads(block.removeprefix(b"data: "))["type"])
+    return kinds
+
+
+def log_lines(capsys: pytest.CaptureFixture[str]) -> list[dict[str, Any]]:
+    err = capsys.readouterr().err
+    return [json.loads(line) for line in err.splitlines() if line[:1] == "{"]
+
+
+def access_line(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    [line] = [line for line in log_lines(capsys) if line.get("logger") == "gateway.access"]
+    return line
+
+
+async def test_a_paused_stream_gets_heartbeats_between_events_and_the_same_content(
+    make_gateway: Any, simulator: Sim, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = await make_gateway("streams: {heartbeat: 1}")
+    expected = await as_passed_on(simulator, "s_1")
+    await add_fault(simulator, "pause_stream", after_events=2, delay=3, times=1)
+    capsys.readouterr()
+    response = await gateway.post(CHAT, json={**STORY, "session_id": "s_1"}, headers=ACME)
+    received = await response.read()
+
+    kinds = blocks_of(received)
+    beats = kinds.count("beat")
+    assert beats >= 2
+    # All of them in the pause, after the two events before it.
+    assert kinds[: 2 + beats] == ["content", "content"] + ["beat"] * beats
+    assert kinds[-1] == "done"
+    assert received.replace(HEARTBEAT, b"") == expected
+    assert access_line(capsys)["heartbeats"] == beats
+
+
+async def test_heartbeat_0_sends_none(
+    make_gateway: Any, simulator: Sim, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = await make_gateway("streams: {heartbeat: 0}")
+    expected = await as_passed_on(simulator, "s_1")
+    await add_fault(simulator, "pause_stream", after_events=1, delay=0.5, times=1)
+    capsys.readouterr()
+    response = await gateway.post(CHAT, json={**STORY, "session_id": "s_1"}, headers=ACME)
+    assert await response.read() == expected
+    assert "heartbeats" not in access_line(capsys)
+
+
+async def test_heartbeats_do_not_hold_off_the_idle_timeout(
+    make_gateway: Any, simulator: Sim, simulator_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    yaml = gateway_yaml(simulator_url, "streams: {heartbeat: 0.2}").replace("idle: 5", "idle: 1")
+    gateway = await make_gateway(config=parse_config(yaml))
+    await add_fault(simulator, "hold_stream", after_events=1)
+    capsys.readouterr()
+    response = await gateway.post(CHAT, json=STORY, headers=ACME)
+    async with asyncio.timeout(5):  # held for ever upstream: only the idle timeout ends it
+        received = await response.read()
+    kinds = blocks_of(received)
+    assert kinds[0] == "content" and kinds[-1] == "error"
+    assert set(kinds[1:-1]) == {"beat"}
+    assert sse_events(received)[-1]["code"] == "upstream_timeout"
+    line = access_line(capsys)
+    assert line["upstream_error"] == "stream_timeout"
+    assert line["heartbeats"] == len(kinds) - 2
+    # Charged by estimate, from the message and the one event's text: heartbeats are not text.
+    seen = sse_events(received)[0]["content"]
+    assert line["tokens_charged"] == estimate_tokens(len(STORY["message"])) + estimate_tokens(
+        len(seen)
+    )
+    await simulator.post("/_sim/release")
+
+
+async def test_a_caller_gone_in_a_silence_gets_no_more_and_its_stream_is_drained(
+    make_gateway: Any, simulator: Sim, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gateway = await make_gateway("streams: {heartbeat: 0.05}")
+    await add_fault(simulator, "pause_stream", after_events=1, delay=1, times=1)
+    capsys.readouterr()
+    response = await gateway.post(CHAT, json=STORY, headers=ACME)
+    assert sse_events(await response.content.readuntil(b"\n\n"))[0]["type"] == "content"
+    assert await response.content.readuntil(b"\n\n") == HEARTBEAT
+    response.close()
+    # The next heartbeat's write finds the caller gone (if aiohttp has not said so first):
+    # its stream goes to a drain, which reads upstream's done event after the pause.
+    async with asyncio.timeout(5):
+        await gateway.app[DRAINS].wait_finished(1)
+    lines = log_lines(capsys)
+    [access] = [line for line in lines if line.get("logger") == "gateway.access"]
+    [drained] = [line for line in lines if line.get("event") == "drain finished"]
+    assert access["client_closed"] is True and access["heartbeats"] >= 1
+    assert drained["complete"] is True
 
 
 # --- health ----------------------------------------------------------------------------
