@@ -17,7 +17,7 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
 from aiohttp_sse_client import client as sse_client
 
-from tests.conftest import ACME_KEY, SUPPORT_KEY
+from tests.conftest import ACME_KEY, SUPPORT_KEY, GatewayFactory
 from tests.secret_watch import SecretWatch
 
 Client = TestClient[web.Request, web.Application]
@@ -83,9 +83,8 @@ async def test_node_streaming_example_prints_the_whole_reply(
     assert "Tell me about your products" in through
 
 
-async def test_independent_sse_client_reads_the_stream(
-    gateway: Client, secret_watch: SecretWatch
-) -> None:
+async def sse_client_events(gateway: Client, secret_watch: SecretWatch) -> list[dict[str, Any]]:
+    """A stream's events as aiohttp-sse-client reads them, to the done event."""
     received: list[dict[str, Any]] = []
     async with (
         ClientSession(response_class=secret_watch.response_class()) as session,
@@ -101,7 +100,68 @@ async def test_independent_sse_client_reads_the_stream(
             received.append(json.loads(event.data))
             if received[-1]["type"] == "done":
                 break
+    return received
+
+
+async def test_independent_sse_client_reads_the_stream(
+    gateway: Client, secret_watch: SecretWatch
+) -> None:
+    received = await sse_client_events(gateway, secret_watch)
     assert received[0]["type"] == "content"
     assert received[-1]["tokens_used"] > 0
     text = "".join(e["content"] for e in received if e["type"] == "content")
     assert "Stream please" in text
+
+
+# --- heartbeats: comment lines every SSE client skips -------------------------------------
+
+
+async def pause_next_stream(simulator: TestClient[Any, Any]) -> None:
+    """Upstream's next stream goes silent for a second after two events."""
+    fault = {"kind": "pause_stream", "after_events": 2, "delay": 1, "times": 1}
+    assert (await simulator.post("/_sim/faults", json=fault)).status == 201
+
+
+def heartbeats_sent(capsys: pytest.CaptureFixture[str]) -> int:
+    """Heartbeats in the one stream served since the last call (its access line)."""
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line[:1] == "{"]
+    [access] = [line for line in lines if line.get("logger") == "gateway.access"]
+    beats: int = access.get("heartbeats", 0)
+    return beats
+
+
+async def test_node_streaming_example_prints_the_same_with_heartbeats(
+    make_gateway: GatewayFactory,
+    simulator: TestClient[Any, Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    beating = await make_gateway("streams: {heartbeat: 0.2}")
+    quiet = await make_gateway("streams: {heartbeat: 0}")
+    await pause_next_stream(simulator)
+    capsys.readouterr()
+    with_heartbeats = await run_node("stream.mjs", url_of(beating), ACME_KEY)
+    assert heartbeats_sent(capsys) >= 2
+    without = await run_node("stream.mjs", url_of(quiet), ACME_KEY)
+    same = r"gw:acme:sess_\w+"
+    assert re.sub(same, "sess_X", with_heartbeats) == re.sub(same, "sess_X", without)
+    assert "Tell me about your products" in with_heartbeats
+
+
+async def test_independent_sse_client_reads_the_same_events_with_heartbeats(
+    make_gateway: GatewayFactory,
+    simulator: TestClient[Any, Any],
+    secret_watch: SecretWatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    beating = await make_gateway("streams: {heartbeat: 0.2}")
+    quiet = await make_gateway("streams: {heartbeat: 0}")
+    await pause_next_stream(simulator)
+    capsys.readouterr()
+    with_heartbeats = await sse_client_events(beating, secret_watch)
+    assert heartbeats_sent(capsys) >= 2
+    without = await sse_client_events(quiet, secret_watch)
+    same = r"(gw:acme:)?sess_\w+"
+    assert re.sub(same, "sess_X", json.dumps(with_heartbeats)) == re.sub(
+        same, "sess_X", json.dumps(without)
+    )
+    assert with_heartbeats[-1]["type"] == "done"
