@@ -72,6 +72,30 @@ async def test_sigterm_stops_taking_work_and_lets_a_stream_in_flight_finish(
     assert '"status": 200' in lines and '"stream": true' in lines
 
 
+async def test_a_stream_in_flight_after_sigterm_keeps_its_heartbeats_through_the_grace(
+    tmp_path: Path, secret_watch: SecretWatch
+) -> None:
+    async with (
+        gateway_and_simulator(tmp_path, extra="streams: {heartbeat: 1}\n") as running,
+        aiohttp.ClientSession(response_class=secret_watch.response_class()) as session,
+    ):
+        await session.post(f"{running.simulator}/_sim/faults", json={"kind": "hold_stream"})
+        async with session.post(
+            f"{running.url}{CHAT}", json={"message": "think first", "stream": True}, headers=ACME
+        ) as stream:
+            first = await stream.content.readuntil(b"\n\n")
+            # Signalled well within the first second of upstream's silence:
+            running.gateway.send_signal(signal.SIGTERM)
+            await until_status(session, f"{running.admin}/readyz", 503)
+            # the load balancer in front still gets its heartbeat while the stream finishes.
+            assert await stream.content.readuntil(b"\n\n") == b": keep-alive\n\n"
+            await session.post(f"{running.simulator}/_sim/release")
+            rest = await stream.read()
+        assert sse_events(first + rest)[-1]["type"] == "done"
+        async with asyncio.timeout(5):
+            assert await running.gateway.wait() == 0
+
+
 @pytest.mark.parametrize("running", [1], indirect=True, ids=["grace=1s"])
 async def test_a_stream_longer_than_the_grace_is_cut_and_the_process_still_exits_0(
     running: Running, secret_watch: SecretWatch
