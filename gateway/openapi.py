@@ -142,7 +142,9 @@ def _chat() -> dict[str, Any]:
             "200": {
                 "description": (
                     "Upstream's answer, unchanged: JSON, or (with stream: true or "
-                    "Accept: text/event-stream) events passed on chunk by chunk."
+                    "Accept: text/event-stream) events passed on chunk by chunk; while "
+                    "upstream is silent, a comment line `: keep-alive` between events every "
+                    "streams.heartbeat seconds (SSE clients skip comments)."
                 ),
                 "headers": {
                     "X-Request-ID": _ref("headers", "X-Request-ID"),
