@@ -99,7 +99,7 @@ class SSEFramer:
         scan = len(held)  # where the bytes not yet searched for line ends start
         line = self._line  # where the line being read starts
         if not self._started:
-            if _BOM.startswith(buf):  # too short to tell yet
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):  # too short to tell yet
                 self._held = buf
                 return []
             self._started = True
