@@ -203,12 +203,12 @@ async def test_a_reload_names_what_only_a_restart_applies(
 
     changed = text.replace("  timeouts: {connect: 2,", "  timeouts: {connect: 3,")
     changed = changed.replace("  timeouts:", "  rate_limits: {per_minute: 100}\n  timeouts:", 1)
-    path.write_text(changed + "limits: {max_body_bytes: 1024}\n")
+    path.write_text(changed + "limits: {max_body_bytes: 1024}\nstreams: {heartbeat: 5}\n")
     for _ in range(2):
         with capture_logs() as logs:
             assert reload_config(gateway.app)
         [line] = [entry for entry in logs if entry["event"] == "config reloaded"]
-        assert line["restart_needed_for"] == ["upstream", "limits"]
+        assert line["restart_needed_for"] == ["upstream", "limits", "streams"]
 
     # upstream.rate_limits is in force; upstream.timeouts is still the start-up one.
     assert gateway.app[TENANCY].current.upstream_limits.bucket_for("ag_support") is not None
