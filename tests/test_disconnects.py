@@ -120,7 +120,10 @@ async def test_500_streams_aborted_at_random_points_leave_no_connections_or_memo
         if line.startswith("gateway_requests_total{")
     }
     assert codes <= {"200", "499"}, codes
-    assert after["gateway_client_disconnects_total"] > 300
+    # Proof that the exercise met the gateway mid-stream. How many of 700 it catches depends
+    # on load (a stream written whole into the socket before its caller hangs up is no
+    # disconnect): 280-570 seen on a 2-core machine, so the floor is well below that.
+    assert after["gateway_client_disconnects_total"] > 150
     # Kept-alive upstream connections come and go with the load (at most one per concurrent
     # stream); a leak of one per aborted stream would show as hundreds.
     assert open_fds(pid) <= fds + 50, f"descriptors {fds} → {open_fds(pid)}"
