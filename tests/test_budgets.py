@@ -9,7 +9,7 @@ calendar, so the clock a test moves is the one they obey on either backend.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import AsyncExitStack
 from datetime import datetime
 from typing import Any
@@ -253,7 +253,7 @@ async def test_each_warn_at_fraction_is_logged_once_per_period_across_replicas(
     tenants = team(Budget(requests=Amount(per_day=10), warn_at=(0.5, 0.8)))
     replicas = [await harness.open_for(tenants) for _ in range(2 if harness.server else 1)]
 
-    def crossed(logs: list[dict[str, Any]]) -> list[tuple[str, str, str, float]]:
+    def crossed(logs: list[MutableMapping[str, Any]]) -> list[tuple[str, str, str, float]]:
         return sorted(
             (e["tenant"], e["key"], e["budget"], e["fraction"])
             for e in logs
