@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, default=9000)
     simulate.add_argument("--config", help="simulator YAML (default: built-in demo agents)")
+    simulate.add_argument(
+        "--cert-file", help="serve HTTPS with this PEM certificate chain (with --key-file)"
+    )
+    simulate.add_argument("--key-file", help="the certificate's PEM private key")
     return parser
 
 
@@ -112,12 +116,30 @@ def summary(config: Config) -> str:
         f"  quota backend {config.quota.backend}{f' at {redis}' if redis else ''}, "
         f"on_backend_error {config.quota.on_backend_error}",
     ]
+    edges = _edges(config)
+    if edges:
+        lines.insert(3, f"  {edges}")
     for tenant in config.tenants.values():
         lines.append(
             f"  tenant {tenant.name}: {len(tenant.keys)} key(s), "
             f"agents {', '.join(sorted(tenant.agents))}"
         )
     return "\n".join(lines)
+
+
+def _edges(config: Config) -> str:
+    """TLS and the egress proxy, when set; a proxy URL without its credentials."""
+    parts = []
+    if config.listen.tls is not None:
+        parts.append(f"caller port TLS with {config.listen.tls.cert_file}")
+    if config.upstream.ca_file is not None:
+        parts.append(f"upstream trusts the system's CAs and {config.upstream.ca_file}")
+    proxy = config.upstream.proxy
+    if proxy == "env":
+        parts.append("egress proxy from HTTPS_PROXY/HTTP_PROXY/NO_PROXY")
+    elif proxy is not None:
+        parts.append(f"egress proxy {mask_url(proxy.reveal())}")
+    return ", ".join(parts)
 
 
 _DURATION = re.compile(r"(\d+)([hdw])")
@@ -204,24 +226,37 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate(host: str, port: int, config_path: str | None) -> int:
+def _simulate(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from gateway.simulator import create_simulator_app, load_simulator_config
+    from gateway.config import ListenTLS
+    from gateway.simulator import create_simulator_app
+    from gateway.simulator import load_simulator_config as load
+    from gateway.tls import server_context
 
+    if (args.cert_file is None) != (args.key_file is None):
+        print(
+            "thinnest-gateway simulate: give --cert-file and --key-file together", file=sys.stderr
+        )
+        return 2
     try:
-        config = load_simulator_config(config_path)
+        config = load(args.config)
+        # Like api.thinnest.ai, HTTPS when given a certificate (tests and the benchmark).
+        tls = None if args.cert_file is None else ListenTLS(args.cert_file, args.key_file)
+        context = None if tls is None else server_context(tls)
     except (OSError, ValueError) as exc:
         print(f"thinnest-gateway simulate: {exc}", file=sys.stderr)
         return 1
+    url = f"{'https' if context else 'http'}://{args.host}:{args.port}"
     # No access log: at benchmark rates it would cost more than the simulated work.
     web.run_app(
         create_simulator_app(config),
-        host=host,
-        port=port,
+        host=args.host,
+        port=args.port,
+        ssl_context=context,
         access_log=None,
         shutdown_timeout=1.0,
-        print=lambda _: print(f"simulator listening on http://{host}:{port}", flush=True),
+        print=lambda _: print(f"simulator listening on {url}", flush=True),
     )
     return 0
 
@@ -245,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "usage":
             return _usage(args)
         elif args.command == "simulate":
-            return _simulate(args.host, args.port, args.config)
+            return _simulate(args)
     except ConfigError as exc:
         print(f"thinnest-gateway: {exc}", file=sys.stderr)
         return 1

@@ -36,6 +36,7 @@ from gateway.quota.service import BACKEND_ERRORS
 from gateway.reload import reload_config
 from gateway.state import (
     ACCESS,
+    CERTIFICATE,
     CLOCK,
     CONFIG,
     DRAINS,
@@ -51,6 +52,7 @@ from gateway.state import (
     Lifecycle,
 )
 from gateway.tenancy import Tenancy, TenancyHolder
+from gateway.tls import ServerCertificate
 from gateway.upstream import UpstreamClient
 from gateway.upstream_limits import UpstreamLimiter
 
@@ -90,6 +92,8 @@ def create_app(
     app[METRICS] = Metrics(lambda: tenancy.current.labels)
     app[METRICS].registry.register(KeyExpiry(lambda: tenancy.current.expiries))
     app[LIMITER] = UpstreamLimiter(lambda: tenancy.current.upstream_limits)
+    if config.listen.tls is not None:
+        app[CERTIFICATE] = ServerCertificate(config.listen.tls)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_quota)
     app.router.add_post("/v1/agents/{agent_id}/chat", chat)
@@ -356,14 +360,16 @@ async def _serve(config: Config, *, loop_name: str) -> None:
     try:
         await admin_runner.setup()
         await runner.setup()
-        await _listen(runner, config, "listen")
+        await _listen(runner, config, "listen", app.get(CERTIFICATE))
         await _listen(admin_runner, config, "admin")
+        certificate = app.get(CERTIFICATE)
         log.info(
             "started",
             listen=f"{config.listen.host}:{config.listen.port}",
             admin=f"{config.admin.host}:{config.admin.port}",
             config=config.source,
             event_loop=loop_name,
+            **({"certificate_sha256": certificate.fingerprint} if certificate else {}),
         )
         await stop.wait()
         # /readyz answers 503 from now on and new requests are refused, on both ports, while
@@ -376,10 +382,16 @@ async def _serve(config: Config, *, loop_name: str) -> None:
         await admin_runner.cleanup()
 
 
-async def _listen(runner: web.AppRunner, config: Config, section: str) -> None:
+async def _listen(
+    runner: web.AppRunner,
+    config: Config,
+    section: str,
+    certificate: ServerCertificate | None = None,
+) -> None:
     where = config.listen if section == "listen" else config.admin
+    context = certificate.context if certificate is not None else None
     try:
-        await web.TCPSite(runner, where.host, where.port).start()
+        await web.TCPSite(runner, where.host, where.port, ssl_context=context).start()
     except OSError as exc:
         raise errors.ConfigError(
             f"{config.source}: {section}: cannot listen on {where.host}:{where.port}: "

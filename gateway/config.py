@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -55,9 +56,18 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class ListenTLS:
+    """The caller port's certificate chain and key (PEM files), re-read on SIGHUP."""
+
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True, slots=True)
 class Listen:
     host: str = "0.0.0.0"  # the caller port serves other hosts by design
     port: int = 8080
+    tls: ListenTLS | None = None  # the caller port only; None: plain HTTP
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +132,10 @@ class Upstream:
     retries: Retries = Retries()
     rate_limits: UpstreamRateLimits = UpstreamRateLimits()
     breaker: Breaker = Breaker()
+    # An egress proxy URL (it may carry credentials), or "env": HTTPS_PROXY, HTTP_PROXY and
+    # NO_PROXY as aiohttp's trust_env reads them. None: connect directly.
+    proxy: Secret | Literal["env"] | None = None
+    ca_file: str | None = None  # PEM trust anchors added to the system's, not replacing them
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +282,12 @@ class Config:
 # --- parsing (the file is read by gateway/config_file.py) --------------------------------
 
 
-def _listen(s: Section, default: Listen) -> Listen:
-    listen = Listen(host=s.text("host", default.host), port=s.whole("port", default.port))
+def _listen(s: Section, default: Listen, *, tls: bool = False) -> Listen:
+    listen = Listen(
+        host=s.text("host", default.host),
+        port=s.whole("port", default.port),
+        tls=_listen_tls(s.section("tls")) if tls and s.has("tls") else None,
+    )
     if listen.port > 65535:
         raise Problem(s.at("port"), f"must be at most 65535, got {listen.port}")
     s.done()
@@ -299,6 +317,67 @@ def _ports_apart(listen_s: Section, listen: Listen, admin_s: Section, admin: Lis
         f"{admin.port} is listen.port too ({where}), on the same address; "
         "the admin port needs a port of its own",
     )
+
+
+def _listen_tls(s: Section) -> ListenTLS:
+    # Loaded here once, so check-config and a SIGHUP refuse a bad pair before it serves
+    # (imported late: gateway/tls.py imports this module).
+    from gateway.tls import server_context
+
+    tls = ListenTLS(cert_file=_readable(s, "cert_file"), key_file=_readable(s, "key_file"))
+    s.done()
+    try:
+        server_context(tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise Problem(s.place, f"cannot load the certificate and key: {_tls_reason(exc)}") from None
+    return tls
+
+
+def _readable(s: Section, key: str) -> str:
+    """A file's path that can be opened now (TLS material: it is read by the ssl module)."""
+    path = s.text(key)
+    try:
+        Path(path).open("rb").close()
+    except OSError as exc:
+        raise Problem(s.at(key), f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _tls_reason(exc: OSError | ValueError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or exc.strerror or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _proxy(s: Section) -> Secret | Literal["env"] | None:
+    """`upstream.proxy`: `env`, or an http(s) URL; no message quotes it (it may hold a
+    password)."""
+    value = s.text("proxy", "")
+    if not value:
+        return None
+    if value == "env":
+        return "env"
+    url = _url(value)
+    if url is None or url.scheme not in ("http", "https") or not url.host or url.path != "/":
+        raise Problem(
+            s.at("proxy"), "expected env or a proxy URL such as http://proxy.example:3128"
+        )
+    return Secret(value)
+
+
+def _ca_file(s: Section) -> str | None:
+    if not s.has("ca_file"):
+        return None
+    path = _readable(s, "ca_file")
+    from gateway.tls import client_context  # imported late: gateway/tls.py imports this module
+
+    try:
+        client_context(path)
+    except (OSError, ValueError) as exc:
+        raise Problem(s.at("ca_file"), f"cannot load trust anchors: {_tls_reason(exc)}") from None
+    return path
 
 
 def _limit(s: Section) -> Limit:
@@ -365,6 +444,8 @@ def _upstream(s: Section) -> Upstream:
             failures=b.whole("failures", 5, minimum=1),
             cooldown=b.number("cooldown", 10.0),
         ),
+        proxy=_proxy(s),
+        ca_file=_ca_file(s),
     )
     t.done()
     r.done()
@@ -631,7 +712,7 @@ def _parse(root: Section, source: str) -> Config:
     limits = Limits(max_body_bytes=lim.whole("max_body_bytes", 65536, minimum=64))
     lim.done()
     listen_s, admin_s = root.section("listen"), root.section("admin")
-    listen, admin = _listen(listen_s, Listen()), _listen(admin_s, ADMIN_DEFAULT)
+    listen, admin = _listen(listen_s, Listen(), tls=True), _listen(admin_s, ADMIN_DEFAULT)
     _ports_apart(listen_s, listen, admin_s, admin)
 
     config = Config(

@@ -12,6 +12,7 @@ from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
 from gateway.quota import BucketState, QuotaService
 from gateway.tenancy import TenancyHolder
+from gateway.tls import ServerCertificate
 from gateway.upstream import UpstreamClient
 from gateway.upstream_limits import UpstreamLimiter
 
@@ -25,6 +26,8 @@ QUOTA = web.AppKey("quota", QuotaService)
 DRAINS = web.AppKey("drains", Drains)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("upstream_limiter", UpstreamLimiter)
+# The caller port's certificate, when `listen.tls` is set: a reload reads its files again.
+CERTIFICATE = web.AppKey("certificate", ServerCertificate)
 
 
 class Lifecycle:

@@ -32,6 +32,7 @@ from gateway.errors import (
 )
 from gateway.outages import FailureLog
 from gateway.retries import Retry, RetryPolicy
+from gateway.tls import TLSFailureLog, client_context
 
 # Only these caller headers go upstream; Authorization, cookies, hop-by-hop and anything
 # else a caller sends stay at the gateway. Accept is the gateway's own reading of the caller's
@@ -108,19 +109,30 @@ class UpstreamClient:
         self._failures = FailureLog(log, "upstream connection failed", self._peer, clock=clock)
         self._breaker_config = config.breaker
         self._pause = str(math.ceil(config.breaker.cooldown))
+        self.tls_failures = TLSFailureLog(clock)
         self._session = session
         self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
         self._keys = keys
 
     @staticmethod
     def open_session(config: Upstream) -> ClientSession:
+        proxy = config.proxy
         return ClientSession(
             # No pool cap: every upstream connection belongs to one caller connection,
-            # and a cap would queue streams behind each other invisibly.
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            # and a cap would queue streams behind each other invisibly. Without a
+            # `ca_file`, aiohttp's own default context (the system's trust store).
+            connector=aiohttp.TCPConnector(
+                limit=0,
+                ttl_dns_cache=300,
+                ssl=True if config.ca_file is None else client_context(config.ca_file),
+            ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
             # No skip_auto_headers: headers_for() always sets User-Agent, and a session-wide
             # skip list makes aiohttp rebuild a header dict on every request.
+            # An egress proxy: CONNECT for an https upstream, absolute URIs for http; "env"
+            # asks HTTPS_PROXY/HTTP_PROXY/NO_PROXY (and only then the environment).
+            proxy=proxy.reveal() if isinstance(proxy, Secret) else None,
+            trust_env=proxy == "env",
         )
 
     def can_reach(self, agent_id: str) -> bool:
@@ -229,6 +241,8 @@ class UpstreamClient:
                 return await self._session.post(url, data=data, headers=headers)
         except aiohttp.ClientConnectorError as exc:
             # Refused, unreachable, DNS, TLS: the request never left (see gateway/retries.py).
+            if isinstance(exc, aiohttp.ClientSSLError):
+                self.tls_failures.failed(exc)
             raise UpstreamUnreached(
                 f"the upstream API could not be reached ({type(exc).__name__})"
             ) from exc
