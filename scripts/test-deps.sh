@@ -6,6 +6,8 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v redis-cli >/dev/null || missing+=(redis-tools)
 # promtool checks the exposition and alert rules; prometheus scrapes the gateway end to end.
 command -v promtool >/dev/null || missing+=(prometheus)
+# A real forward proxy for the egress tests (tests/test_egress.py starts its own).
+command -v tinyproxy >/dev/null || missing+=(tinyproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} for the tests" >&2
   sudo_cmd=""

@@ -46,6 +46,7 @@ SECRETS_IN_PLAY = (
     "thns_sk_test_2",
     "ak_from_file",  # test_config's ${file:} secret
     "hunter2secret",  # test_quota's Redis password
+    "proxy_pw_0451",  # tests/forward_proxy.py's password, in upstream.proxy and HTTPS_PROXY
 )
 
 AiohttpClient = Callable[..., Awaitable[TestClient[Any, Any]]]
