@@ -60,10 +60,16 @@ class Running:
 
 @contextlib.asynccontextmanager
 async def gateway_and_simulator(
-    tmp_path: Path, *, grace: float = 5, extra: str = "", simulator_yaml: str | None = None
+    tmp_path: Path,
+    *,
+    grace: float = 5,
+    extra: str = "",
+    simulator_yaml: str | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> AsyncIterator[Running]:
     """`simulate` and `serve` started as operators start them; the gateway must exit 0 on
-    SIGTERM at the end (unless the test already stopped it, with 0)."""
+    SIGTERM at the end (unless the test already stopped it, with 0). With `tls` (certificate
+    chain and key files) the caller port serves HTTPS."""
     sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
@@ -73,9 +79,10 @@ async def gateway_and_simulator(
         sim_args += ["--config", str(tmp_path / "simulator.yaml")]
     simulator = await start(*sim_args, env=env, log=sim_log)
     config = tmp_path / "gw.yaml"
+    listen_tls = "" if tls is None else f", tls: {{cert_file: {tls[0]}, key_file: {tls[1]}}}"
     config.write_text(
         gateway_yaml(f"http://127.0.0.1:{sim_port}")
-        + f"listen: {{host: 127.0.0.1, port: {gw_port}}}\n"
+        + f"listen: {{host: 127.0.0.1, port: {gw_port}{listen_tls}}}\n"
         + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
         + f"shutdown_grace: {grace}\n"
         + extra
@@ -86,7 +93,7 @@ async def gateway_and_simulator(
         await wait_healthy(f"http://127.0.0.1:{admin_port}/readyz", gateway, gw_log)
         yield Running(
             gateway,
-            f"http://127.0.0.1:{gw_port}",
+            f"{'http' if tls is None else 'https'}://127.0.0.1:{gw_port}",
             f"http://127.0.0.1:{admin_port}",
             f"http://127.0.0.1:{sim_port}",
             config,

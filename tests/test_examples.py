@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +50,16 @@ async def test_python_example_gets_the_same_answer_through_the_gateway(
     assert 'You said: "Hello!"' in through
 
 
-async def run_node(script: str, base_url: str, key: str) -> str:
+async def run_node(
+    script: str, base_url: str, key: str, env: Mapping[str, str] | None = None
+) -> str:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed; the Node.js examples need it")
     process = await asyncio.create_subprocess_exec(
         node,
         str(EXAMPLES / script),
-        env={**os.environ, "BASE_URL": base_url, "API_KEY": key},
+        env={**os.environ, **(env or {}), "BASE_URL": base_url, "API_KEY": key},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
