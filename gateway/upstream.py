@@ -246,6 +246,12 @@ class UpstreamClient:
             raise UpstreamUnreached(
                 f"the upstream API could not be reached ({type(exc).__name__})"
             ) from exc
+        except aiohttp.ClientHttpProxyError as exc:
+            # The egress proxy refused the tunnel (CONNECT), so nothing reached upstream. The
+            # exception's str() holds the proxy URL with its credentials: never log it.
+            raise UpstreamUnreached(
+                f"the egress proxy refused the connection to the upstream API ({exc.status})"
+            ) from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamConnectTimeout(
                 "the upstream API did not accept a connection in time"

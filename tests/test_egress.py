@@ -198,6 +198,32 @@ async def test_an_https_upstream_is_reached_through_the_proxy_by_connect(
     assert PASSWORD not in out
 
 
+async def test_a_proxy_refusing_the_tunnel_is_a_502_that_never_shows_its_password(
+    make_gateway: GatewayFactory,
+    aiohttp_server: AiohttpServer,
+    company_ca: trustme.CA,
+    forward_proxy: ForwardProxy,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Wrong user, right password: the proxy refuses the CONNECT, aiohttp's error carries the
+    proxy URL with the password, and neither the answer nor the log does (the secret watch
+    searches both)."""
+    url = await https_simulator(aiohttp_server, company_ca)
+    wrong_user = forward_proxy.url.replace("egress:", "nobody:")
+    text = with_upstream(
+        gateway_yaml(url), ca_file=pem_file(company_ca, tmp_path / "ca.pem"), proxy=wrong_user
+    )
+    gateway = await make_gateway(config=parse_config(text))
+    response = await gateway.post(CHAT, json=BODY, headers=ACME)
+    assert response.status == 502
+    error = (await response.json())["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert error["message"].startswith("the egress proxy refused the connection")
+    assert PASSWORD not in capsys.readouterr().err
+    assert forward_proxy.requests() == [f"CONNECT 127.0.0.1:{URL(url).port} HTTP/1.1"]
+
+
 async def test_an_http_upstream_is_reached_through_the_proxy_by_absolute_uri(
     make_gateway: GatewayFactory,
     simulator: TestClient[Any, Any],
