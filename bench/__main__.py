@@ -54,6 +54,7 @@ from bench.report import (
     stdout_summary,
     tables,
     target_rows,
+    tls_headline,
     write_markdown,
 )
 from bench.sections import splice_text
@@ -80,12 +81,13 @@ from bench.summary import (
     MEMORY_QUOTAS,
     REDIS_LEVELS,
     REDIS_QUOTAS,
+    TLS_UPSTREAM,
     summarise,
 )
 
 REPORT = ROOT / "docs" / "benchmarks.md"
 LOG_LINES_SHOWN = 5
-GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, MEMORY_LEVELS, REDIS_LEVELS)
+GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, MEMORY_LEVELS, REDIS_LEVELS, TLS_UPSTREAM)
 BUDGET = 600.0
 """`make bench` must finish within ten minutes: the soak gets what the other phases left."""
 SOAK_MARGIN = 20.0
@@ -179,6 +181,7 @@ async def _measure(
         sim = await stack.start_simulator()
         open_loop_only = only == "openloop"
         floor, floor_port = (None, 0) if open_loop_only else await stack.start_floor()
+        tls = None if open_loop_only else await stack.start_tls_simulator()
         names = (REDIS_QUOTAS,) if open_loop_only else GATEWAYS
         memory = {"backend": "memory"}
         on_redis = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}
@@ -191,10 +194,12 @@ async def _measure(
                     REDIS_QUOTAS: on_redis,
                     MEMORY_LEVELS: memory,
                     REDIS_LEVELS: on_redis,
+                    TLS_UPSTREAM: None,
                 }.items()
                 if name in names
             },
             levels=frozenset(LEVEL_PATHS),
+            over_tls=frozenset({TLS_UPSTREAM}),
         )
         _say(f"processes ready after {time.monotonic() - clock:.1f} s; logs in {workdir}")
         redis_target = target(
@@ -210,7 +215,7 @@ async def _measure(
         if open_loop_only:
             all_targets = [direct, redis_target]
         else:
-            assert floor is not None
+            assert floor is not None and tls is not None
             all_targets = [
                 direct,
                 target(FLOOR, floor_port, PLATFORM_KEY, floor),
@@ -237,6 +242,14 @@ async def _measure(
                     streams=False,
                     helper=redis,
                     redis_port=redis_port,
+                ),
+                target(
+                    TLS_UPSTREAM,
+                    gateways[TLS_UPSTREAM].port,
+                    CALLER_KEY,
+                    gateways[TLS_UPSTREAM].proc,
+                    streams=False,
+                    upstream=tls.proc,
                 ),
             ]
         runner = Runner(all_targets, sim, stack.sim_url, plan.core, tool, workdir, _say)
@@ -402,7 +415,7 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
             f"the tenant-only path's on the same backend (per round)"
             for name, compared in summary.levels_vs_tenant.items()
         ]
-        lines += [f"* {line}" for line in quota_notes(summary)]
+        lines += [f"* {line}" for line in (*quota_notes(summary), tls_headline(summary)) if line]
         print("\n".join(["", *lines, ""]), flush=True)
     elif phase == "openloop":
         tool = await find_load_tool()

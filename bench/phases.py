@@ -47,6 +47,9 @@ class Target:
     """A process the proxy calls on every request (Redis); its CPU is on the path too."""
     redis_port: int | None = None
     """The helper's Redis port, to count the commands each request costs."""
+    upstream: Proc | None = None
+    """The simulator this path calls when it is not the run's own (the HTTPS one); its CPU is
+    the path's simulator CPU."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +105,7 @@ class Runner:
     def _check_alive(self) -> None:
         self.simulator.check_alive()
         for target in self.targets:
-            for proc in (target.proxy, target.helper):
+            for proc in (target.proxy, target.helper, target.upstream):
                 if proc is not None:
                     proc.check_alive()
 
@@ -155,11 +158,12 @@ class Runner:
         def cpu(proc: Proc | None) -> float:
             return proc.cpu_seconds() if proc else math.nan
 
+        simulator = target.upstream or self.simulator
         proxy_before, helper_before = cpu(target.proxy), cpu(target.helper)
-        sim_before = self.simulator.cpu_seconds()
+        sim_before = simulator.cpu_seconds()
         redis_before = await redis_commands(target.redis_port) if target.redis_port else (0, 0)
         result = await run_load(self.tool, target.call, s.connections, s.seconds, lua)
-        sim_cpu = self.simulator.cpu_seconds() - sim_before
+        sim_cpu = simulator.cpu_seconds() - sim_before
         proxy_cpu = cpu(target.proxy) - proxy_before
         helper_cpu = cpu(target.helper) - helper_before
         redis_after = await redis_commands(target.redis_port) if target.redis_port else (0, 0)

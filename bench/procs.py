@@ -8,6 +8,7 @@ import ctypes
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -148,9 +149,15 @@ class ProcessSet:
 
 
 async def wait_ready(
-    proc: Proc, url: str, *, within: float = 30.0, any_status: bool = False
+    proc: Proc,
+    url: str,
+    *,
+    within: float = 30.0,
+    any_status: bool = False,
+    trust: ssl.SSLContext | None = None,
 ) -> float:
     """Poll `url` until it answers 200 (any HTTP answer with `any_status`); seconds it took.
+    `trust` verifies an https URL's certificate (a CA of the run's own).
 
     Fails fast, with the log's tail, if the process exits meanwhile.
     """
@@ -158,7 +165,8 @@ async def wait_ready(
     deadline = started + within
     last_error = "no answer yet"
     probe_timeout = aiohttp.ClientTimeout(total=1.0)
-    async with aiohttp.ClientSession(timeout=probe_timeout) as session:
+    connector = aiohttp.TCPConnector(ssl=trust if trust is not None else True)
+    async with aiohttp.ClientSession(timeout=probe_timeout, connector=connector) as session:
         while time.monotonic() < deadline:
             proc.check_alive()
             try:

@@ -23,6 +23,7 @@ from bench.summary import (
     MEMORY_QUOTAS,
     REDIS_LEVELS,
     REDIS_QUOTAS,
+    TLS_UPSTREAM,
     Comparison,
     StreamFigures,
     Summary,
@@ -38,6 +39,7 @@ LABELS: Mapping[str, str] = MappingProxyType(
         REDIS_QUOTAS: "gateway, Redis quotas",
         MEMORY_LEVELS: "gateway, memory quotas, key levels + budgets",
         REDIS_LEVELS: "gateway, Redis quotas, key levels + budgets",
+        TLS_UPSTREAM: "gateway, quotas off, HTTPS upstream",
     }
 )
 SHORT: Mapping[str, str] = MappingProxyType(
@@ -132,6 +134,9 @@ def headlines(summary: Summary) -> list[str]:
             "Key levels and budgets on (JSON only), against tenant-only limits on the same "
             "backend: " + "; ".join(levels)
         )
+    tls = tls_headline(summary)
+    if tls:
+        lines.append(tls)
     failures = [
         f"{name}: {figures.errors} of {figures.requests} JSON requests failed "
         f"({', '.join(f'{k} {v}' for k, v in figures.error_kinds.items())})"
@@ -222,8 +227,63 @@ def tables(summary: Summary) -> dict[str, list[str]]:
         rows += _comparison_rows(f"{SHORT[n]} vs floor", c)
     for n, c in summary.levels_vs_tenant.items():
         rows += _comparison_rows(f"{SHORT[n]} vs tenant-only", c)
+    if summary.tls_vs_plain is not None:
+        rows += _comparison_rows("HTTPS upstream vs HTTP upstream", summary.tls_vs_plain)
     ratios = _table(["compared", "figure", "ratio or difference, per round"], rows)
     return {"load": load, "ttfe": ttfe, "paced": paced, "chunks": chunks, "ratios": ratios}
+
+
+def tls_headline(summary: Summary) -> str:
+    """CPU per request over an HTTPS upstream against plain HTTP, the ratio of each round."""
+    c = summary.tls_vs_plain
+    if c is None or not summary.tls_rounds:
+        return ""
+    per_round = ", ".join(f"{r.ratio:.2f}{TIMES}" for r in summary.tls_rounds)
+    return (
+        f"HTTPS upstream (JSON only): gateway CPU per request {c.cpu_ratio.median:.2f}{TIMES} "
+        f"the plain-HTTP upstream's ({summary.load[TLS_UPSTREAM].proxy_cpu_us.median:.0f} vs "
+        f"{summary.load[GATEWAY].proxy_cpu_us.median:.0f} µs; per round {per_round}), "
+        f"req/s {c.rps_ratio.median:.2f}{TIMES}"
+    )
+
+
+def tls_section(summary: Summary) -> list[str]:
+    """The HTTPS upstream path, round by round."""
+    if not summary.tls_rounds:
+        return []
+    rows = [
+        [
+            str(number),
+            f"{r.plain_us:.0f}",
+            f"{r.tls_us:.0f}",
+            f"{r.ratio:.2f}{TIMES}",
+            f"{r.plain_sim_us:.0f}",
+            f"{r.tls_sim_us:.0f}",
+        ]
+        for number, r in enumerate(summary.tls_rounds, 1)
+    ]
+    return [
+        "### HTTPS upstream",
+        "",
+        "The real API is HTTPS. The gateway with quotas off calls a second simulator served "
+        "over HTTPS (TLS 1.3, an ECDSA P-256 certificate from a CA made for the run, trusted "
+        "through `upstream.ca_file`) and is compared with the same gateway calling the plain "
+        "HTTP simulator, in the same rounds of the JSON phase. Upstream connections are pooled "
+        "and kept alive, so a handshake is paid once per connection; what remains per request "
+        "is encryption and asyncio's TLS layer.",
+        "",
+        *_table(
+            [
+                "round",
+                "gateway CPU µs/req, HTTP upstream",
+                "HTTPS upstream",
+                "ratio",
+                "simulator CPU µs/req, HTTP",
+                "HTTPS",
+            ],
+            rows,
+        ),
+    ]
 
 
 def _ttfe_table(figures: Mapping[str, StreamFigures], names: Sequence[str]) -> list[str]:
@@ -369,8 +429,10 @@ def how_to_run() -> list[str]:
         ".venv/bin/python -m bench --only soak --soak-requests 200000",
         "```",
         "",
-        "It starts the simulator, the floor proxy, three gateways (quotas off, memory quotas, "
-        "Redis quotas) and a private `redis-server` on free loopback ports, measures JSON "
+        "It starts the simulator (and a second one over HTTPS), the floor proxy, the gateways "
+        "(quotas off, memory and Redis quotas, with and without key levels, and quotas off "
+        "over an HTTPS upstream) and a private `redis-server` on free loopback ports, "
+        "measures JSON "
         "load, streams and open-loop latency, and stops them; then the open-streams phase, the "
         "LiteLLM comparison (bench/litellm.py, when it is there) and the soak start processes "
         "of their own. It rewrites this file at the end.",
@@ -472,6 +534,8 @@ def write_markdown(
         "",
         *parts["ratios"],
         "",
+        *tls_section(summary),
+        *([""] if summary.tls_rounds else []),
         *(
             [*block("openloop", openloop.section(extras.open_loop, DIRECT)), ""]
             if extras.open_loop is not None

@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import ssl
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import trustme
 import yaml
 
 from bench.load import Call
@@ -73,9 +75,11 @@ def gateway_config(
     agent: str = AGENT,
     caller_key: str = CALLER_KEY,
     levels: bool = False,
+    tls: TLSUpstream | None = None,
 ) -> dict[str, object]:
     """One gateway's YAML; `quota` None is quotas off (the tenant has no `limits`); `levels`
-    adds the key's own limits and budgets at the tenant and key levels."""
+    adds the key's own limits and budgets at the tenant and key levels; `tls` points it at
+    the HTTPS simulator instead, trusting its CA through `upstream.ca_file`."""
     key: dict[str, object] = {
         "name": "loadgen",
         "sha256": hashlib.sha256(caller_key.encode()).hexdigest(),
@@ -90,8 +94,9 @@ def gateway_config(
         "listen": {"host": "127.0.0.1", "port": gw_port},
         "admin": {"host": "127.0.0.1", "port": admin_port},
         "upstream": {
-            "base_url": f"http://127.0.0.1:{sim_port}",
+            "base_url": f"http://127.0.0.1:{sim_port}" if tls is None else tls.url,
             "api_key": "${BENCH_UPSTREAM_KEY}",
+            **({} if tls is None else {"ca_file": str(tls.ca_file)}),
         },
         "agents": {agent: {}},
         "quota": dict(quota) if quota else {"backend": "memory"},
@@ -118,6 +123,7 @@ def target(
     streams: bool = True,
     helper: Proc | None = None,
     redis_port: int | None = None,
+    upstream: Proc | None = None,
 ) -> Target:
     url = f"http://127.0.0.1:{port}/v1/agents/{AGENT}/chat"
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
@@ -129,6 +135,7 @@ def target(
         streams=streams,
         helper=helper,
         redis_port=redis_port,
+        upstream=upstream,
     )
 
 
@@ -147,6 +154,20 @@ class Gateway:
         return f"http://127.0.0.1:{self.admin_port}"
 
 
+@dataclass(frozen=True, slots=True)
+class TLSUpstream:
+    """The simulator served over HTTPS, and the CA (made for the run) its certificate chains
+    to."""
+
+    proc: Proc
+    port: int
+    ca_file: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+
 class Stack:
     """Starts the simulator, the floor, Redis and gateways in one ProcessSet, on free ports."""
 
@@ -157,6 +178,7 @@ class Stack:
         self.cli = executable("thinnest-gateway")
         self.simulator: Proc | None = None
         self.sim_port = 0
+        self.tls: TLSUpstream | None = None
 
     @property
     def sim_url(self) -> str:
@@ -175,6 +197,27 @@ class Stack:
         await wait_ready(self.simulator, f"{self.sim_url}/healthz")
         return self.simulator
 
+    async def start_tls_simulator(self) -> TLSUpstream:
+        """A second simulator, like the first but over HTTPS (the real API is HTTPS), with a
+        certificate from a CA made here (trustme's default: ECDSA P-256)."""
+        (port,) = free_ports(1)
+        name = self._name("simulator-tls")
+        ca = trustme.CA(organization_name="thinnest-gateway benchmark CA")
+        ca_file, cert, key = (self.workdir / f"{name}-{part}.pem" for part in ("ca", "cert", "key"))
+        ca.cert_pem.write_to_path(str(ca_file))
+        leaf = ca.issue_cert("127.0.0.1")
+        cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+        leaf.private_key_pem.write_to_path(str(key))
+        config = self.workdir / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(simulator_config(0.0), sort_keys=False))
+        argv = [self.cli, "simulate", "--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--config", str(config), "--cert-file", str(cert), "--key-file", str(key)]
+        proc = await self.procs.start(name, argv)
+        trust = ssl.create_default_context(cafile=str(ca_file))
+        await wait_ready(proc, f"https://127.0.0.1:{port}/healthz", trust=trust)
+        self.tls = TLSUpstream(proc, port, ca_file)
+        return self.tls
+
     async def start_redis(self, redis_server: str) -> tuple[Proc, int]:
         (port,) = free_ports(1)
         argv = [redis_server, "--port", str(port), "--save", "", "--appendonly", "no"]
@@ -192,17 +235,28 @@ class Stack:
         return floor, port
 
     async def start_gateways(
-        self, quotas: Mapping[str, QuotaSpec], levels: frozenset[str] = frozenset()
+        self,
+        quotas: Mapping[str, QuotaSpec],
+        levels: frozenset[str] = frozenset(),
+        over_tls: frozenset[str] = frozenset(),
     ) -> dict[str, Gateway]:
         """Started together, then waited for: each imports its modules in parallel. Those
-        named in `levels` get key limits and budgets too (`gateway_config`)."""
+        named in `levels` get key limits and budgets too, those in `over_tls` the HTTPS
+        simulator as upstream (`gateway_config`)."""
         started: dict[str, tuple[Proc, int, int]] = {}
         for name, quota in quotas.items():
             port, admin_port = free_ports(2)
             full = self._name(name)
             config = self.workdir / f"{full}.yaml"
             text = yaml.safe_dump(
-                gateway_config(self.sim_port, port, admin_port, quota, levels=name in levels),
+                gateway_config(
+                    self.sim_port,
+                    port,
+                    admin_port,
+                    quota,
+                    levels=name in levels,
+                    tls=self.tls if name in over_tls else None,
+                ),
                 sort_keys=False,
             )
             config.write_text(text)

@@ -29,6 +29,9 @@ QUOTA_PATHS = (MEMORY_QUOTAS, REDIS_QUOTAS, MEMORY_LEVELS, REDIS_LEVELS)
 """The gateway with quotas on: measured in the JSON load phase only."""
 LEVEL_PATHS = {MEMORY_LEVELS: MEMORY_QUOTAS, REDIS_LEVELS: REDIS_QUOTAS}
 """Tenant and key limits and budgets, each against its tenant-only path on the same backend."""
+TLS_UPSTREAM = "gateway-https-upstream"
+"""The gateway with quotas off calling the simulator over HTTPS (`upstream.ca_file` trusting
+its CA), against GATEWAY calling it over plain HTTP: the JSON load phase only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,20 @@ class Comparison:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSRound:
+    """One round of the HTTPS upstream against plain HTTP: CPU microseconds per request."""
+
+    plain_us: float
+    tls_us: float
+    plain_sim_us: float
+    tls_sim_us: float
+
+    @property
+    def ratio(self) -> float:
+        return self.tls_us / self.plain_us if self.plain_us else math.nan
+
+
+@dataclass(frozen=True, slots=True)
 class Summary:
     targets: list[str]
     stream_targets: list[str]
@@ -99,6 +116,9 @@ class Summary:
     quotas_vs_floor: dict[str, Comparison]
     levels_vs_tenant: dict[str, Comparison]
     """Tenant + key limits + budgets against tenant-only limits, per backend."""
+    tls_vs_plain: Comparison | None = None
+    """The gateway over an HTTPS upstream against the same over plain HTTP."""
+    tls_rounds: tuple[TLSRound, ...] = ()
 
 
 def _load_figures(rounds: Sequence[LoadRound], problems: Sequence[str]) -> LoadFigures:
@@ -253,4 +273,17 @@ def summarise(results: Results, targets: Sequence[str]) -> Summary:
             for name, base in LEVEL_PATHS.items()
             if name in targets and base in targets
         },
+        tls_vs_plain=(
+            _compare(results, TLS_UPSTREAM, GATEWAY)
+            if {TLS_UPSTREAM, GATEWAY} <= set(targets)
+            else None
+        ),
+        tls_rounds=_tls_rounds(results) if {TLS_UPSTREAM, GATEWAY} <= set(targets) else (),
+    )
+
+
+def _tls_rounds(results: Results) -> tuple[TLSRound, ...]:
+    return tuple(
+        TLSRound(plain.proxy_cpu_us, tls.proxy_cpu_us, plain.sim_cpu_us, tls.sim_cpu_us)
+        for plain, tls in zip(results.load[GATEWAY], results.load[TLS_UPSTREAM], strict=False)
     )
