@@ -194,7 +194,7 @@ async def test_an_https_upstream_is_reached_through_the_proxy_by_connect(
     capsys.readouterr()
     assert main(["check-config", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert f"egress proxy http://127.0.0.1:{forward_proxy.port}" in out
+    assert f"egress proxy http://***@127.0.0.1:{forward_proxy.port}" in out
     assert PASSWORD not in out
 
 

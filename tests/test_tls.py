@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import ssl
 from collections.abc import Awaitable, Callable
@@ -244,10 +245,15 @@ async def test_turning_tls_on_or_off_needs_a_restart_new_paths_do_not(
 # --- the configuration ---------------------------------------------------------------------
 
 
-def problem(text: str) -> str:
+def problem(text: str, line: int | None = None) -> str:
+    """The loader's message without its line number (checked against `line` if given)."""
     with pytest.raises(ConfigError) as info:
         parse_config(text, "gw.yaml")
-    return str(info.value)
+    found = re.fullmatch(r"gw\.yaml:(\d+): (.*)", str(info.value), re.DOTALL)
+    assert found is not None, str(info.value)
+    if line is not None:
+        assert int(found[1]) == line
+    return f"gw.yaml: {found[2]}"
 
 
 def test_listen_tls_is_checked_when_the_file_is_loaded(files: Files, tmp_path: Path) -> None:
@@ -256,7 +262,8 @@ def test_listen_tls_is_checked_when_the_file_is_loaded(files: Files, tmp_path: P
     config = parse_config(base + files.listen_yaml())
     assert config.listen.tls is not None and config.listen.tls.cert_file == str(files.cert)
 
-    assert problem(base + f"listen: {{tls: {{cert_file: {files.cert}}}}}\n") == (
+    last = base.count("\n") + 1  # the line `listen:` is appended as
+    assert problem(base + f"listen: {{tls: {{cert_file: {files.cert}}}}}\n", last) == (
         "gw.yaml: listen.tls.key_file: is required"
     )
     missing = base + files.listen_yaml().replace(str(files.key), str(tmp_path / "nope.key"))
