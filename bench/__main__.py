@@ -220,6 +220,15 @@ async def _measure(
                 direct,
                 target(FLOOR, floor_port, PLATFORM_KEY, floor),
                 target(GATEWAY, gateways[GATEWAY].port, CALLER_KEY, gateways[GATEWAY].proc),
+                # Measured right after the same gateway over plain HTTP: a pair close in time.
+                target(
+                    TLS_UPSTREAM,
+                    gateways[TLS_UPSTREAM].port,
+                    CALLER_KEY,
+                    gateways[TLS_UPSTREAM].proc,
+                    streams=False,
+                    upstream=tls.proc,
+                ),
                 target(
                     MEMORY_QUOTAS,
                     gateways[MEMORY_QUOTAS].port,
@@ -242,14 +251,6 @@ async def _measure(
                     streams=False,
                     helper=redis,
                     redis_port=redis_port,
-                ),
-                target(
-                    TLS_UPSTREAM,
-                    gateways[TLS_UPSTREAM].port,
-                    CALLER_KEY,
-                    gateways[TLS_UPSTREAM].proc,
-                    streams=False,
-                    upstream=tls.proc,
                 ),
             ]
         runner = Runner(all_targets, sim, stack.sim_url, plan.core, tool, workdir, _say)
