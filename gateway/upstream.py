@@ -32,7 +32,7 @@ from gateway.errors import (
 )
 from gateway.outages import FailureLog
 from gateway.retries import Retry, RetryPolicy
-from gateway.tls import TLSFailureLog, client_context
+from gateway.tls import client_context
 
 # Only these caller headers go upstream; Authorization, cookies, hop-by-hop and anything
 # else a caller sends stay at the gateway. Accept is the gateway's own reading of the caller's
@@ -109,7 +109,6 @@ class UpstreamClient:
         self._failures = FailureLog(log, "upstream connection failed", self._peer, clock=clock)
         self._breaker_config = config.breaker
         self._pause = str(math.ceil(config.breaker.cooldown))
-        self.tls_failures = TLSFailureLog(clock)
         self._session = session
         self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
         self._keys = keys
@@ -241,8 +240,6 @@ class UpstreamClient:
                 return await self._session.post(url, data=data, headers=headers)
         except aiohttp.ClientConnectorError as exc:
             # Refused, unreachable, DNS, TLS: the request never left (see gateway/retries.py).
-            if isinstance(exc, aiohttp.ClientSSLError):
-                self.tls_failures.failed(exc)
             raise UpstreamUnreached(
                 f"the upstream API could not be reached ({type(exc).__name__})"
             ) from exc

@@ -26,6 +26,7 @@ from tests.forward_proxy import PASSWORD, ForwardProxy
 CHAT = "/v1/agents/ag_support/chat"
 BODY = {"message": "Hello through the egress", "session_id": "sess_egress"}
 AiohttpServer = Callable[..., Awaitable[TestServer]]
+UPSTREAM_FAILED = "upstream connection failed"
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY")
 
 
@@ -88,7 +89,8 @@ async def test_an_upstream_certificate_from_a_company_ca_is_refused_without_ca_f
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Refused (502, never retried), and logged with the host and the certificate error's
-    class: once for the three failures, then after the interval with the count between."""
+    class (gateway/outages.py): once for the three failures, then after the interval with the
+    count between."""
     url = await https_simulator(aiohttp_server, company_ca)
     clock = FakeClock()
     gateway = await make_gateway(config=parse_config(gateway_yaml(url)), clock=clock)
@@ -97,18 +99,16 @@ async def test_an_upstream_certificate_from_a_company_ca_is_refused_without_ca_f
         response = await gateway.post(CHAT, json=BODY, headers=ACME)
         assert response.status == 502
         assert (await response.json())["error"]["code"] == "upstream_unavailable"
-    [line] = log_lines(capsys, "upstream TLS failed")
-    assert line["level"] == "error"
-    assert (line["host"], line["port"]) == ("127.0.0.1", URL(url).port)
-    assert line["error"] == "ssl.SSLCertVerificationError"
-    assert line["verify_code"] == 20  # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY
-    assert line["verify_message"] == "unable to get local issuer certificate"
-    assert "failures_since_last_line" not in line
+    [line] = log_lines(capsys, UPSTREAM_FAILED)
+    assert line["peer"] == f"127.0.0.1:{URL(url).port}"
+    assert line["cause"] == "SSLCertVerificationError"
+    assert line["tls"] == "unable to get local issuer certificate"
+    assert "repeated" not in line
 
     clock.advance(61)
     assert (await gateway.post(CHAT, json=BODY, headers=ACME)).status == 502
-    [line] = log_lines(capsys, "upstream TLS failed")
-    assert line["failures_since_last_line"] == 2
+    [line] = log_lines(capsys, UPSTREAM_FAILED)
+    assert line["cause"] == "SSLCertVerificationError" and line["repeated"] == 2
 
 
 async def test_tls_spoken_to_a_plain_http_port_is_logged_with_its_ssl_reason(
@@ -118,9 +118,8 @@ async def test_tls_spoken_to_a_plain_http_port_is_logged_with_its_ssl_reason(
     gateway = await make_gateway(config=parse_config(gateway_yaml(https_to_plain)))
     capsys.readouterr()
     assert (await gateway.post(CHAT, json=BODY, headers=ACME)).status == 502
-    [line] = log_lines(capsys, "upstream TLS failed")
-    assert line["error"] == "ssl.SSLError"
-    assert line["reason"] == "WRONG_VERSION_NUMBER"
+    [line] = log_lines(capsys, UPSTREAM_FAILED)
+    assert (line["cause"], line["tls"]) == ("SSLError", "WRONG_VERSION_NUMBER")
 
 
 async def test_with_ca_file_it_is_answered_and_the_system_trust_store_still_works(
