@@ -8,6 +8,8 @@ command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v promtool >/dev/null || missing+=(prometheus)
 # A real forward proxy for the egress tests (tests/test_egress.py starts its own).
 command -v tinyproxy >/dev/null || missing+=(tinyproxy)
+# curl calls the caller port over TLS (tests/test_tls.py).
+command -v curl >/dev/null || missing+=(curl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]} for the tests" >&2
   sudo_cmd=""
