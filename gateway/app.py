@@ -25,9 +25,9 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import (
     KeyExpiry,
     Metrics,
+    UpstreamCircuits,
     quota_backend_errors,
     stream_drains,
-    upstream_circuit_open,
 )
 from gateway.openapi import openapi
 from gateway.proxy import authenticate, chat
@@ -110,9 +110,13 @@ async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
     config, tenancy = app[CONFIG], app[TENANCY]
     session = UpstreamClient.open_session(config.upstream)
     upstream = app[UPSTREAM] = UpstreamClient(
-        config.upstream, lambda: tenancy.current.upstream_keys, session, clock=app[CLOCK]
+        config.upstream,
+        lambda: tenancy.current.upstream_keys,
+        session,
+        clock=app[CLOCK],
+        agents=lambda: tenancy.current.labels.agents,
     )
-    with _sampled(app, upstream_circuit_open(lambda: upstream.breaker.state != "closed")):
+    with _sampled(app, UpstreamCircuits(upstream.circuits.states)):
         yield
     await session.close()
 

@@ -408,10 +408,21 @@ class KeyExpiry(Collector):
         yield family
 
 
-def upstream_circuit_open(read: Reader) -> Sampled:
-    return Sampled(
-        "gauge",
-        "gateway_upstream_circuit_open",
-        "1 while the upstream circuit breaker is open or probing (callers get 502 at once).",
-        read,
-    )
+class UpstreamCircuits(Collector):
+    """`gateway_upstream_circuit_open{agent}`: each configured agent's circuit (and `other`,
+    the one agents reached through the platform key without being named share), read at
+    scrape time."""
+
+    def __init__(self, read: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "gateway_upstream_circuit_open",
+            "1 while an agent's upstream circuit breaker is open or probing (its callers get "
+            "502 at once).",
+            labels=["agent"],
+        )
+        for agent, is_open in self._read():
+            family.add_metric([agent], 1.0 if is_open else 0.0)
+        yield family

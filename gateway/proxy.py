@@ -99,7 +99,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
         headers = upstream.headers_for(
             agent_id, request.headers, record.request_id, stream=chat_request.stream
         )
-        response = await admission.send(upstream.send(agent_id, body, headers, deadline))
+        response = await admission.send(
+            upstream.send(agent_id, body, headers, deadline, tenant=caller.tenant.name)
+        )
         record.upstream_ttfb = record.upstream_wait = loop.time() - sent
         record.upstream_status = response.status
         await admission.fit_stream_slot()

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway import __version__
-from gateway.breaker import BreakerState, CircuitBreaker
+from gateway.circuits import Circuits
 from gateway.config import Agent, Secret, Timeouts, Upstream
 from gateway.errors import (
     UpstreamConnectTimeout,
@@ -90,24 +90,20 @@ class UpstreamClient:
         *,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        agents: Callable[[], frozenset[str]] = frozenset,
     ) -> None:
         """`keys` reads the upstream keys in force (a reload replaces them: the next request
-        goes out with the new ones). `rng` is the retry jitter's source (a fresh one by
+        goes out with the new ones); `agents` the configured agent ids (each has a circuit of
+        its own, the rest share one). `rng` is the retry jitter's source (a fresh one by
         default; tests may seed one)."""
         self.timeouts = config.timeouts
         self.retry_policy = RetryPolicy(config.retries, rng)
-        # Consecutive failures (unreachable, no first byte in time, 5xx) open it: callers then
-        # get an immediate 502 instead of each waiting out a failing upstream, and upstream
-        # gets room to recover; one probe goes through per cooldown.
-        self.breaker = CircuitBreaker(
-            threshold=config.breaker.failures,
-            cooldown=config.breaker.cooldown,
-            clock=clock,
-            on_change=self._breaker_changed,
-        )
         self._peer = f"{config.base_url.host}:{config.base_url.port}"
         self._failures = FailureLog(log, "upstream connection failed", self._peer, clock=clock)
-        self._breaker_config = config.breaker
+        # A circuit per (upstream key, agent), opened by consecutive failures (gateway/
+        # circuits.py says which count): its callers then get an immediate 502 instead of each
+        # waiting out a failing agent, and it gets room to recover; one probe per cooldown.
+        self.circuits = Circuits(config.breaker, peer=self._peer, agents=agents, clock=clock)
         self._pause = str(math.ceil(config.breaker.cooldown))
         self._session = session
         self._prefix = str(config.base_url).rstrip("/") + "/v1/agents/"
@@ -156,7 +152,13 @@ class UpstreamClient:
         return headers
 
     async def send(
-        self, agent_id: str, body: bytes, headers: CIMultiDict[str], deadline: Deadline
+        self,
+        agent_id: str,
+        body: bytes,
+        headers: CIMultiDict[str],
+        deadline: Deadline,
+        *,
+        tenant: str,
     ) -> ClientResponse:
         """POST the chat request; returns once upstream's status and headers are in.
 
@@ -167,14 +169,15 @@ class UpstreamClient:
         url = URL(self._prefix + agent_id + "/chat", encoded=True)
         policy, loop = self.retry_policy, asyncio.get_running_loop()
         stop_at = min(loop.time() + policy.budget, deadline.at)
+        circuit = self.circuits.for_agent(agent_id, self._keys().for_agent(agent_id))
         tries = 0
         while True:
             tries += 1
             retry: Retry | None
-            if not self.breaker.allow():
+            if not circuit.allow():
                 raise UpstreamUnreached(
-                    "the upstream API is failing; the gateway is not sending to it for a few "
-                    "seconds",
+                    "this agent's upstream is failing; the gateway is not sending to it for a "
+                    "few seconds",
                     headers={hdrs.RETRY_AFTER: self._pause},
                 )
             try:
@@ -182,11 +185,13 @@ class UpstreamClient:
             except UpstreamTimeout as error:
                 if isinstance(error, UpstreamConnectTimeout):
                     self._failures.failed(error, agent=agent_id)
-                self.breaker.failure()
+                    circuit.failure()
+                else:
+                    circuit.timed_out(tenant)  # counts only beside another tenant's
                 raise
             except UpstreamUnavailable as error:
                 self._failures.failed(error, agent=agent_id)
-                self.breaker.failure()
+                circuit.failure()
                 retry = policy.after_error(
                     error.__cause__, tries=tries, remaining=stop_at - loop.time()
                 )
@@ -194,9 +199,9 @@ class UpstreamClient:
                     raise
             else:
                 if response.status >= 500:
-                    self.breaker.failure()
+                    circuit.failure()
                 else:
-                    self.breaker.success()
+                    circuit.success()
                 retry = policy.after_response(
                     response.status,
                     response.headers.get(hdrs.RETRY_AFTER),
@@ -216,17 +221,6 @@ class UpstreamClient:
                 wait_ms=round(retry.wait * 1000, 3),
             )
             await asyncio.sleep(retry.wait)
-
-    def _breaker_changed(self, before: BreakerState, after: BreakerState) -> None:
-        if after == "open":
-            log.warning(
-                "upstream circuit opened",
-                peer=self._peer,
-                failures=self._breaker_config.failures,
-                cooldown_s=self._breaker_config.cooldown,
-            )
-        else:
-            log.info("upstream circuit closed", peer=self._peer)
 
     async def _post(
         self, url: URL, body: bytes, headers: CIMultiDict[str], deadline: Deadline

@@ -21,9 +21,9 @@ from gateway.metrics import (
     KeyExpiry,
     MetricLabels,
     Metrics,
+    UpstreamCircuits,
     quota_backend_errors,
     stream_drains,
-    upstream_circuit_open,
 )
 from gateway.usage import Usage
 from tests.conftest import gateway_yaml
@@ -75,8 +75,9 @@ def exposed_labels() -> dict[str, set[str]]:
     config = parse_config(gateway_yaml("http://127.0.0.1:9"), "test.yaml")
     allowed = MetricLabels.of(config)
     metrics = Metrics(lambda: allowed)
-    for sampled in (quota_backend_errors, stream_drains, upstream_circuit_open):
+    for sampled in (quota_backend_errors, stream_drains):
         metrics.registry.register(sampled(lambda: 0))
+    metrics.registry.register(UpstreamCircuits(lambda: [("ag_support", False)]))
     metrics.registry.register(KeyExpiry(lambda: [("acme", "billing-service", 1.8e9)]))
     # Labelled metrics have no samples until first used: one request that did everything.
     record = AccessRecord(
