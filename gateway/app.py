@@ -19,6 +19,7 @@ from gateway import errors, report
 from gateway.auth import end_user_of
 from gateway.config import Config
 from gateway.drains import Drains
+from gateway.edge import EdgeRunner, default_max_connections, log_accept_errors
 from gateway.headers import add_caller_headers, buckets_of, name_server
 from gateway.logs import AccessRecord, access_logger
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -26,6 +27,7 @@ from gateway.metrics import (
     KeyExpiry,
     Metrics,
     UpstreamCircuits,
+    connections_refused,
     quota_backend_errors,
     stream_drains,
 )
@@ -346,8 +348,14 @@ async def _serve(config: Config, *, loop_name: str) -> None:
     app = create_app(config)
     # A caller gone before upstream answered cancels the upstream request; a stream's caller
     # gone mid-way hands the upstream response to a drain (see admission.py, drains.py).
-    runner = web.AppRunner(
+    log_accept_errors(asyncio.get_running_loop(), f"{config.listen.host}:{config.listen.port}")
+    max_connections = config.listen.max_connections or default_max_connections()
+    # Both ports answer malformed requests in the gateway's shape; the caller port closes
+    # connections past max_connections at once (see edge.py), the admin port has no cap.
+    runner = EdgeRunner(
         app,
+        name=f"{config.listen.host}:{config.listen.port}",
+        max_connections=max_connections,
         access_log=None,
         handler_cancellation=True,
         shutdown_timeout=config.shutdown_grace,
@@ -355,7 +363,13 @@ async def _serve(config: Config, *, loop_name: str) -> None:
         # closed by this (its default is an hour).
         keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
-    admin_runner = web.AppRunner(create_admin_app(app), access_log=None, shutdown_timeout=1)
+    admin_runner = EdgeRunner(
+        create_admin_app(app),
+        name=f"{config.admin.host}:{config.admin.port}",
+        access_log=None,
+        shutdown_timeout=1,
+    )
+    app[METRICS].registry.register(connections_refused(lambda: runner.refused))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -373,6 +387,7 @@ async def _serve(config: Config, *, loop_name: str) -> None:
             admin=f"{config.admin.host}:{config.admin.port}",
             config=config.source,
             event_loop=loop_name,
+            max_connections=max_connections,
             **({"certificate_sha256": certificate.fingerprint} if certificate else {}),
         )
         await stop.wait()

@@ -68,6 +68,9 @@ class Listen:
     host: str = "0.0.0.0"  # the caller port serves other hosts by design
     port: int = 8080
     tls: ListenTLS | None = None  # the caller port only; None: plain HTTP
+    # The caller port only: connections held at once, past which new ones are closed at
+    # once. None: derived from the descriptor limit at start-up (gateway/edge.py).
+    max_connections: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,11 +285,13 @@ class Config:
 # --- parsing (the file is read by gateway/config_file.py) --------------------------------
 
 
-def _listen(s: Section, default: Listen, *, tls: bool = False) -> Listen:
+def _listen(s: Section, default: Listen, *, caller: bool = False) -> Listen:
+    """`caller`: the caller port's section, which also takes `tls` and `max_connections`."""
     listen = Listen(
         host=s.text("host", default.host),
         port=s.whole("port", default.port),
-        tls=_listen_tls(s.section("tls")) if tls and s.has("tls") else None,
+        tls=_listen_tls(s.section("tls")) if caller and s.has("tls") else None,
+        max_connections=s.whole("max_connections", None, minimum=1) if caller else None,
     )
     if listen.port > 65535:
         raise Problem(s.at("port"), f"must be at most 65535, got {listen.port}")
@@ -712,7 +717,7 @@ def _parse(root: Section, source: str) -> Config:
     limits = Limits(max_body_bytes=lim.whole("max_body_bytes", 65536, minimum=64))
     lim.done()
     listen_s, admin_s = root.section("listen"), root.section("admin")
-    listen, admin = _listen(listen_s, Listen(), tls=True), _listen(admin_s, ADMIN_DEFAULT)
+    listen, admin = _listen(listen_s, Listen(), caller=True), _listen(admin_s, ADMIN_DEFAULT)
     _ports_apart(listen_s, listen, admin_s, admin)
 
     config = Config(

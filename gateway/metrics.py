@@ -380,6 +380,15 @@ def quota_backend_errors(read: Reader) -> Sampled:
     )
 
 
+def connections_refused(read: Reader) -> Sampled:
+    return Sampled(
+        "counter",
+        "gateway_connections_refused",
+        "Caller-port connections closed at once because listen.max_connections were open.",
+        read,
+    )
+
+
 def stream_drains(read: Reader) -> Sampled:
     return Sampled(
         "gauge",

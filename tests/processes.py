@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -18,10 +19,25 @@ from tests.conftest import PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.redis_servers import free_port
 
 
-async def start(*args: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+async def start(
+    *args: str, env: dict[str, str], log: Path, descriptors: int | None = None
+) -> asyncio.subprocess.Process:
+    """`descriptors`: the child's RLIMIT_NOFILE (soft and hard), as `ulimit -n` would set it."""
+
+    def limit() -> None:
+        if descriptors is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, descriptors))
+
     with log.open("wb") as out:  # the child keeps its own descriptor
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", *args, env=env, stdout=out, stderr=out
+            sys.executable,
+            "-m",
+            "gateway",
+            *args,
+            env=env,
+            stdout=out,
+            stderr=out,
+            preexec_fn=limit if descriptors is not None else None,
         )
 
 
@@ -66,10 +82,12 @@ async def gateway_and_simulator(
     extra: str = "",
     simulator_yaml: str | None = None,
     tls: tuple[Path, Path] | None = None,
+    descriptors: int | None = None,
 ) -> AsyncIterator[Running]:
     """`simulate` and `serve` started as operators start them; the gateway must exit 0 on
     SIGTERM at the end (unless the test already stopped it, with 0). With `tls` (certificate
-    chain and key files) the caller port serves HTTPS."""
+    chain and key files) the caller port serves HTTPS; `descriptors` lowers the gateway's
+    descriptor limit."""
     sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
@@ -87,7 +105,9 @@ async def gateway_and_simulator(
         + f"shutdown_grace: {grace}\n"
         + extra
     )
-    gateway = await start("serve", "--config", str(config), env=env, log=gw_log)
+    gateway = await start(
+        "serve", "--config", str(config), env=env, log=gw_log, descriptors=descriptors
+    )
     try:
         await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
         await wait_healthy(f"http://127.0.0.1:{admin_port}/readyz", gateway, gw_log)

@@ -574,3 +574,15 @@ def test_no_error_shows_what_a_reference_resolved_to_nor_credentials(
     message = problem(edited(*edit))
     assert message.startswith(expected), message
     assert PASSWORD not in message and "internal" not in message
+
+
+def test_max_connections_is_the_caller_ports_only() -> None:
+    listen = "listen: {host: 0.0.0.0, port: 8080, max_connections: 2000}"
+    config = parse_config(edited("listen: {host: 0.0.0.0, port: 8080}", listen))
+    assert config.listen.max_connections == 2000
+    assert parse_config(MINIMAL).listen.max_connections is None  # from the descriptor limit
+    zero = edited("listen: {host: 0.0.0.0, port: 8080}", listen.replace("2000", "0"))
+    assert problem(zero) == "gw.yaml:2: listen.max_connections: must be at least 1, got 0"
+    admin = "admin: {host: 127.0.0.1, port: 9091, max_connections: 10}"
+    message = problem(edited("admin: {host: 127.0.0.1, port: 9091}", admin))
+    assert "admin.max_connections: unknown key" in message
