@@ -264,6 +264,15 @@ class Limits:
     max_body_bytes: int = 65536
 
 
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    """OpenTelemetry spans, exported over OTLP/HTTP to `otlp_endpoint` (None: no spans; W3C
+    trace context is passed upstream either way, see gateway/tracing.py)."""
+
+    otlp_endpoint: URL | None = None
+    sample_ratio: float = 1.0  # of the traces the gateway starts; a caller's decision stands
+
+
 ADMIN_DEFAULT = Listen(host="127.0.0.1", port=9091)
 
 
@@ -279,6 +288,7 @@ class Config:
     limits: Limits = Limits()
     streams: Streams = Streams()
     shutdown_grace: float = 30.0
+    tracing: Tracing = Tracing()
     source: str = "<memory>"
 
 
@@ -521,6 +531,40 @@ def _timezone(s: Section) -> str:
     return zone
 
 
+OTLP_TRACES_PATH = "/v1/traces"
+
+
+def _tracing(s: Section) -> Tracing:
+    endpoint: URL | None = None
+    if s.get("otlp_endpoint") is not None:
+        endpoint = _url(s.text("otlp_endpoint"))
+        if endpoint is None or endpoint.scheme not in ("http", "https") or not endpoint.host:
+            raise Problem(
+                s.at("otlp_endpoint"),
+                "expected an http:// or https:// URL (OTLP/HTTP, e.g. http://collector:4318), "
+                f"got {s.quoted('otlp_endpoint')}",
+            )
+        if endpoint.user is not None or endpoint.password is not None:
+            raise Problem(
+                s.at("otlp_endpoint"),
+                "credentials do not belong in the URL; send them in a header "
+                "(OTEL_EXPORTER_OTLP_HEADERS)",
+            )
+        # A collector's base URL, as OTEL_EXPORTER_OTLP_ENDPOINT takes it, or the full path.
+        if not endpoint.path.endswith(OTLP_TRACES_PATH):
+            endpoint = endpoint.with_path(endpoint.path.rstrip("/") + OTLP_TRACES_PATH)
+    ratio = s.get("sample_ratio")
+    if ratio is None:
+        ratio = 1.0
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1:
+        raise Problem(
+            s.at("sample_ratio"),
+            f"expected a fraction from 0 to 1, got {s.quoted('sample_ratio')}",
+        )
+    s.done()
+    return Tracing(otlp_endpoint=endpoint, sample_ratio=float(ratio))
+
+
 def _instant(s: Section, key: str) -> float | None:
     """A moment: `2027-06-30T00:00:00Z` (a zone is required: an expiry must not depend on
     where the gateway runs) or a date, `2027-06-30`, meaning its start in UTC."""
@@ -731,6 +775,7 @@ def _parse(root: Section, source: str) -> Config:
         limits=limits,
         streams=_streams(root.section("streams")),
         shutdown_grace=root.number("shutdown_grace", 30.0, positive=False),
+        tracing=_tracing(root.section("tracing")),
         source=source,
     )
     root.done()

@@ -38,6 +38,7 @@ RESTART_ONLY = (
     "limits",
     "streams",
     "shutdown_grace",
+    "tracing",
 )
 
 
