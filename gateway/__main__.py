@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from gateway import __version__
+from gateway import __version__, tracing
 from gateway.auth import hash_key, new_key
 from gateway.config import NAME_PATTERN, Config, config_path, load_config
 from gateway.config_file import mask_url
@@ -119,6 +119,7 @@ def summary(config: Config) -> str:
     edges = _edges(config)
     if edges:
         lines.insert(3, f"  {edges}")
+    lines.append(tracing.describe(config))
     for tenant in config.tenants.values():
         lines.append(
             f"  tenant {tenant.name}: {len(tenant.keys)} key(s), "
@@ -269,12 +270,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "keys":
             sys.stdout.write(_new_key(args.tenant, args.name, args.expires, args.json, time.time()))
         elif args.command == "check-config":
-            print(summary(_load(args.config)))
+            config = _load(args.config)
+            tracing.require_sdk(config)
+            print(summary(config))
         elif args.command == "serve":
             from gateway.app import serve
             from gateway.logs import configure_logging
 
             config = _load(args.config)
+            tracing.require_sdk(config)
             configure_logging(config.logging)
             serve(config)
         elif args.command == "usage":

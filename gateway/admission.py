@@ -45,6 +45,7 @@ from gateway.quota import (
 from gateway.relay import EventRelay
 from gateway.sessions import SessionScope, parse_answer
 from gateway.state import DRAINS, LIMITS
+from gateway.tracing import NO_TRACE, RequestTrace
 from gateway.upstream import next_chunk
 from gateway.usage import StreamTally, Usage, usage_from
 
@@ -80,6 +81,7 @@ class Admission:
         "sent",
         "sessions",
         "status",
+        "trace",
         "upstream_slot",
     )
 
@@ -93,6 +95,7 @@ class Admission:
         *,
         input_tokens: int,
         sessions: SessionScope,
+        trace: RequestTrace = NO_TRACE,
     ) -> None:
         self._request = request
         self._quota = quota
@@ -101,6 +104,7 @@ class Admission:
         self.record = record
         self.input_tokens = input_tokens
         self.sessions = sessions
+        self.trace = trace  # told of the settlement (gateway/tracing.py)
         self.upstream_slot: Reservation | None = None  # from the upstream key's own limit
         self.sent = False  # the body was handed to upstream
         self.pending: asyncio.Future[ClientResponse] | None = None  # upstream's answer to come
@@ -250,13 +254,19 @@ class Admission:
             # Back to the pool when the body was read to its end, else closed.
             self.response.release()
         tokens = self.charge(error)
+        with self.trace.settling(usage=self.usage, tokens=tokens, status=self.status, error=error):
+            await self._account(tokens)
+        return tokens
+
+    async def _account(self, tokens: int | None) -> None:
+        """Charge `tokens` (None: refund everything) and let go of the stream lease."""
         record, reservation = self.record, self.reservation
         if tokens is None:
             self._request[LIMITS] = _refunded(reservation.buckets, reservation.reserved_tokens)
             await self._quota.refund(reservation)
             if self.upstream_slot is not None:
                 await self._quota.refund(self.upstream_slot)  # upstream never saw it either
-            return None
+            return
         estimated = self.usage is None and tokens > 0
         record.usage, record.usage_complete = self.usage, self.complete or self.tally is None
         record.tokens_charged, record.tokens_estimated = tokens, estimated
@@ -275,7 +285,6 @@ class Admission:
             await self._quota.settle(reservation, tokens, charge)
         finally:
             await self._quota.release_stream(reservation)
-        return tokens
 
 
 def _refunded(buckets: tuple[BucketState, ...], tokens: int) -> tuple[BucketState, ...]:

@@ -49,12 +49,15 @@ from gateway.state import (
     METRICS,
     QUOTA,
     TENANCY,
+    TRACE,
+    TRACING,
     UPSTREAM,
     WALL_CLOCK,
     Lifecycle,
 )
 from gateway.tenancy import Tenancy, TenancyHolder
 from gateway.tls import ServerCertificate
+from gateway.tracing import CHAT_ROUTE, open_tracing
 from gateway.upstream import UpstreamClient
 from gateway.upstream_limits import UpstreamLimiter
 
@@ -96,9 +99,11 @@ def create_app(
     app[LIMITER] = UpstreamLimiter(lambda: tenancy.current.upstream_limits)
     if config.listen.tls is not None:
         app[CERTIFICATE] = ServerCertificate(config.listen.tls)
+    # First in, last out: spans of requests drained at shutdown are still exported.
+    app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_upstream_client)
     app.cleanup_ctx.append(_quota)
-    app.router.add_post("/v1/agents/{agent_id}/chat", chat)
+    app.router.add_post("/v1/agents/{agent_id}/chat", chat, name=CHAT_ROUTE)
     app.router.add_get("/v1/usage", usage)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -106,6 +111,19 @@ def create_app(
     app.on_response_prepare.append(add_caller_headers)
     app.on_shutdown.append(_start_draining)
     return app
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    tracing = app[TRACING] = open_tracing(config)
+    if config.tracing.otlp_endpoint is not None:
+        structlog.get_logger("gateway.tracing").info(
+            "tracing on",
+            otlp_endpoint=str(config.tracing.otlp_endpoint),
+            sample_ratio=config.tracing.sample_ratio,
+        )
+    yield
+    await tracing.close()
 
 
 async def _upstream_client(app: web.Application) -> AsyncIterator[None]:
@@ -187,6 +205,7 @@ async def edge_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Request id, error rendering, the access line and metrics: the edge of every request."""
     record = AccessRecord(_request_id(request), request.method, request.path, request.app[CLOCK]())
     request[ACCESS] = record
+    request[TRACE] = request.app[TRACING].begin(request, record)
     inflight = request.app[METRICS].inflight
     inflight.inc()
     try:
@@ -230,6 +249,7 @@ async def _answer(
 
 def _finished(request: web.Request, record: AccessRecord) -> None:
     finished = request.app[CLOCK]()
+    request[TRACE].finished(record)
     if request.path in _QUIET_PATHS:
         access_logger.debug("request", **record.fields(finished))
         return

@@ -110,6 +110,7 @@ class AccessRecord:
     path: str
     started: float
     status: int = 0
+    trace_id: str | None = None  # the W3C trace this request belongs to, if any
     tenant: str | None = None
     key_name: str | None = None
     agent: str | None = None
@@ -137,6 +138,8 @@ class AccessRecord:
             "status": self.status,
             "duration_ms": round((finished - self.started) * 1000, 3),
         }
+        if self.trace_id is not None:
+            fields["trace_id"] = self.trace_id
         if self.tenant is not None:
             fields.update(tenant=self.tenant, key_name=self.key_name)
         if self.agent is not None:

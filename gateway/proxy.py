@@ -50,6 +50,7 @@ from gateway.state import (
     METRICS,
     QUOTA,
     TENANCY,
+    TRACE,
     UPSTREAM,
     WALL_CLOCK,
 )
@@ -97,7 +98,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         sent = loop.time()
         headers = upstream.headers_for(
-            agent_id, request.headers, record.request_id, stream=chat_request.stream
+            agent_id,
+            request.headers,
+            record.request_id,
+            stream=chat_request.stream,
+            trace=request[TRACE].upstream(agent_id),
         )
         response = await admission.send(
             upstream.send(agent_id, body, headers, deadline, tenant=caller.tenant.name)
@@ -113,17 +118,19 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def _admit(
     request: web.Request, caller: Caller, chat: ChatRequest, sessions: SessionScope
 ) -> Admission:
-    record = request[ACCESS]
+    record, trace = request[ACCESS], request[TRACE]
     input_tokens = estimate_tokens(len(chat.message))
     quota = request.app[QUOTA]
-    reservation = await quota.reserve(
-        caller.tenant.name,
-        record.request_id,
-        tokens=input_tokens + caller.tenant.limits.tokens.reserve,
-        stream=chat.stream,
-        key=caller.key_name,
-        end_user=end_user_of(request.headers, caller),
-    )
+    with trace.reserving() as span:
+        reservation = await quota.reserve(
+            caller.tenant.name,
+            record.request_id,
+            tokens=input_tokens + caller.tenant.limits.tokens.reserve,
+            stream=chat.stream,
+            key=caller.key_name,
+            end_user=end_user_of(request.headers, caller),
+        )
+        span.outcome(reservation)
     record.quota_backend = reservation.backend
     request[LIMITS] = reservation.buckets
     if not reservation.allowed:
@@ -138,6 +145,7 @@ async def _admit(
         request.app[METRICS],
         input_tokens=input_tokens,
         sessions=sessions,
+        trace=trace,
     )
 
 

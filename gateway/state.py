@@ -13,6 +13,7 @@ from gateway.metrics import Metrics
 from gateway.quota import BucketState, QuotaService
 from gateway.tenancy import TenancyHolder
 from gateway.tls import ServerCertificate
+from gateway.tracing import RequestTrace, Tracer
 from gateway.upstream import UpstreamClient
 from gateway.upstream_limits import UpstreamLimiter
 
@@ -28,6 +29,8 @@ METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("upstream_limiter", UpstreamLimiter)
 # The caller port's certificate, when `listen.tls` is set: a reload reads its files again.
 CERTIFICATE = web.AppKey("certificate", ServerCertificate)
+# W3C trace context passed on, and with tracing.otlp_endpoint spans (gateway/tracing.py).
+TRACING: web.AppKey[Tracer] = web.AppKey("tracing")
 
 
 class Lifecycle:
@@ -50,3 +53,5 @@ ACCESS = web.RequestKey("access", AccessRecord)
 # The caller's bucket states as last learned (reservation, refund, or a read for a request
 # refused before admission): what gateway/headers.py puts in the response's rate-limit headers.
 LIMITS: web.RequestKey[tuple[BucketState, ...]] = web.RequestKey("limits")
+# The request's trace, begun at the edge: what the pipeline's stages tell (gateway/tracing.py).
+TRACE = web.RequestKey("trace", RequestTrace)

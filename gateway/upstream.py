@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import aiohttp
 import structlog
@@ -37,9 +38,12 @@ from gateway.tls import client_context
 # Only these caller headers go upstream; Authorization, cookies, hop-by-hop and anything
 # else a caller sends stay at the gateway. Accept is the gateway's own reading of the caller's
 # (headers_for's `stream`): upstream must not stream what the gateway did not count as a stream.
+# W3C `traceparent`/`tracestate` are gateway/tracing.py's (headers_for's `trace`): a caller's
+# valid context as it came, the gateway's own span with tracing on, or nothing.
 FORWARDED_HEADERS = ("Content-Type", "User-Agent")
 USER_AGENT = f"thinnest-gateway/{__version__}"
 LARGE_BODY = 2**20  # aiohttp's payload.TOO_LARGE_BYTES_BODY
+_NO_TRACE: Mapping[str, str] = MappingProxyType({})
 
 log = structlog.get_logger("gateway.upstream")
 
@@ -134,7 +138,13 @@ class UpstreamClient:
         return self._keys().can_reach(agent_id)
 
     def headers_for(
-        self, agent_id: str, caller_headers: Mapping[str, str], request_id: str, *, stream: bool
+        self,
+        agent_id: str,
+        caller_headers: Mapping[str, str],
+        request_id: str,
+        *,
+        stream: bool,
+        trace: Mapping[str, str] = _NO_TRACE,
     ) -> CIMultiDict[str]:
         key = self._keys().for_agent(agent_id)
         assert key is not None, "can_reach() is checked before forwarding"
@@ -148,6 +158,8 @@ class UpstreamClient:
         headers.setdefault("User-Agent", USER_AGENT)
         headers["Accept-Encoding"] = "identity"  # pass bytes through, never re-encode them
         headers["X-Request-ID"] = request_id
+        if trace:
+            headers.update(trace)
         headers["Authorization"] = f"Bearer {key.reveal()}"
         return headers
 
