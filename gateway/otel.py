@@ -26,7 +26,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import structlog
@@ -215,8 +215,13 @@ class _Recorded(RequestTrace):
         self._open = False  # admitted, not yet settled: the span waits for the settlement
         self._edge_done = False
 
-    def _child(self, name: str, kind: SpanKind = SpanKind.INTERNAL) -> OtelSpan:
-        return self._tracing.tracer.start_span(name, context=self._context, kind=kind)
+    def _child(self, name: str, *, refunded: bool = False, tokens: int | None = None) -> OtelSpan:
+        attributes: dict[str, AttributeValue] | None = None
+        if refunded:
+            attributes = {"gateway.quota.refunded": True}
+        elif tokens is not None:
+            attributes = {"gateway.tokens_charged": tokens}
+        return self._tracing.tracer.start_span(name, context=self._context, attributes=attributes)
 
     def reserving(self) -> Span:
         return _ReserveSpan(self, self._child("gateway.quota.reserve"))
@@ -248,19 +253,18 @@ class _Recorded(RequestTrace):
         upstream, self._upstream = self._upstream, None
         if upstream is not None:
             _end_upstream(upstream, status, error)
-        span = self._span
-        if usage is not None:
-            if usage.input is not None:
-                span.set_attribute("gen_ai.usage.input_tokens", usage.input)
-            if usage.output is not None:
-                span.set_attribute("gen_ai.usage.output_tokens", usage.output)
-        settle = self._child("gateway.quota.settle")
         if tokens is None:
-            settle.set_attribute("gateway.quota.refunded", True)
-        else:
-            span.set_attribute("gateway.tokens_charged", tokens)
-            span.set_attribute("gateway.tokens_estimated", usage is None and tokens > 0)
-            settle.set_attribute("gateway.tokens_charged", tokens)
+            return _SettleSpan(self, self._child("gateway.quota.settle", refunded=True))
+        charged: dict[str, AttributeValue] = {
+            "gateway.tokens_charged": tokens,
+            "gateway.tokens_estimated": usage is None and tokens > 0,
+        }
+        if usage is not None and usage.input is not None:
+            charged["gen_ai.usage.input_tokens"] = usage.input
+        if usage is not None and usage.output is not None:
+            charged["gen_ai.usage.output_tokens"] = usage.output
+        self._span.set_attributes(charged)
+        settle = self._child("gateway.quota.settle", tokens=tokens)
         return _SettleSpan(self, settle)
 
     def settled(self) -> None:
@@ -270,8 +274,7 @@ class _Recorded(RequestTrace):
 
     def finished(self, record: AccessRecord) -> None:
         span = self._span
-        for name, value in _request_attributes(record):
-            span.set_attribute(name, value)
+        span.set_attributes(_request_attributes(record))
         if record.status >= 500:
             span.set_status(Status(StatusCode.ERROR))
         self._edge_done = True
@@ -279,28 +282,29 @@ class _Recorded(RequestTrace):
             span.end()
 
 
-def _request_attributes(record: AccessRecord) -> Iterator[tuple[str, AttributeValue]]:
-    yield "http.response.status_code", record.status
+def _request_attributes(record: AccessRecord) -> dict[str, AttributeValue]:
+    attributes: dict[str, AttributeValue] = {"http.response.status_code": record.status}
     if record.tenant is not None:
-        yield "gateway.tenant", record.tenant
-        yield "gateway.key_name", record.key_name or ""
+        attributes["gateway.tenant"] = record.tenant
+        attributes["gateway.key_name"] = record.key_name or ""
     if record.agent is not None:
-        yield "gen_ai.agent.id", record.agent
-        yield "gateway.stream", record.stream
+        attributes["gen_ai.agent.id"] = record.agent
+        attributes["gateway.stream"] = record.stream
     if record.error is not None:
-        yield "error.type", record.error
+        attributes["error.type"] = record.error
     if record.upstream_error is not None:
-        yield "gateway.upstream_error", record.upstream_error
+        attributes["gateway.upstream_error"] = record.upstream_error
     if record.client_closed:
-        yield "gateway.client_closed", True
+        attributes["gateway.client_closed"] = True
+    return attributes
 
 
 def _end_upstream(span: OtelSpan, status: int | None, error: BaseException | None) -> None:
-    if status is not None:
+    if status is not None and status < 400:
         span.set_attribute("http.response.status_code", status)
-        if status >= 400:
-            span.set_attribute("error.type", str(status))
-            span.set_status(Status(StatusCode.ERROR))
+    elif status is not None:
+        span.set_attributes({"http.response.status_code": status, "error.type": str(status)})
+        span.set_status(Status(StatusCode.ERROR))
     elif error is not None:
         # No answer: the gateway's code for it (upstream_timeout, ...), else the class.
         kind = error.code if isinstance(error, GatewayError) else type(error).__name__
@@ -317,13 +321,15 @@ class _ReserveSpan(Span):
         self._span = span
 
     def outcome(self, reservation: Reservation) -> None:
-        span = self._span
-        span.set_attribute("gateway.quota.backend", reservation.backend)
-        span.set_attribute("gateway.quota.allowed", reservation.allowed)
+        attributes: dict[str, AttributeValue] = {
+            "gateway.quota.backend": reservation.backend,
+            "gateway.quota.allowed": reservation.allowed,
+        }
         if reservation.allowed:
             self._trace.admitted()
         elif reservation.rejected_by is not None:
-            span.set_attribute("gateway.quota.limit", reservation.rejected_by)
+            attributes["gateway.quota.limit"] = reservation.rejected_by
+        self._span.set_attributes(attributes)
 
     def __exit__(
         self,
