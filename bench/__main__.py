@@ -28,7 +28,7 @@ from typing import Literal
 
 import aiohttp
 
-from bench import targets
+from bench import targets, tracing
 from bench.about import ProcessLog, RunInfo, machine
 from bench.load import Call, LoadTool, find_load_tool, find_redis, wrk_version
 from bench.open_streams import (
@@ -82,12 +82,22 @@ from bench.summary import (
     REDIS_LEVELS,
     REDIS_QUOTAS,
     TLS_UPSTREAM,
+    TRACED,
     summarise,
 )
+from bench.tracing import Exported
 
 REPORT = ROOT / "docs" / "benchmarks.md"
 LOG_LINES_SHOWN = 5
-GATEWAYS = (GATEWAY, MEMORY_QUOTAS, REDIS_QUOTAS, MEMORY_LEVELS, REDIS_LEVELS, TLS_UPSTREAM)
+GATEWAYS = (
+    GATEWAY,
+    MEMORY_QUOTAS,
+    REDIS_QUOTAS,
+    MEMORY_LEVELS,
+    REDIS_LEVELS,
+    TLS_UPSTREAM,
+    TRACED,
+)
 BUDGET = 600.0
 """`make bench` must finish within ten minutes: the soak gets what the other phases left."""
 SOAK_MARGIN = 20.0
@@ -161,6 +171,8 @@ class Core:
     logs: list[ProcessLog]
     event_loop: str
     seconds: dict[str, float]
+    spans: Exported | None = None
+    """What the tracing-on gateway exported (bench/tracing.py); None when it did not run."""
 
 
 async def _measure(
@@ -182,6 +194,7 @@ async def _measure(
         open_loop_only = only == "openloop"
         floor, floor_port = (None, 0) if open_loop_only else await stack.start_floor()
         tls = None if open_loop_only else await stack.start_tls_simulator()
+        sink, sink_port = (None, 0) if open_loop_only else await tracing.start_sink(stack)
         names = (REDIS_QUOTAS,) if open_loop_only else GATEWAYS
         memory = {"backend": "memory"}
         on_redis = {"backend": "redis", "redis_url": f"redis://127.0.0.1:{redis_port}/0"}
@@ -195,11 +208,13 @@ async def _measure(
                     MEMORY_LEVELS: memory,
                     REDIS_LEVELS: on_redis,
                     TLS_UPSTREAM: None,
+                    TRACED: memory,
                 }.items()
                 if name in names
             },
             levels=frozenset(LEVEL_PATHS),
             over_tls=frozenset({TLS_UPSTREAM}),
+            sections=tracing.gateway_sections(sink_port),
         )
         _say(f"processes ready after {time.monotonic() - clock:.1f} s; logs in {workdir}")
         redis_target = target(
@@ -235,6 +250,16 @@ async def _measure(
                     CALLER_KEY,
                     gateways[MEMORY_QUOTAS].proc,
                 ),
+                # Right after the same gateway with tracing off: a pair close in time. The sink is
+                # the collector: its CPU is on the whole path, not the gateway's.
+                target(
+                    TRACED,
+                    gateways[TRACED].port,
+                    CALLER_KEY,
+                    gateways[TRACED].proc,
+                    streams=False,
+                    helper=sink,
+                ),
                 redis_target,
                 target(
                     MEMORY_LEVELS,
@@ -263,7 +288,9 @@ async def _measure(
             await _check_quota_state(gateways[name].url for name in names if name != GATEWAY)
             seconds["JSON"] = time.monotonic() - clock
             if only == "json":
-                return Core(runner.results, None, _log_summary(procs), "", seconds)
+                assert sink is not None
+                exported = await tracing.exported(sink, sink_port, gateways[TRACED].admin_url)
+                return Core(runner.results, None, _log_summary(procs), "", seconds, exported)
             clock = time.monotonic()
             _say("streams: time to first event ...")
             await runner.ttfe_phase()
@@ -286,7 +313,10 @@ async def _measure(
         seconds["open loop"] = time.monotonic() - clock
         await _check_quota_state([gateways[REDIS_QUOTAS].url])
         event_loop = event_loop_of(gateways[REDIS_QUOTAS].proc.log)
-    return Core(runner.results, open_loop, _log_summary(procs), event_loop, seconds)
+        spans: Exported | None = None
+        if sink is not None:
+            spans = await tracing.exported(sink, sink_port, gateways[TRACED].admin_url)
+    return Core(runner.results, open_loop, _log_summary(procs), event_loop, seconds, spans)
 
 
 async def _check_quota_state(urls: Iterable[str]) -> None:
@@ -417,6 +447,7 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
             for name, compared in summary.levels_vs_tenant.items()
         ]
         lines += [f"* {line}" for line in (*quota_notes(summary), tls_headline(summary)) if line]
+        lines += ["", *tracing.section(summary, core.spans)]
         print("\n".join(["", *lines, ""]), flush=True)
     elif phase == "openloop":
         tool = await find_load_tool()
@@ -488,6 +519,7 @@ async def _full(plan: Plan, workdir: Path) -> None:
         soak=soak,
         budget=BUDGET,
         phase_seconds=seconds,
+        tracing=tracing.section(summary, core.spans),
     )
     write_markdown(REPORT, summary, info, extras)
     print(stdout_summary(summary), flush=True)

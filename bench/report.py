@@ -24,10 +24,15 @@ from bench.summary import (
     REDIS_LEVELS,
     REDIS_QUOTAS,
     TLS_UPSTREAM,
+    TRACED,
     Comparison,
     StreamFigures,
     Summary,
 )
+from bench.tracing import LABEL as TRACED_LABEL
+from bench.tracing import SECTION as TRACING_SECTION
+from bench.tracing import SHORT as TRACED_SHORT
+from bench.tracing import headline as tracing_headline
 
 TIMES = "\u00d7"
 LABELS: Mapping[str, str] = MappingProxyType(
@@ -40,6 +45,7 @@ LABELS: Mapping[str, str] = MappingProxyType(
         MEMORY_LEVELS: "gateway, memory quotas, key levels + budgets",
         REDIS_LEVELS: "gateway, Redis quotas, key levels + budgets",
         TLS_UPSTREAM: "gateway, quotas off, HTTPS upstream",
+        TRACED: TRACED_LABEL,
     }
 )
 SHORT: Mapping[str, str] = MappingProxyType(
@@ -137,6 +143,9 @@ def headlines(summary: Summary) -> list[str]:
     tls = tls_headline(summary)
     if tls:
         lines.append(tls)
+    traced = tracing_headline(summary)
+    if traced is not None:
+        lines.append(traced)
     failures = [
         f"{name}: {figures.errors} of {figures.requests} JSON requests failed "
         f"({', '.join(f'{k} {v}' for k, v in figures.error_kinds.items())})"
@@ -229,6 +238,8 @@ def tables(summary: Summary) -> dict[str, list[str]]:
         rows += _comparison_rows(f"{SHORT[n]} vs tenant-only", c)
     if summary.tls_vs_plain is not None:
         rows += _comparison_rows("HTTPS upstream vs HTTP upstream", summary.tls_vs_plain)
+    for c in summary.tracing_vs_off.values():
+        rows += _comparison_rows(f"{TRACED_SHORT} vs off (memory quotas)", c)
     ratios = _table(["compared", "figure", "ratio or difference, per round"], rows)
     return {"load": load, "ttfe": ttfe, "paced": paced, "chunks": chunks, "ratios": ratios}
 
@@ -413,6 +424,8 @@ class Extras:
     soak: SoakResult | None = None
     budget: float = 600.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    tracing: list[str] | None = None
+    """bench/tracing.py's section."""
 
 
 def target_rows(summary: Summary, extras: Extras) -> list[targets.Row]:
@@ -556,6 +569,7 @@ def write_markdown(
         "",
         *tls_section(summary),
         *([""] if summary.tls_rounds else []),
+        *([*block(TRACING_SECTION, extras.tracing), ""] if extras.tracing is not None else []),
         *(
             [*block("openloop", openloop.section(extras.open_loop, DIRECT)), ""]
             if extras.open_loop is not None

@@ -239,26 +239,27 @@ class Stack:
         quotas: Mapping[str, QuotaSpec],
         levels: frozenset[str] = frozenset(),
         over_tls: frozenset[str] = frozenset(),
+        sections: Mapping[str, Mapping[str, object]] | None = None,
     ) -> dict[str, Gateway]:
         """Started together, then waited for: each imports its modules in parallel. Those
         named in `levels` get key limits and budgets too, those in `over_tls` the HTTPS
-        simulator as upstream (`gateway_config`)."""
+        simulator as upstream (`gateway_config`), those in `sections` the top-level YAML
+        sections given there (e.g. `tracing`)."""
         started: dict[str, tuple[Proc, int, int]] = {}
         for name, quota in quotas.items():
             port, admin_port = free_ports(2)
             full = self._name(name)
             config = self.workdir / f"{full}.yaml"
-            text = yaml.safe_dump(
-                gateway_config(
-                    self.sim_port,
-                    port,
-                    admin_port,
-                    quota,
-                    levels=name in levels,
-                    tls=self.tls if name in over_tls else None,
-                ),
-                sort_keys=False,
+            settings = gateway_config(
+                self.sim_port,
+                port,
+                admin_port,
+                quota,
+                levels=name in levels,
+                tls=self.tls if name in over_tls else None,
             )
+            settings.update((sections or {}).get(name, {}))
+            text = yaml.safe_dump(settings, sort_keys=False)
             config.write_text(text)
             proc = await self.procs.start(
                 full,

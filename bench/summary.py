@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bench.phases import LoadRound, Results
 from bench.stats import Spread, percentile
@@ -32,6 +32,9 @@ LEVEL_PATHS = {MEMORY_LEVELS: MEMORY_QUOTAS, REDIS_LEVELS: REDIS_QUOTAS}
 TLS_UPSTREAM = "gateway-https-upstream"
 """The gateway with quotas off calling the simulator over HTTPS (`upstream.ca_file` trusting
 its CA), against GATEWAY calling it over plain HTTP: the JSON load phase only."""
+TRACED = "gateway-memq-traced"
+TRACING_PATHS = {TRACED: MEMORY_QUOTAS}
+"""OpenTelemetry spans at sample_ratio 1 (bench/tracing.py), against the same gateway without."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,8 @@ class Summary:
     tls_vs_plain: Comparison | None = None
     """The gateway over an HTTPS upstream against the same over plain HTTP."""
     tls_rounds: tuple[TLSRound, ...] = ()
+    tracing_vs_off: dict[str, Comparison] = field(default_factory=dict)
+    """Tracing on (sample_ratio 1) against the same gateway with tracing off."""
 
 
 def _load_figures(rounds: Sequence[LoadRound], problems: Sequence[str]) -> LoadFigures:
@@ -279,6 +284,11 @@ def summarise(results: Results, targets: Sequence[str]) -> Summary:
             else None
         ),
         tls_rounds=_tls_rounds(results) if {TLS_UPSTREAM, GATEWAY} <= set(targets) else (),
+        tracing_vs_off={
+            name: _compare(results, name, base)
+            for name, base in TRACING_PATHS.items()
+            if name in targets and base in targets
+        },
     )
 
 
