@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import threading
-import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -80,7 +78,6 @@ OPERATION = "invoke_agent"
 CLOSE_TIMEOUT = 5.0
 """Seconds the exit waits for the last spans to be exported (a dead collector must not hold a
 shutdown for the exporter's retries)."""
-_SDK_QUEUE_LOGGER = "opentelemetry.sdk._shared_internal"
 
 
 class OtelTracing:
@@ -111,8 +108,6 @@ class OtelTracing:
             "server.address": upstream.host or "",
             "server.port": upstream.port or 0,
         }
-        self._quiet_queue = _OncePerMinute()
-        logging.getLogger(_SDK_QUEUE_LOGGER).addFilter(self._quiet_queue)
 
     def begin(self, request: web.Request, record: AccessRecord) -> RequestTrace:
         caller = caller_context(request.headers)
@@ -170,8 +165,6 @@ class OtelTracing:
                 otlp_endpoint=str(self.endpoint),
                 waited_s=self._close_timeout,
             )
-        finally:
-            logging.getLogger(_SDK_QUEUE_LOGGER).removeFilter(self._quiet_queue)
 
 
 def _resolve(done: asyncio.Future[None]) -> None:
@@ -362,19 +355,3 @@ def _end(span: OtelSpan, error: BaseException | None) -> None:
         span.set_attribute("error.type", type(error).__name__)
         span.set_status(Status(StatusCode.ERROR))
     span.end()
-
-
-class _OncePerMinute(logging.Filter):
-    """The SDK logs a warning for every span it drops when its queue is full (the collector
-    is down or slow): one line per message a minute, not thousands a second."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._last: dict[object, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now, last = time.monotonic(), self._last.get(record.msg)
-        if last is not None and now - last < 60.0:
-            return False
-        self._last[record.msg] = now
-        return True

@@ -513,6 +513,23 @@ async def test_a_dead_collector_holds_up_the_exit_only_as_long_as_its_bound(
     assert "tracing: spans not exported at exit were dropped" in capsys.readouterr().err
 
 
+async def test_spans_dropped_by_a_full_queue_are_logged_once_not_per_span(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A collector that does not answer: the SDK's queue (one span here) fills at once; the
+    SDK says so once, not for each of the spans it then drops."""
+    monkeypatch.setenv("OTEL_BSP_MAX_QUEUE_SIZE", "1")
+    monkeypatch.setenv("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "1")
+    dead = URL(f"http://127.0.0.1:{free_port()}/v1/traces")
+    tracing = OtelTracing(Tracing(otlp_endpoint=dead), URL("http://127.0.0.1:9"), close_timeout=0.2)
+    capsys.readouterr()
+    for _ in range(200):
+        tracing.tracer.start_span("dropped").end()
+    await tracing.close()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "Queue full" in line]
+    assert len(warnings) == 1, warnings
+
+
 # --- configuration and installation ---------------------------------------------------------
 
 
