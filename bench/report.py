@@ -463,8 +463,9 @@ def how_to_run() -> list[str]:
         "```",
         "",
         "It starts the simulator (and a second one over HTTPS), the floor proxy, the gateways "
-        "(quotas off, memory and Redis quotas, with and without key levels, and quotas off "
-        "over an HTTPS upstream) and a private `redis-server` on free loopback ports, "
+        "(quotas off, memory and Redis quotas, with and without key levels, quotas off over an "
+        "HTTPS upstream, and memory quotas with tracing on, exporting to a stand-in collector, "
+        "`bench/otlp_sink.py`) and a private `redis-server` on free loopback ports, "
         "measures JSON "
         "load, streams and open-loop latency, and stops them; then the open-streams phase, the "
         "LiteLLM comparison (bench/litellm.py, when it is there) and the soak start processes "
