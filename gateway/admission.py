@@ -14,7 +14,10 @@ it applies the rule table, once, whatever the exit:
     upstream reported its usage                       what upstream reported
     upstream answered an error status                 0 (the request still counts)
     answered without usage, or broke off / timed out  input estimate + text seen / 4
+      (an answer or event over limits.max_*_bytes
+      counts as broken off)
     caller gone and the drain could not finish        max(reservation, input estimate + seen / 4)
+      (quota.drain_timeout or drain_max_bytes hit)
 
 A caller that leaves once the body has gone upstream does not end the exchange: the admission
 is handed to a drain (drains.py) that reads the answer on, JSON or stream, and settles by the
@@ -31,6 +34,7 @@ from types import TracebackType
 import structlog
 from aiohttp import ClientResponse, web
 
+from gateway.config import Limits
 from gateway.errors import GatewayError, RateLimited
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
@@ -46,13 +50,14 @@ from gateway.relay import EventRelay
 from gateway.sessions import SessionScope, parse_answer
 from gateway.state import DRAINS, LIMITS
 from gateway.tracing import NO_TRACE, RequestTrace
-from gateway.upstream import next_chunk
+from gateway.upstream import next_chunk, read_whole
 from gateway.usage import StreamTally, Usage, usage_from
 
 log = structlog.get_logger("gateway.admission")
 
 CHARS_PER_TOKEN = 4
 EVENT_STREAM = "text/event-stream"
+DRAIN_SLICE = 16 * 2**10  # how much a drain frames before the event loop's next turn
 
 
 def estimate_tokens(text_chars: int) -> int:
@@ -73,6 +78,7 @@ class Admission:
         "abandoned",
         "gone",
         "input_tokens",
+        "limits",
         "pending",
         "record",
         "relay",
@@ -96,6 +102,7 @@ class Admission:
         input_tokens: int,
         sessions: SessionScope,
         trace: RequestTrace = NO_TRACE,
+        limits: Limits,
     ) -> None:
         self._request = request
         self._quota = quota
@@ -105,6 +112,7 @@ class Admission:
         self.input_tokens = input_tokens
         self.sessions = sessions
         self.trace = trace  # told of the settlement (gateway/tracing.py)
+        self.limits = limits  # how much of upstream's answer may be held (limits.max_*_bytes)
         self.upstream_slot: Reservation | None = None  # from the upstream key's own limit
         self.sent = False  # the body was handed to upstream
         self.pending: asyncio.Future[ClientResponse] | None = None  # upstream's answer to come
@@ -155,7 +163,7 @@ class Admission:
     def answered(self, response: ClientResponse) -> None:
         self.response, self.status = response, response.status
         if response.content_type == EVENT_STREAM and self.relay is None:
-            self.relay = EventRelay(self.sessions)
+            self.relay = EventRelay(self.sessions, self.limits.max_event_bytes)
 
     @property
     def tally(self) -> StreamTally | None:
@@ -211,9 +219,14 @@ class Admission:
 
     # --- reading on after the caller left (a drain's work) -------------------------------
 
-    async def read_on(self) -> None:
+    async def read_on(self, max_bytes: int) -> bool:
         """Read upstream's answer to its end without a caller: await it if it has not come
-        yet, then the whole body, or the stream up to its `done` event."""
+        yet, then the whole body (at most limits.max_answer_bytes), or the stream up to its
+        `done` event. False when the stream ran past `max_bytes` (quota.drain_max_bytes) first.
+
+        A drain is background work beside the callers' requests: it reads in slices of
+        DRAIN_SLICE bytes and lets the event loop go round between them, so a fast endless
+        upstream cannot hold the loop however many drains read at once."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self.answered(await pending)
@@ -221,14 +234,26 @@ class Admission:
         assert response is not None
         relay = self.relay
         if relay is None:
-            body = await response.read()
+            body = await read_whole(response, self.limits.max_answer_bytes)
             self.observe_body(body, parse_answer(body))
-            return
+            return True
+        read = 0
         while not relay.tally.done:
             chunk = await next_chunk(response.content)
             if not chunk:
-                return
-            relay.drain(chunk)
+                return True
+            for start in range(0, len(chunk), DRAIN_SLICE):
+                if read >= max_bytes:
+                    return False
+                piece = chunk[start : start + min(DRAIN_SLICE, max_bytes - read)]
+                relay.drain(piece)
+                read += len(piece)
+                if relay.overflow is not None:
+                    raise relay.overflow
+                if relay.tally.done:
+                    return True
+                await asyncio.sleep(0)  # the event loop's turn (see above)
+        return True
 
     # --- settlement ------------------------------------------------------------------------
 

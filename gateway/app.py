@@ -157,7 +157,10 @@ async def _quota(app: web.Application) -> AsyncIterator[None]:
     ) as quota:
         app[METRICS].budget_source = quota.budget_ratios
         app[QUOTA] = quota
-        drains = app[DRAINS] = Drains(config.quota.drain_timeout, config.quota.max_drains)
+        quota_config = config.quota
+        drains = app[DRAINS] = Drains(
+            quota_config.drain_timeout, quota_config.max_drains, quota_config.drain_max_bytes
+        )
         with _sampled(
             app,
             quota_backend_errors(lambda: quota.backend_errors),

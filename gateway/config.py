@@ -23,6 +23,7 @@ from yarl import URL
 
 from gateway.config_file import Place, Problem, Section, kind, read_yaml, resolve
 from gateway.errors import ConfigError
+from gateway.sse import DEFAULT_MAX_EVENT
 
 ALL_AGENTS = "*"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -148,6 +149,12 @@ class Agent:
     rate_limits: Limit | None = None  # its own key's limit, if it differs from upstream's
 
 
+# Bounds on what upstream can make the gateway hold or read (limits.*, quota.drain_max_bytes).
+MAX_ANSWER_BYTES = 8 * 2**20
+MAX_EVENT_BYTES = DEFAULT_MAX_EVENT
+DRAIN_MAX_BYTES = 16 * 2**20
+
+
 @dataclass(frozen=True, slots=True)
 class Quota:
     backend: Literal["memory", "redis"] = "memory"
@@ -156,6 +163,8 @@ class Quota:
     timeout_ms: int = 50
     expected_replicas: int = 1
     drain_timeout: float = 30.0
+    # A drain stops reading a stream after this many bytes (charged as one it could not finish).
+    drain_max_bytes: int = DRAIN_MAX_BYTES
     # Abandoned exchanges read on at once to charge their exact tokens (each tenant at most
     # an eighth of them); past that they are charged by the admission's rule without reading.
     max_drains: int = 1024
@@ -262,6 +271,10 @@ class Logging:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 65536
+    # Upstream's side: a JSON answer is read whole, so it is capped; one SSE event likewise
+    # (longer ones than sse.MAX_EVENT go on in pieces, but an endless one would never end).
+    max_answer_bytes: int = MAX_ANSWER_BYTES
+    max_event_bytes: int = MAX_EVENT_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,6 +524,7 @@ def _quota(s: Section) -> Quota:
         timeout_ms=s.whole("timeout_ms", 50, minimum=1),
         expected_replicas=s.whole("expected_replicas", 1, minimum=1),
         drain_timeout=s.number("drain_timeout", 30.0),
+        drain_max_bytes=s.whole("drain_max_bytes", DRAIN_MAX_BYTES, minimum=1024),
         max_drains=s.whole("max_drains", 1024, minimum=1),
         timezone=_timezone(s),
         usage_retention_days=s.whole("usage_retention_days", 400, minimum=1),
@@ -758,7 +772,11 @@ def _parse(root: Section, source: str) -> Config:
     )
     log.done()
     lim = root.section("limits")
-    limits = Limits(max_body_bytes=lim.whole("max_body_bytes", 65536, minimum=64))
+    limits = Limits(
+        max_body_bytes=lim.whole("max_body_bytes", 65536, minimum=64),
+        max_answer_bytes=lim.whole("max_answer_bytes", MAX_ANSWER_BYTES, minimum=1024),
+        max_event_bytes=lim.whole("max_event_bytes", MAX_EVENT_BYTES, minimum=1024),
+    )
     lim.done()
     listen_s, admin_s = root.section("listen"), root.section("admin")
     listen, admin = _listen(listen_s, Listen(), caller=True), _listen(admin_s, ADMIN_DEFAULT)

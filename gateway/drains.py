@@ -3,10 +3,12 @@
 Once a request's body has gone upstream, upstream does the work whether or not the caller
 waits for it. So an admission whose caller leaves is handed here (`take`): a drain reads
 upstream's answer on, JSON or stream, to its end or its `done` event, and settles it by the
-admission's rule table. Drains are bounded in time (`quota.drain_timeout`), in number
-(`quota.max_drains`) and per tenant (an eighth of them), so one tenant abandoning streams by
-the thousand cannot crowd out another's; an exchange that finds no drain is settled at once,
-charged at least its reservation (admission.py).
+admission's rule table. Drains are bounded in time (`quota.drain_timeout`), in bytes read
+(`quota.drain_max_bytes`; a JSON answer by `limits.max_answer_bytes`, one event by
+`limits.max_event_bytes`), in number (`quota.max_drains`) and per tenant (an eighth of them),
+so one tenant abandoning streams by the thousand cannot crowd out another's; an exchange that
+finds no drain, or that a drain gives up on, is charged at least its reservation (admission.py).
+Drains read in slices and yield between them, so the callers' requests keep the event loop.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ UPSTREAM_BROKE = (aiohttp.ClientError, GatewayError)
 
 
 class Drains:
-    def __init__(self, timeout: float, limit: int) -> None:
+    def __init__(self, timeout: float, limit: int, max_bytes: int) -> None:
         self._timeout = timeout
+        self._max_bytes = max_bytes
         self._limit = limit
         self.per_tenant = max(1, limit // TENANT_SHARE)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,8 +73,9 @@ class Drains:
             tenant = admission.reservation.tenant
             try:
                 async with asyncio.timeout(self._timeout):
-                    await admission.read_on()
-            except TimeoutError:  # the drain's bound
+                    if not await admission.read_on(self._max_bytes):
+                        admission.abandoned = True  # the drain's bound in bytes
+            except TimeoutError:  # the drain's bound in time
                 admission.abandoned = True
             except UPSTREAM_BROKE as exc:
                 error = exc

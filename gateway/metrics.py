@@ -62,6 +62,7 @@ CHUNK_GAP_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001,
 STREAM_BROKEN = "stream_broken"
 STREAM_TIMEOUT = "stream_timeout"
 STREAM_INCOMPLETE = "stream_incomplete"
+STREAM_TOO_LARGE = "stream_event_too_large"  # an event over limits.max_event_bytes
 UPSTREAM_REASONS = (
     "unavailable",
     "timeout",
@@ -70,6 +71,7 @@ UPSTREAM_REASONS = (
     STREAM_BROKEN,
     STREAM_TIMEOUT,
     STREAM_INCOMPLETE,
+    STREAM_TOO_LARGE,
 )
 
 

@@ -38,7 +38,7 @@ from gateway.errors import (
     UpstreamUnavailable,
 )
 from gateway.headers import buckets_of
-from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT
+from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT, STREAM_TOO_LARGE
 from gateway.quota import QuotaUnavailable, Reservation
 from gateway.relay import EventRelay
 from gateway.sessions import SessionScope, parse_answer
@@ -146,6 +146,7 @@ async def _admit(
         input_tokens=input_tokens,
         sessions=sessions,
         trace=trace,
+        limits=request.app[CONFIG].limits,
     )
 
 
@@ -190,8 +191,11 @@ async def _relay_body(
     record = admission.record
     loop = asyncio.get_running_loop()
     reading = loop.time()
-    body = await upstream.read_body(response, deadline)
-    record.upstream_wait += loop.time() - reading
+    limit = admission.limits.max_answer_bytes
+    try:
+        body = await upstream.read_body(response, deadline, limit)
+    finally:
+        record.upstream_wait += loop.time() - reading
     parsed = parse_answer(body)
     admission.observe_body(body, parsed)
     body = sessions.caller_body(body, parsed)
@@ -263,6 +267,10 @@ async def _pass_stream(
         passed = relay.feed(chunk)
         if passed and not await _write(request, out, passed, idle, admission):
             return out
+        failure = relay.overflow
+        if failure is not None:
+            record.upstream_error = STREAM_TOO_LARGE
+            break
         chunk_gap.observe(loop.time() - received)
         silent_until = deadline.within(idle)
 

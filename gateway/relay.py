@@ -10,16 +10,17 @@ While upstream is silent the gateway may put a keep-alive comment between those 
 
 from __future__ import annotations
 
+from gateway.errors import UpstreamUnavailable
 from gateway.sessions import SessionScope
-from gateway.sse import Frame, SSEFramer
+from gateway.sse import DEFAULT_MAX_EVENT, Frame, SSEFramer
 from gateway.usage import StreamTally, event_payload
 
 
 class EventRelay:
     __slots__ = ("_framer", "_scope", "tally")
 
-    def __init__(self, scope: SessionScope) -> None:
-        self._framer = SSEFramer()
+    def __init__(self, scope: SessionScope, max_event: int = DEFAULT_MAX_EVENT) -> None:
+        self._framer = SSEFramer(max_event)
         self._scope = scope
         self.tally = StreamTally()
 
@@ -29,6 +30,17 @@ class EventRelay:
         if len(frames) == 1:  # the usual chunk, one event: sent on without a copy
             return self._caller_bytes(frames[0])
         return b"".join([self._caller_bytes(frame) for frame in frames])
+
+    @property
+    def overflow(self) -> UpstreamUnavailable | None:
+        """What ends the stream once upstream sent an event over limits.max_event_bytes (the
+        events before it have been passed on; nothing of it or after it is read)."""
+        if not self._framer.overflowed:
+            return None
+        return UpstreamUnavailable(
+            f"the upstream stream sent an event larger than {self._framer.max_event} bytes "
+            "(limits.max_event_bytes)"
+        )
 
     def keep_alive(self) -> bytes:
         """A heartbeat to send now (`: keep-alive`, a comment every SSE client skips), or b""
@@ -49,7 +61,7 @@ class EventRelay:
         if close and not self._framer.at_boundary:
             # The gateway's bytes, not upstream's: not tallied, but the id is still ours.
             closed = b"".join(
-                [self._scope.caller_event(frame) for frame in self._framer.feed(b"\n\n")]
+                [self._scope.caller_event(frame) for frame in self._framer.end_event()]
             )
         return closed + self._framer.finish()
 

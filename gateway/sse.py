@@ -14,6 +14,10 @@ anywhere but inside an event over MAX_EVENT, whose pieces go out as they come. T
 event still held follow the comment. A BOM that arrives after one no longer leads the stream,
 so it is dropped (a reader would take it for part of the first field name): the only bytes fed
 that do not come out.
+
+No event may grow past the framer's `max_event` (limits.max_event_bytes) though: an endless
+one would otherwise hold a stream, and a drain reading it, for ever. Once one does, the framer
+`overflowed`: the whole events before it come out, and nothing of it or after it is read.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ _BOM = b"\xef\xbb\xbf"
 # An event longer than this is not one we need to read (usage sits in a short `done` event);
 # passing it on unread keeps a misbehaving upstream from growing our buffer without bound.
 MAX_EVENT = 1 << 20
+DEFAULT_MAX_EVENT = 4 << 20  # limits.max_event_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,18 +60,24 @@ class SSEFramer:
         "_held",
         "_id",
         "_line",
+        "_passed",
         "_passing",
         "_skip_lf",
         "_spoke_first",
         "_started",
+        "max_event",
+        "overflowed",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int = DEFAULT_MAX_EVENT) -> None:
         self._held = b""  # the bytes of the event in progress
         self._line = 0  # where its unread line starts in _held (< 0: mid-line, _held empty)
         self._skip_lf = False  # the last chunk ended in a CR: a leading LF belongs to it
         self._started = False  # past a leading BOM, or sure there is none
         self._passing = False  # inside an event over MAX_EVENT: passed on unread, not held
+        self._passed = 0  # how much of that event has gone on
+        self.max_event = max_event  # limits.max_event_bytes
+        self.overflowed = False  # an event grew past max_event: nothing more is read
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None  # WHATWG's "last event ID buffer": kept across events
@@ -90,7 +101,7 @@ class SSEFramer:
 
     def feed(self, chunk: bytes) -> list[Frame]:
         """The frames `chunk` completes; the bytes of an event still incomplete are held."""
-        if not chunk:
+        if not chunk or self.overflowed:
             return []
         held = self._held
         buf = held + chunk if held else chunk
@@ -122,13 +133,17 @@ class SSEFramer:
         for match in _LINE_END.finditer(buf, scan):
             if match.start() == line:  # a blank line: the event [start, end) is whole
                 end = match.end()
+                if self._passed + end - start > self.max_event:
+                    return self._overflow(frames)
                 frames.append(Frame(buf[start:end], None if passing else self._dispatch()))
                 start = end
-                passing = False
+                passing, self._passed = False, 0
             elif not passing:
                 self._field(buf[line : match.start()])
             line = match.end()
         end = len(buf)
+        if self._passed + end - start > self.max_event:
+            return self._overflow(frames)
         self._skip_lf = line == end and buf[-1] == 0x0D
         if not passing and end - start > MAX_EVENT:
             # Too long to be upstream's done event: stop holding it, pass it on unread.
@@ -138,9 +153,26 @@ class SSEFramer:
         if passing:
             if start < end:
                 frames.append(Frame(buf[start:], None))
+                self._passed += end - start
             self._held, self._line = b"", line - end
         else:
             self._held, self._line = buf[start:], line - start
+        return frames
+
+    def end_event(self) -> list[Frame]:
+        """Frames that end the event in progress with a blank line of the gateway's (a held
+        one is read; a half-passed one is closed), so that bytes of ours can follow it."""
+        if self.overflowed:
+            closing = [Frame(b"\n\n", None)] if self._passing else []
+            self._passing = False
+            return closing
+        return self.feed(b"\n\n")
+
+    def _overflow(self, frames: list[Frame]) -> list[Frame]:
+        """An event grew past max_event: the frames before it, and from now on nothing."""
+        self.overflowed = True
+        self._held, self._line, self._skip_lf = b"", 0, False
+        self._data, self._event = [], ""
         return frames
 
     def finish(self) -> bytes:

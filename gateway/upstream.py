@@ -266,18 +266,38 @@ class UpstreamClient:
                 f"the upstream API could not be reached ({type(exc).__name__})"
             ) from exc
 
-    async def read_body(self, response: ClientResponse, deadline: Deadline) -> bytes:
+    async def read_body(self, response: ClientResponse, deadline: Deadline, limit: int) -> bytes:
         try:
             if response.content.is_eof():
-                return await response.read()  # all of it is here already: no timer to arm
+                return await read_whole(response, limit)  # all here already: no timer to arm
             async with asyncio.timeout_at(deadline.within(self.timeouts.idle)):
-                return await response.read()
+                return await read_whole(response, limit)
         except TimeoutError as exc:
             raise UpstreamTimeout("the upstream API stopped sending its response") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(
                 f"the upstream API broke off its response ({type(exc).__name__})"
             ) from exc
+
+
+async def read_whole(response: ClientResponse, limit: int) -> bytes:
+    """A JSON answer's whole body, at most `limit` bytes (limits.max_answer_bytes) once
+    decompressed: past it, UpstreamUnavailable, and the connection is closed, not pooled."""
+    declared = response.content_length
+    pieces: list[bytes] = []
+    size = 0
+    while declared is None or declared <= limit:
+        chunk = await response.content.readany()
+        if not chunk:
+            return b"".join(pieces)
+        size += len(chunk)
+        if size > limit:
+            break
+        pieces.append(chunk)
+    response.close()
+    raise UpstreamUnavailable(
+        f"the upstream API's answer was too large (over {limit} bytes, limits.max_answer_bytes)"
+    )
 
 
 async def next_chunk(content: StreamReader) -> bytes:
