@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import structlog
@@ -57,7 +57,7 @@ log = structlog.get_logger("gateway.admission")
 
 CHARS_PER_TOKEN = 4
 EVENT_STREAM = "text/event-stream"
-DRAIN_SLICE = 16 * 2**10  # how much a drain frames before the event loop's next turn
+DRAIN_SLICE = 4 * 2**10  # how much a drain frames before the event loop's next turn
 
 
 def estimate_tokens(text_chars: int) -> int:
@@ -219,14 +219,15 @@ class Admission:
 
     # --- reading on after the caller left (a drain's work) -------------------------------
 
-    async def read_on(self, max_bytes: int) -> bool:
+    async def read_on(self, max_bytes: int, turn: Callable[[], Awaitable[None]]) -> bool:
         """Read upstream's answer to its end without a caller: await it if it has not come
         yet, then the whole body (at most limits.max_answer_bytes), or the stream up to its
         `done` event. False when the stream ran past `max_bytes` (quota.drain_max_bytes) first.
 
-        A drain is background work beside the callers' requests: it reads in slices of
-        DRAIN_SLICE bytes and lets the event loop go round between them, so a fast endless
-        upstream cannot hold the loop however many drains read at once."""
+        A drain is background work beside the callers' requests: it frames slices of
+        DRAIN_SLICE bytes, each after `await turn()` (drains.py: drains together get a few
+        ms of each turn of the event loop), so fast endless upstreams cannot hold the loop
+        however many drains read them."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self.answered(await pending)
@@ -245,6 +246,7 @@ class Admission:
             for start in range(0, len(chunk), DRAIN_SLICE):
                 if read >= max_bytes:
                     return False
+                await turn()
                 piece = chunk[start : start + min(DRAIN_SLICE, max_bytes - read)]
                 relay.drain(piece)
                 read += len(piece)
@@ -252,7 +254,6 @@ class Admission:
                     raise relay.overflow
                 if relay.tally.done:
                     return True
-                await asyncio.sleep(0)  # the event loop's turn (see above)
         return True
 
     # --- settlement ------------------------------------------------------------------------
