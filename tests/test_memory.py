@@ -27,7 +27,10 @@ from tests.test_disconnects import rss_bytes
 CHAT = "/v1/agents/ag_support/chat"
 MiB = 2**20
 PIECE = 64 * 2**10
-RSS_GROWTH = 200 * MiB  # generous: unbounded reads grew it by 600 MiB and more
+RSS_GROWTH = 200 * MiB
+PLENTY = (
+    200 * MiB
+)  # upstream bytes in flight to 200 drains: each has its buffers full  # generous: unbounded reads grew it by 600 MiB and more
 
 
 @dataclass
@@ -38,6 +41,15 @@ class Hostile:
     written: list[int] = field(default_factory=list)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     opened: int = 0
+    # With `hold`, answers pause after their first bytes until `go` is set.
+    hold: bool = False
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    plenty: asyncio.Event = field(default_factory=asyncio.Event)  # PLENTY bytes written
+
+    def wrote(self, size: int) -> None:
+        self.written.append(size)
+        if len(self.written) * size >= PLENTY:
+            self.plenty.set()
 
 
 async def endless(
@@ -49,9 +61,11 @@ async def endless(
     await out.prepare(request)
     try:
         await out.write(first)
+        if hostile.hold:
+            await hostile.go.wait()
         while True:
             await out.write(piece)
-            hostile.written.append(len(piece))
+            hostile.wrote(len(piece))
             await asyncio.sleep(0)  # the test's loop serves 200 of these: take turns
     finally:  # a write failed, or aiohttp cancelled the handler: the connection is gone
         hostile.closed.set()
@@ -200,7 +214,7 @@ async def test_a_drain_stops_reading_an_endless_stream_at_its_byte_bound(tmp_pat
 async def test_healthz_answers_promptly_while_200_drains_read_endless_streams(
     tmp_path: Path,
 ) -> None:
-    hostile = Hostile()
+    hostile = Hostile(hold=True)
 
     async def endless_events(request: web.Request) -> web.StreamResponse:
         return await endless(request, hostile, EVENTS, EVENTS * 1000, "text/event-stream")
@@ -216,6 +230,8 @@ async def test_healthz_answers_promptly_while_200_drains_read_endless_streams(
         )
         assert hostile.opened == 200
         await until_metric(session, admin, "gateway_stream_drains 200.0")
+        hostile.go.set()  # now every drain reads an endless stream, as fast as it is written
+        await asyncio.wait_for(hostile.plenty.wait(), 60)
         slowest = 0.0
         for _ in range(20):
             started = time.monotonic()
