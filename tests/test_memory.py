@@ -27,10 +27,8 @@ from tests.test_disconnects import rss_bytes
 CHAT = "/v1/agents/ag_support/chat"
 MiB = 2**20
 PIECE = 64 * 2**10
-RSS_GROWTH = 200 * MiB
-PLENTY = (
-    200 * MiB
-)  # upstream bytes in flight to 200 drains: each has its buffers full  # generous: unbounded reads grew it by 600 MiB and more
+RSS_GROWTH = 200 * MiB  # generous: unbounded reads grew it by 600 MiB and more
+PLENTY = 200 * MiB  # upstream bytes in flight to 200 drains: each has its buffers full
 
 
 @dataclass
