@@ -239,13 +239,6 @@ class Tenant:
     def may_use(self, agent_id: str) -> bool:
         return ALL_AGENTS in self.agents or agent_id in self.agents
 
-    def limits_of_key(self, name: str) -> TenantLimits | None:
-        """A key's own limits, or None when it has none (only the tenant's apply)."""
-        for key in self.keys:
-            if key.name == name:
-                return key.limits
-        return None
-
     def key(self, name: str) -> TenantKey | None:
         for key in self.keys:
             if key.name == name:

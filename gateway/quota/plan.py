@@ -131,7 +131,6 @@ class Plan:
     streams: tuple[StreamCap, ...] = ()  # a stream takes one lease in every one, or none
     # Derived once: every reservation and settlement asks.
     token_buckets: tuple[BucketSpec, ...] = field(init=False, compare=False, repr=False)
-    budgets: bool = field(init=False, compare=False, repr=False)  # any calendar budget
     # The tenant's and keys' budgets (not an end user's) by their index in `buckets` and in
     # `token_buckets`: what gateway_budget_used_ratio shows, without a search per request.
     budget_slots: tuple[BudgetSlot, ...] = field(init=False, compare=False, repr=False)
@@ -141,7 +140,6 @@ class Plan:
     def __post_init__(self) -> None:
         token_buckets = tuple(b for b in self.buckets if b.tokens)
         object.__setattr__(self, "token_buckets", token_buckets)
-        object.__setattr__(self, "budgets", any(b.period is not None for b in self.buckets))
         object.__setattr__(self, "budget_slots", _slots(self.buckets))
         object.__setattr__(self, "token_budget_slots", _slots(token_buckets))
         object.__setattr__(

@@ -50,7 +50,7 @@ from gateway.quota.model import (
     UsageRow,
 )
 from gateway.quota.owners import PlanLookup
-from gateway.quota.plan import BudgetSlot, Plan, reset_after, whole_seconds
+from gateway.quota.plan import CONCURRENT_STREAMS, BudgetSlot, Plan, reset_after, whole_seconds
 
 log = structlog.get_logger("gateway.quota")
 
@@ -321,6 +321,10 @@ class QuotaService:
                         "resets_at": datetime.fromtimestamp(resets, UTC).isoformat(),
                     }
                 )
+        streams = [
+            {"name": cap.name, "limit": cap.limit, "active": active}
+            for cap, active in zip(plan.streams, snapshot.active_streams, strict=True)
+        ]
         return {
             "tenant": tenant,
             "buckets": [
@@ -330,14 +334,16 @@ class QuotaService:
             "budgets": budgets,
             "timezone": self._calendar.zone,
             "tokens_today": snapshot.tokens_today,
-            "concurrent_streams": {
-                "limit": plan.max_streams,
-                "active": snapshot.active_streams[0] if plan.max_streams is not None else 0,
-            },
-            "streams": [
-                {"name": cap.name, "limit": cap.limit, "active": active}
-                for cap, active in zip(plan.streams, snapshot.active_streams, strict=True)
-            ],
+            # The tenant's own cap, as before levels: named plainly, never a key's.
+            "concurrent_streams": next(
+                (
+                    {"limit": s["limit"], "active": s["active"]}
+                    for s in streams
+                    if s["name"] == CONCURRENT_STREAMS
+                ),
+                {"limit": None, "active": 0},
+            ),
+            "streams": streams,
         }
 
     async def ledger(self, first: str, last: str) -> list[UsageRow]:
@@ -434,7 +440,7 @@ class QuotaService:
         )
         if store is self._primary and self._breaker is not None and plan.buckets:
             self._remember(tenant, plan, decision.levels)
-        if decision.allowed and plan.budgets:
+        if decision.allowed and plan.budget_slots:
             self._budgets_used(tenant, plan.budget_slots, decision.levels, at)
             self._warn(tenant, decision.crossed)
         if decision.allowed and lease is not None:
