@@ -192,6 +192,30 @@ async def test_a_burst_against_a_healthy_redis_admits_exactly_the_limit(
             assert Counter(streams) == {200: 2, 429: BURST - 2}
 
 
+REPORTS_KEY = "gw_test_acme_reports_0003"
+
+
+def two_services(
+    tmp_path: Path, redis_urls: list[str], *, tenant: str, key_a: str
+) -> contextlib.AbstractAsyncContextManager[tuple[list[str], str]]:
+    """Two replicas, acme with `tenant` limits and two keys: billing-service (A, the caller
+    key ACME_KEY) with `key_a` limits of its own, reports (B, REPORTS_KEY) with none."""
+    acme = (
+        f"    limits: {tenant}\n"
+        "    keys:\n"
+        f"      - {{name: billing-service, sha256: {hash_key(ACME_KEY)}, limits: {key_a}}}\n"
+        f"      - {{name: reports, sha256: {hash_key(REPORTS_KEY)}}}\n"
+    )
+    return replicas(
+        tmp_path,
+        redis_urls,
+        2,
+        acme=acme,
+        quota="timeout_ms: 2000, on_backend_error: closed",
+        replace_keys=True,
+    )
+
+
 @pytest.mark.timeout(120)
 async def test_a_keys_own_limit_and_its_tenants_hold_exactly_across_two_replicas(
     tmp_path: Path, redis_urls: list[str], secret_watch: SecretWatch
@@ -199,22 +223,12 @@ async def test_a_keys_own_limit_and_its_tenants_hold_exactly_across_two_replicas
     """Levels: key A (a service) limited to 20 requests inside its tenant's 50, key B only by
     the tenant's: 200 concurrent requests over two replicas admit exactly 20 through A and 50
     through A and B together, on one Redis and on a Cluster (one script, one slot)."""
-    second_key = "gw_test_acme_reports_0003"
-    acme = (
-        "    limits: {requests: {per_day: 50}}\n"
-        "    keys:\n"
-        f"      - {{name: billing-service, sha256: {hash_key(ACME_KEY)},"
-        " limits: {requests: {per_day: 20}}}\n"
-        f"      - {{name: reports, sha256: {hash_key(second_key)}}}\n"
-    )
     async with (
-        replicas(
+        two_services(
             tmp_path,
             redis_urls,
-            2,
-            acme=acme,
-            quota="timeout_ms: 2000, on_backend_error: closed",
-            replace_keys=True,
+            tenant="{requests: {per_day: 50}}",
+            key_a="{requests: {per_day: 20}}",
         ) as (urls, _),
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), response_class=secret_watch.response_class()
@@ -222,7 +236,7 @@ async def test_a_keys_own_limit_and_its_tenants_hold_exactly_across_two_replicas
     ):
 
         async def one(i: int) -> tuple[str, int]:
-            key = ACME_KEY if i % 2 else second_key
+            key = ACME_KEY if i % 2 else REPORTS_KEY
             async with session.post(
                 f"{urls[i % 4 // 2]}/v1/agents/ag_support/chat",
                 json={"message": "Hi"},
@@ -245,22 +259,12 @@ async def test_a_keys_own_stream_cap_and_its_tenants_hold_exactly_across_two_rep
     """Levels for streams: key A may hold 3 streams inside its tenant's 5, key B only the
     tenant's: 50 concurrent streams through A over two replicas hold exactly 3, then 50 through
     B exactly the 2 left of the tenant's 5, on one Redis and on a Cluster."""
-    second_key = "gw_test_acme_reports_0003"
-    acme = (
-        "    limits: {max_concurrent_streams: 5}\n"
-        "    keys:\n"
-        f"      - {{name: billing-service, sha256: {hash_key(ACME_KEY)},"
-        " limits: {max_concurrent_streams: 3}}\n"
-        f"      - {{name: reports, sha256: {hash_key(second_key)}}}\n"
-    )
     async with (
-        replicas(
+        two_services(
             tmp_path,
             redis_urls,
-            2,
-            acme=acme,
-            quota="timeout_ms: 2000, on_backend_error: closed",
-            replace_keys=True,
+            tenant="{max_concurrent_streams: 5}",
+            key_a="{max_concurrent_streams: 3}",
         ) as (urls, simulator),
         aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0), response_class=secret_watch.response_class()
@@ -279,7 +283,7 @@ async def test_a_keys_own_stream_cap_and_its_tenants_hold_exactly_across_two_rep
                 return response.status
 
         through_a = await asyncio.gather(*(one(i, ACME_KEY) for i in range(50)))
-        through_b = await asyncio.gather(*(one(i, second_key) for i in range(50)))
+        through_b = await asyncio.gather(*(one(i, REPORTS_KEY) for i in range(50)))
         await session.post(f"{simulator}/_sim/release")
     assert Counter(through_a) == {200: 3, 429: 47}  # the key's own cap
     assert Counter(through_b) == {200: 2, 429: 48}  # what the tenant's 5 leave
