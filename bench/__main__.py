@@ -30,6 +30,8 @@ import aiohttp
 
 from bench import targets, tracing
 from bench.about import ProcessLog, RunInfo, machine
+from bench.drains import DrainsResult, DrainsSettings, run_drains
+from bench.drains import section as drains_section
 from bench.load import Call, LoadTool, find_load_tool, find_redis, wrk_version
 from bench.open_streams import (
     OpenStreamsResult,
@@ -104,7 +106,7 @@ SOAK_MARGIN = 20.0
 """Kept back from the budget after the soak: stopping processes and writing the report."""
 FD_LIMIT = 65_536
 OPEN_LOOP_PATHS = (DIRECT, REDIS_QUOTAS)
-PHASES = ("json", "openloop", "open-streams", "litellm", "soak")
+PHASES = ("json", "openloop", "open-streams", "drains", "litellm", "soak")
 PRINT_ONLY = frozenset({"json"})
 """Phases `--only` measures and prints without touching the report (the JSON section is one
 table of a whole run's summary, so a run of its own is for comparing commits, side by side)."""
@@ -121,6 +123,7 @@ class Plan:
     core: Settings
     open_loop: OpenLoopSettings
     open_streams: OpenStreamsSettings
+    drains: DrainsSettings
     soak: SoakSettings
     quick: bool
 
@@ -132,6 +135,7 @@ class Plan:
                 Settings(),
                 OpenLoopSettings(),
                 OpenStreamsSettings(streams=args.streams),
+                DrainsSettings(),
                 soak,
                 False,
             )
@@ -146,6 +150,7 @@ class Plan:
             ),
             OpenLoopSettings(rounds=1, seconds=3.0, warmup_seconds=1.0),
             OpenStreamsSettings(streams=min(args.streams, 500), hold_seconds=2.0),
+            DrainsSettings(probes=100),
             SoakSettings.sized(min(args.soak_requests, 3_000), 3),
             True,
         )
@@ -348,6 +353,29 @@ async def _open_streams(workdir: Path, settings: OpenStreamsSettings) -> OpenStr
         )
 
 
+async def _drains(workdir: Path, settings: DrainsSettings) -> DrainsResult:
+    """Drains reading endless streams through a gateway and simulator of their own."""
+    async with ProcessSet(workdir) as procs:
+        stack = Stack(procs, workdir, prefix="drains-")
+        sim = await stack.start_simulator()
+        name = "gateway"
+        sections = {name: {"quota": settings.gateway_quota()}}
+        gateway = (await stack.start_gateways({name: {"backend": "memory"}}, sections=sections))[
+            name
+        ]
+        calls = target(name, gateway.port, CALLER_KEY, gateway.proc)
+        return await run_drains(
+            gateway.proc,
+            sim,
+            stack.sim_port,
+            gateway.url,
+            gateway.admin_url,
+            calls.stream_call,
+            settings,
+            _say,
+        )
+
+
 async def _soak(workdir: Path, settings: SoakSettings, deadline: float | None) -> SoakResult:
     """The soak on a simulator and a gateway of its own (memory quotas), stopped after it."""
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
@@ -461,6 +489,11 @@ async def _only(phase: str, plan: Plan, workdir: Path) -> None:
         lines = open_streams_section(result)
         _splice_only(phase, lines, targets.open_streams_rows(result))
         print("\n".join(["", *lines, ""]), flush=True)
+    elif phase == "drains":
+        drains = await _drains(workdir, plan.drains)
+        lines = drains_section(drains)
+        _splice_only(phase, lines, targets.drains_row(drains))
+        print("\n".join(["", *lines, ""]), flush=True)
     elif phase == "litellm":
         section, why = await _litellm(workdir, plan.quick)
         lines = litellm_section(section, why)
@@ -486,6 +519,10 @@ async def _full(plan: Plan, workdir: Path) -> None:
     phase = time.monotonic()
     streams = await _open_streams(workdir, plan.open_streams)
     seconds["open streams"] = time.monotonic() - phase
+    _say(f"/healthz while {plan.drains.drains} drains read endless streams ...")
+    phase = time.monotonic()
+    drains = await _drains(workdir, plan.drains)
+    seconds["drains"] = time.monotonic() - phase
     _say("LiteLLM comparison (bench/litellm.py) ...")
     phase = time.monotonic()
     litellm, litellm_why = await _litellm(workdir, plan.quick)
@@ -514,6 +551,7 @@ async def _full(plan: Plan, workdir: Path) -> None:
     extras = Extras(
         open_loop=core.open_loop,
         open_streams=streams,
+        drains=drains,
         litellm=litellm,
         litellm_why=litellm_why,
         soak=soak,

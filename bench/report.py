@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from bench import open_streams, openloop, targets
+from bench import drains, open_streams, openloop, targets
 from bench.about import RunInfo, method
 from bench.sections import block
 from bench.soak import SoakResult
@@ -419,6 +419,7 @@ class Extras:
     open_loop: openloop.OpenLoopResults | None = None
     open_loop_path: str = REDIS_QUOTAS
     open_streams: open_streams.OpenStreamsResult | None = None
+    drains: drains.DrainsResult | None = None
     litellm: list[str] | None = None
     litellm_why: str = ""
     soak: SoakResult | None = None
@@ -434,6 +435,7 @@ def target_rows(summary: Summary, extras: Extras) -> list[targets.Row]:
         *targets.open_loop_rows(extras.open_loop, extras.open_loop_path),
         *targets.stream_rows(summary),
         *targets.open_streams_rows(extras.open_streams),
+        *targets.drains_row(extras.drains),
         *targets.litellm_row(extras.litellm, extras.litellm_why),
         *targets.soak_row(extras.soak),
     ]
@@ -494,6 +496,8 @@ def write_markdown(
         extra_headlines.append(open_loop_headline(extras.open_loop, extras.open_loop_path))
     if extras.open_streams is not None:
         extra_headlines.append("Open streams: " + open_streams.summary_line(extras.open_streams))
+    if extras.drains is not None:
+        extra_headlines.append("Drains: " + drains.summary_line(extras.drains))
     lines = [
         "# Benchmarks",
         "",
@@ -579,6 +583,11 @@ def write_markdown(
         *(
             [*block("open-streams", open_streams.section(extras.open_streams)), ""]
             if extras.open_streams is not None
+            else []
+        ),
+        *(
+            [*block("drains", drains.section(extras.drains)), ""]
+            if extras.drains is not None
             else []
         ),
         *block("litellm", litellm_section(extras.litellm, extras.litellm_why)),

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from bench.drains import DrainsResult, DrainsSettings
 from bench.open_streams import KIB, OpenStreamsResult, reuse_verdict
 from bench.openloop import OpenLoopResults, added, spread
 from bench.sections import extract, splice_text
@@ -219,6 +220,24 @@ def open_streams_rows(result: OpenStreamsResult | None) -> list[Row]:
             _verdict(share <= RSS_BACK_SHARE and result.settled),
         ),
     ]
+
+
+def drains_row(result: DrainsResult | None) -> list[Row]:
+    settings = result.settings if result is not None else DrainsSettings()
+    target = (
+        f"/healthz p99 ≤ {settings.p99_limit_ms:g} ms while {settings.drains} drains read "
+        "endless streams"
+    )
+    if result is None:
+        return [Row("7", target, "the drains phase did not run", NOT_MEASURED)]
+    busy = result.busy.get("caller")
+    if busy is None or not busy.ms:
+        return [Row("7", target, "no probe answered", MISSED)]
+    measured = (
+        f"p99 {busy.p99:.1f} ms, max {busy.max:.1f} ms; {result.drains_after:.0f} drains "
+        f"reading; {busy.failed} probes failed"
+    )
+    return [Row("7", target, measured, _verdict(result.met))]
 
 
 def litellm_row(section: Sequence[str] | None, why: str) -> list[Row]:

@@ -489,6 +489,7 @@ async def test_a_fault_is_registered_listed_and_cleared(sim: SimClient) -> None:
         ({"kind": "pause_stream", "after_events": 1}, "delay"),
         ({"kind": "pause_stream", "delay": float("inf")}, "delay"),
         ({"kind": "pause_stream", "delay": 1, "after_events": -1}, "after_events"),
+        ({"kind": "endless_stream", "burst": 0}, "burst"),
         ({"kind": "error", "status": 200}, "status"),
         ({"kind": "error", "status": True}, "status"),
         ({"kind": "hang", "times": 0}, "times"),
@@ -641,6 +642,21 @@ async def test_pause_stream_is_silent_for_its_delay_after_n_events_then_goes_on(
     assert content_of(events) == '[ag_support] You said: "Hi". This is turn 1 of session s.'
     assert events[-1]["type"] == "done"
     assert (await (await sim.get("/_sim/faults")).json()) == {"faults": []}
+
+
+async def test_endless_stream_sends_content_until_its_client_leaves(sim: SimClient) -> None:
+    await add_fault(sim, {"kind": "endless_stream", "burst": 50, "times": 1})
+    assert (await chat(sim, {"message": "Hi"})).status == 200  # Not a stream: not counted.
+    response = await chat(sim, {"message": "Hi", "stream": True})
+    assert response.status == 200
+    # Far more events than any reply has pieces, and never `done`.
+    events = [await read_event(response) for _ in range(2_000)]
+    assert {event["type"] for event in events} == {"content"}
+    response.close()
+    # The endless writer takes turns: the simulator answers others meanwhile and after.
+    async with asyncio.timeout(5):
+        body = parse_sse(await (await chat(sim, {"message": "Hi", "stream": True})).read())
+    assert body[-1]["type"] == "done"
 
 
 async def test_held_streams_can_be_awaited_in_process(sim: SimClient) -> None:

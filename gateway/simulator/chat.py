@@ -162,6 +162,9 @@ async def _stream(
     is_gone = _gone(request)
     try:
         await response.prepare(request)
+        if fault is not None and fault.kind == "endless_stream":
+            await _endless(response, events[0] * fault.burst)
+            return response
         for index, event in enumerate(events):
             if index == drop_at:
                 _drop_connection(request)
@@ -178,6 +181,14 @@ async def _stream(
         # The client left mid-stream; aiohttp notices on its own, nothing more to send.
         pass
     return response
+
+
+async def _endless(response: web.StreamResponse, burst: bytes) -> None:
+    """`burst` again and again until the client leaves (a failed write, or the handler
+    cancelled); each write waits while the client's socket is full, as upstream's do."""
+    while True:
+        await response.write(burst)
+        await asyncio.sleep(0)  # a reader that keeps up never makes write() wait: take turns
 
 
 def _drop_connection(request: web.Request) -> None:

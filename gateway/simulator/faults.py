@@ -24,6 +24,7 @@ FaultKind = Literal[
     "pause_stream",
     "hold_answer",
     "stream_unasked",
+    "endless_stream",
 ]
 
 # The parameters each kind accepts besides kind, agent_id and times.
@@ -43,10 +44,13 @@ _PARAMS: Mapping[str, tuple[str, ...]] = {
     "hold_answer": (),
     # Streams a request that did not ask for a stream: misbehaviour a gateway must survive.
     "stream_unasked": (),
+    # Content events and never a `done`, `burst` per write, as fast as the client reads,
+    # until it leaves: a runaway generation, which a gateway must bound (its drains above all).
+    "endless_stream": ("burst",),
 }
 # These only make sense for a stream; a JSON request skips them and leaves `times` alone.
 STREAM_ONLY: frozenset[str] = frozenset(
-    {"slow_drip", "drop_mid_stream", "hold_stream", "pause_stream"}
+    {"slow_drip", "drop_mid_stream", "hold_stream", "pause_stream", "endless_stream"}
 )
 _COMMON = frozenset({"kind", "agent_id", "times"})
 
@@ -61,6 +65,7 @@ class Fault:
     delay: float = 0.0
     interval: float = 0.0
     after_events: int = 0
+    burst: int = 1
     retry_after: int = 1
     status: int = 500
     code: str = ""
@@ -141,6 +146,8 @@ def parse_fault(spec: object, fault_id: int) -> Fault:
     elif kind == "pause_stream":
         fault.after_events = _int(spec.get("after_events", 1), "after_events", minimum=0)
         fault.delay = _seconds(_required(spec, kind, "delay"), "delay")
+    elif kind == "endless_stream":
+        fault.burst = _int(spec.get("burst", 1), "burst", minimum=1, maximum=10_000)
     elif kind == "rate_limited":
         fault.retry_after = _int(spec.get("retry_after", 1), "retry_after", minimum=0)
     elif kind == "error":
