@@ -227,7 +227,8 @@ class Admission:
         A drain is background work beside the callers' requests: it frames slices of
         pacing.SLICE bytes, each after `await turn()` (drains.py: drains together get a few
         ms of each turn of the event loop), so fast endless upstreams cannot hold the loop
-        however many drains read them."""
+        however many drains read them. It starts with what the relay left unread when the
+        caller left in the middle of a chunk."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self.answered(await pending)
@@ -239,8 +240,10 @@ class Admission:
             self.observe_body(body, parse_answer(body))
             return True
         read = 0
+        unread, relay.unread = relay.unread, b""
         while not relay.tally.done:
-            chunk = await next_chunk(response.content)
+            chunk = unread or await next_chunk(response.content)
+            unread = b""
             if not chunk:
                 return True
             for start in range(0, len(chunk), SLICE):

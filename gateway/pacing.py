@@ -1,9 +1,13 @@
 """Framing upstream's bytes takes turns with everything else on the event loop.
 
-A fast upstream writing tiny events hands the gateway chunks of hundreds of KiB, and framing
-one in one go holds the loop: /healthz, /metrics and every other caller wait. So a chunk is
-framed SLICE bytes at a time, each slice after `await pacer.turn()`: a `Pacer` lets its users
-together frame for at most TURN seconds of each turn of the event loop (drains.py).
+A fast upstream writing tiny events hands the gateway chunks of hundreds of KiB (whatever
+piled up in the socket while the gateway was busy), and framing one in one go holds the loop
+for tens or hundreds of ms: /healthz, /metrics and every other caller wait. So a chunk larger
+than SLICE is framed SLICE bytes at a time, each slice after `await pacer.turn()`: a `Pacer`
+lets its users together frame for at most TURN seconds of each turn of the event loop.
+
+Two pacers, so that background work never slows a caller still reading: the live streams'
+(gateway/proxy.py, through EventRelay.feed_paced) and the drains' (gateway/drains.py).
 """
 
 from __future__ import annotations
