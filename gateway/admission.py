@@ -38,6 +38,7 @@ from gateway.config import Limits
 from gateway.errors import GatewayError, RateLimited
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
+from gateway.pacing import SLICE
 from gateway.quota import (
     CONCURRENT_STREAMS,
     BucketState,
@@ -57,7 +58,6 @@ log = structlog.get_logger("gateway.admission")
 
 CHARS_PER_TOKEN = 4
 EVENT_STREAM = "text/event-stream"
-DRAIN_SLICE = 4 * 2**10  # how much a drain frames before the event loop's next turn
 
 
 def estimate_tokens(text_chars: int) -> int:
@@ -225,9 +225,10 @@ class Admission:
         `done` event. False when the stream ran past `max_bytes` (quota.drain_max_bytes) first.
 
         A drain is background work beside the callers' requests: it frames slices of
-        DRAIN_SLICE bytes, each after `await turn()` (drains.py: drains together get a few
+        pacing.SLICE bytes, each after `await turn()` (drains.py: drains together get a few
         ms of each turn of the event loop), so fast endless upstreams cannot hold the loop
-        however many drains read them."""
+        however many drains read them. It starts with what the relay left unread when the
+        caller left in the middle of a chunk."""
         if self.pending is not None:
             pending, self.pending = self.pending, None
             self.answered(await pending)
@@ -239,15 +240,17 @@ class Admission:
             self.observe_body(body, parse_answer(body))
             return True
         read = 0
+        unread, relay.unread = relay.unread, b""
         while not relay.tally.done:
-            chunk = await next_chunk(response.content)
+            chunk = unread or await next_chunk(response.content)
+            unread = b""
             if not chunk:
                 return True
-            for start in range(0, len(chunk), DRAIN_SLICE):
+            for start in range(0, len(chunk), SLICE):
                 if read >= max_bytes:
                     return False
                 await turn()
-                piece = chunk[start : start + min(DRAIN_SLICE, max_bytes - read)]
+                piece = chunk[start : start + min(SLICE, max_bytes - read)]
                 relay.drain(piece)
                 read += len(piece)
                 if relay.overflow is not None:

@@ -32,6 +32,7 @@ from gateway.metrics import (
     stream_drains,
 )
 from gateway.openapi import openapi
+from gateway.pacing import Pacer
 from gateway.proxy import authenticate, chat
 from gateway.quota import open_quota
 from gateway.quota.service import BACKEND_ERRORS
@@ -48,6 +49,7 @@ from gateway.state import (
     LIMITS,
     METRICS,
     QUOTA,
+    STREAM_PACER,
     TENANCY,
     TRACE,
     TRACING,
@@ -97,6 +99,7 @@ def create_app(
     app[METRICS] = Metrics(lambda: tenancy.current.labels)
     app[METRICS].registry.register(KeyExpiry(lambda: tenancy.current.expiries))
     app[LIMITER] = UpstreamLimiter(lambda: tenancy.current.upstream_limits)
+    app[STREAM_PACER] = Pacer()
     if config.listen.tls is not None:
         app[CERTIFICATE] = ServerCertificate(config.listen.tls)
     # First in, last out: spans of requests drained at shutdown are still exported.

@@ -8,9 +8,9 @@ admission's rule table. Drains are bounded in time (`quota.drain_timeout`), in b
 `limits.max_event_bytes`), in number (`quota.max_drains`) and per tenant (an eighth of them),
 so one tenant abandoning streams by the thousand cannot crowd out another's; an exchange that
 finds no drain, or that a drain gives up on, is charged at least its reservation (admission.py).
-Drains are background work: together they frame for at most TURN seconds of each turn of the
-event loop (`Pacer`), so the callers' requests, /healthz included, are answered promptly
-however many drains read fast endless streams.
+Drains are background work: together they frame for at most a few ms of each turn of the
+event loop (a `Pacer` of their own, gateway/pacing.py), so the callers' requests, /healthz
+included, are answered promptly however many drains read fast endless streams.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import aiohttp
 import structlog
 
 from gateway.errors import GatewayError
+from gateway.pacing import Pacer
 
 if TYPE_CHECKING:
     from gateway.admission import Admission
@@ -29,34 +30,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gateway.drains")
 
 TENANT_SHARE = 8  # a tenant may hold at most 1/TENANT_SHARE of the drains
-TURN = 0.005
 UPSTREAM_BROKE = (aiohttp.ClientError, GatewayError)
 """How reading on can fail on upstream's side: the answer broke off, or the call itself failed
 (one that never reached upstream is a GatewayError that says so)."""
-
-
-class Pacer:
-    """Drains take turns with everything else on the event loop: before each slice it frames
-    a drain awaits `turn()`, which returns at once while drains together have framed for less
-    than TURN seconds since the loop last went round, and otherwise waits for the next round.
-    (Yielding alone would not do: every ready drain still gets a slice in each round.)"""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._since = self._loop.time()
-        self._round_due = False
-
-    async def turn(self) -> None:
-        while self._loop.time() - self._since > TURN:
-            if not self._round_due:
-                # Runs at the head of the next round, ahead of the drains that wait for it.
-                self._round_due = True
-                self._loop.call_soon(self._next_round)
-            await asyncio.sleep(0)
-
-    def _next_round(self) -> None:
-        self._round_due = False
-        self._since = self._loop.time()
 
 
 class Drains:

@@ -39,6 +39,7 @@ from gateway.errors import (
 )
 from gateway.headers import buckets_of
 from gateway.metrics import STREAM_BROKEN, STREAM_INCOMPLETE, STREAM_TIMEOUT, STREAM_TOO_LARGE
+from gateway.pacing import SLICE
 from gateway.quota import QuotaUnavailable, Reservation
 from gateway.relay import EventRelay
 from gateway.sessions import SessionScope, parse_answer
@@ -49,6 +50,7 @@ from gateway.state import (
     LIMITS,
     METRICS,
     QUOTA,
+    STREAM_PACER,
     TENANCY,
     TRACE,
     UPSTREAM,
@@ -227,6 +229,7 @@ async def _pass_stream(
     admission: Admission,
 ) -> web.StreamResponse:
     record, chunk_gap = request[ACCESS], request.app[METRICS].chunk_gap
+    pacer = request.app[STREAM_PACER]
     relay = admission.relay
     assert relay is not None
     out = web.StreamResponse(status=response.status, headers=_passed_back(response))
@@ -264,7 +267,10 @@ async def _pass_stream(
             continue
         if not chunk:
             break
-        passed = relay.feed(chunk)
+        if len(chunk) <= SLICE:
+            passed = relay.feed(chunk)
+        else:  # upstream's bytes piled up: framed in slices, taking turns with the loop
+            passed = await relay.feed_paced(chunk, pacer.turn)
         if passed and not await _write(request, out, passed, idle, admission):
             return out
         failure = relay.overflow

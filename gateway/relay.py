@@ -6,23 +6,33 @@ once, for the usage tally (gateway/usage.py) and for the session scope, which tr
 complete event as soon as its blank line arrives: an SSE client acts on nothing before it.
 While upstream is silent the gateway may put a keep-alive comment between those events
 (`keep_alive`); it is the gateway's, so it is neither framed nor tallied.
+
+A chunk larger than pacing.SLICE (a fast upstream's bytes piled up) is framed a slice at a
+time with the loop given back between slices (`feed_paced`), so it cannot hold the event loop;
+the usual small chunk is framed at once, with nothing awaited.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+
 from gateway.errors import UpstreamUnavailable
+from gateway.pacing import SLICE
 from gateway.sessions import SessionScope
 from gateway.sse import DEFAULT_MAX_EVENT, Frame, SSEFramer
 from gateway.usage import StreamTally, event_payload
 
 
 class EventRelay:
-    __slots__ = ("_framer", "_scope", "tally")
+    __slots__ = ("_framer", "_scope", "tally", "unread")
 
     def __init__(self, scope: SessionScope, max_event: int = DEFAULT_MAX_EVENT) -> None:
         self._framer = SSEFramer(max_event)
         self._scope = scope
         self.tally = StreamTally()
+        # What `feed_paced` had not framed yet when its caller left: a drain reads it first.
+        self.unread = b""
 
     def feed(self, chunk: bytes) -> bytes:
         """The bytes to send on now: every event `chunk` completes (maybe none)."""
@@ -30,6 +40,22 @@ class EventRelay:
         if len(frames) == 1:  # the usual chunk, one event: sent on without a copy
             return self._caller_bytes(frames[0])
         return b"".join([self._caller_bytes(frame) for frame in frames])
+
+    async def feed_paced(self, chunk: bytes, turn: Callable[[], Awaitable[None]]) -> bytes:
+        """`feed(chunk)` for a chunk of any size: SLICE bytes at a time, each after
+        `await turn()` (a Pacer's). Cancelled meanwhile (the caller left), the rest of the
+        chunk stays in `unread`, so the drain that takes over tallies every byte in order."""
+        passed = []
+        for start in range(0, len(chunk), SLICE):
+            try:
+                await turn()
+            except asyncio.CancelledError:
+                self.unread = chunk[start:]
+                raise
+            passed.append(self.feed(chunk[start : start + SLICE]))
+            if self._framer.overflowed:
+                break
+        return b"".join(passed)
 
     @property
     def overflow(self) -> UpstreamUnavailable | None:

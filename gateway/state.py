@@ -10,6 +10,7 @@ from gateway.config import Config
 from gateway.drains import Drains
 from gateway.logs import AccessRecord
 from gateway.metrics import Metrics
+from gateway.pacing import Pacer
 from gateway.quota import BucketState, QuotaService
 from gateway.tenancy import TenancyHolder
 from gateway.tls import ServerCertificate
@@ -25,6 +26,8 @@ TENANCY = web.AppKey("tenancy", TenancyHolder)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 QUOTA = web.AppKey("quota", QuotaService)
 DRAINS = web.AppKey("drains", Drains)
+# Live streams frame a big chunk of upstream's in slices, taking turns (gateway/pacing.py).
+STREAM_PACER = web.AppKey("stream_pacer", Pacer)
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("upstream_limiter", UpstreamLimiter)
 # The caller port's certificate, when `listen.tls` is set: a reload reads its files again.

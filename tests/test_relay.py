@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.pacing import SLICE
 from gateway.relay import EventRelay
 from gateway.sessions import SessionScope
 from gateway.usage import Usage
@@ -101,3 +104,42 @@ def test_heartbeats_between_any_chunks_change_neither_the_events_nor_the_tally(
     tally = relay.tally
     assert tally.done and tally.usage == Usage(3, 4, 7)
     assert tally.content_chars == len("Our business hours")
+
+
+# Hundreds of tiny events and the done event in one chunk, as a fast upstream's bytes pile up.
+CONTENT = b'data: {"type": "content", "content": "hi"}\n\n'
+PILED_UP = CONTENT * 1000 + STREAM
+
+
+class Turns:
+    """A pacer's `turn` that counts how often it was awaited; with `cancel_at`, that one
+    is cancelled, as when the caller leaves while the stream waits for its turn."""
+
+    def __init__(self, cancel_at: int | None = None) -> None:
+        self.taken = 0
+        self.cancel_at = cancel_at
+
+    async def turn(self) -> None:
+        self.taken += 1
+        if self.taken == self.cancel_at:
+            raise asyncio.CancelledError
+
+
+async def test_a_big_chunk_is_framed_in_slices_with_the_same_bytes_and_tally() -> None:
+    relay, turns = EventRelay(SessionScope("gw:acme:")), Turns()
+    passed = await relay.feed_paced(PILED_UP, turns.turn)
+    assert passed + relay.finish(close=False) == CONTENT * 1000 + TRANSLATED
+    assert turns.taken == -(-len(PILED_UP) // SLICE)  # a turn before each slice
+    tally = relay.tally
+    assert tally.done and tally.usage == Usage(3, 4, 7)
+    assert tally.content_chars == 2000 + len("Our business hours")
+
+
+async def test_a_caller_leaving_between_slices_leaves_the_rest_for_the_drain() -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    with pytest.raises(asyncio.CancelledError):
+        await relay.feed_paced(PILED_UP, Turns(cancel_at=3).turn)
+    assert relay.unread == PILED_UP[2 * SLICE :]  # two slices were framed
+    relay.drain(relay.unread)  # what the drain reads first (Admission.read_on)
+    assert relay.tally.done and relay.tally.usage == Usage(3, 4, 7)
+    assert relay.tally.content_chars == 2000 + len("Our business hours")
