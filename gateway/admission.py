@@ -225,8 +225,8 @@ class Admission:
         `done` event. False when the stream ran past `max_bytes` (quota.drain_max_bytes) first.
 
         A drain is background work beside the callers' requests: it frames slices of
-        pacing.SLICE bytes, each after `await turn()` (drains.py: drains together get a few
-        ms of each turn of the event loop), so fast endless upstreams cannot hold the loop
+        pacing.SLICE bytes, each after `await turn()` (drains take turns, a few ms of a turn
+        of the event loop each, see pacing.py), so fast endless upstreams cannot hold the loop
         however many drains read them. It starts with what the relay left unread when the
         caller left in the middle of a chunk."""
         if self.pending is not None:
@@ -241,23 +241,22 @@ class Admission:
             return True
         read = 0
         unread, relay.unread = relay.unread, b""
-        while not relay.tally.done:
-            chunk = unread or await next_chunk(response.content)
-            unread = b""
-            if not chunk:
-                return True
-            for start in range(0, len(chunk), SLICE):
-                if read >= max_bytes:
-                    return False
-                await turn()
-                piece = chunk[start : start + min(SLICE, max_bytes - read)]
-                relay.drain(piece)
-                read += len(piece)
-                if relay.overflow is not None:
-                    raise relay.overflow
-                if relay.tally.done:
+        while not relay.tally.done and read < max_bytes:
+            want = min(SLICE, max_bytes - read)
+            if unread:
+                piece, unread = unread[:want], unread[want:]
+            else:
+                # A slice at a time straight from aiohttp's buffer, which its flow control
+                # bounds: joining all that is buffered (readany) held twice that per drain.
+                piece = await next_chunk(response.content, want)
+                if not piece:
                     return True
-        return True
+            await turn()
+            relay.drain(piece)
+            read += len(piece)
+            if relay.overflow is not None:
+                raise relay.overflow
+        return relay.tally.done
 
     # --- settlement ------------------------------------------------------------------------
 

@@ -126,6 +126,10 @@ class UpstreamClient:
                 ssl=True if config.ca_file is None else client_context(config.ca_file),
             ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=config.timeouts.connect),
+            # aiohttp buffers up to twice this per response before it stops reading: what a
+            # drain or a slow caller behind a fast upstream holds (64 KiB made 200 drains of
+            # endless streams hold 1.3 MiB each; 16 KiB, 0.2 MiB).
+            read_bufsize=2**14,
             # No skip_auto_headers: headers_for() always sets User-Agent, and a session-wide
             # skip list makes aiohttp rebuild a header dict on every request.
             # An egress proxy: CONNECT for an https upstream, absolute URIs for http; "env"
@@ -300,10 +304,11 @@ async def read_whole(response: ClientResponse, limit: int) -> bytes:
     )
 
 
-async def next_chunk(content: StreamReader) -> bytes:
-    """`content.readany()`, except that bytes which arrived before the connection broke are
-    handed over before the error: aiohttp raises a stored error ahead of buffered data, and
-    those bytes were upstream's (the caller should see them; they count in an estimate)."""
+async def next_chunk(content: StreamReader, size: int = -1) -> bytes:
+    """`content.readany()` (with `size`, at most that many bytes: `content.read(size)`), except
+    that bytes which arrived before the connection broke are handed over before the error:
+    aiohttp raises a stored error ahead of buffered data, and those bytes were upstream's (the
+    caller should see them; they count in an estimate)."""
     if content.exception() is not None and content._buffer:
-        return content._read_nowait(-1)
-    return await content.readany()
+        return content._read_nowait(size)
+    return await (content.readany() if size < 0 else content.read(size))
