@@ -39,7 +39,9 @@ class OpenStreamsSettings:
     """How long all streams are kept open once the last one has its first event."""
     warmup_requests: int = 300
     open_within: float = 60.0
-    settle_within: float = 30.0
+    settle_within: float = 40.0
+    """Past the gateway's `quota.drain_timeout` (30 s): each closed stream becomes a drain that
+    reads the slow drip on until its done event or that timeout (30 s waited "no" for ever)."""
     rss_limit_kib: float = 64.0
     """The target: at most this much RSS per open stream."""
 
