@@ -46,11 +46,13 @@ from bench.phases import Results, Runner, Settings
 from bench.procs import ProcessFailed, ProcessSet
 from bench.report import (
     LABELS,
+    MEASUREMENTS_SECTION,
     PROFILE_ANCHOR,
     PROFILE_SECTION,
     TIMES,
     Extras,
     litellm_section,
+    measurements_section,
     profile_section,
     quota_notes,
     stdout_summary,
@@ -447,6 +449,8 @@ def _splice_only(phase: str, lines: Sequence[str], rows: Sequence[targets.Row]) 
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M")
     text = targets.splice_rows(text, rows, f"from `--only {phase}` on {when} UTC")
     text = splice_text(text, PROFILE_SECTION, profile_section(), anchor=PROFILE_ANCHOR)
+    # bench/measurements.md is included verbatim: a run of one phase brings it up to date too.
+    text = splice_text(text, MEASUREMENTS_SECTION, measurements_section(), anchor=PROFILE_ANCHOR)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(text)
 

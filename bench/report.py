@@ -460,6 +460,7 @@ def how_to_run() -> list[str]:
         ".venv/bin/python -m bench --only openloop       # one phase alone: rewrites only its "
         "section",
         ".venv/bin/python -m bench --only open-streams   # and its rows of the targets table",
+        ".venv/bin/python -m bench --only drains         # /healthz under 200 drains",
         ".venv/bin/python -m bench --only litellm",
         ".venv/bin/python -m bench --only soak --soak-requests 200000",
         "```",
@@ -469,7 +470,8 @@ def how_to_run() -> list[str]:
         "HTTPS upstream, and memory quotas with tracing on, exporting to a stand-in collector, "
         "`bench/otlp_sink.py`) and a private `redis-server` on free loopback ports, "
         "measures JSON "
-        "load, streams and open-loop latency, and stops them; then the open-streams phase, the "
+        "load, streams and open-loop latency, and stops them; then the open-streams and drains "
+        "phases, the "
         "LiteLLM comparison (bench/litellm.py, when it is there) and the soak start processes "
         "of their own. It rewrites this file at the end.",
     ]

@@ -23,7 +23,8 @@ SSE = "text/event-stream"
 # Statuses the gateway answers itself, and those upstream documents (passed through as they are).
 _GATEWAY_ERRORS = {
     400: "invalid_request: the body or Content-Type is not what the API accepts (the message "
-    "says what to fix); also upstream's own 400",
+    "says what to fix), or the request head is not valid HTTP (answered on any path, never "
+    "echoing the request's bytes); also upstream's own 400",
     401: "unauthorized: gateway key missing, malformed or unknown (upstream's 401 passes through)",
     402: "insufficient_balance: passed through from upstream",
     404: "agent_not_found: no such agent, or the tenant may not use it (the same answer); "
