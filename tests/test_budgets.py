@@ -520,3 +520,147 @@ async def test_requests_the_local_fallback_admitted_reach_the_redis_ledger(
         assert await quota.ledger("2026-11-28", "2026-11-28") == [
             UsageRow("2026-11-28", "acme", "billing", "support", 1, 20, 22, 42, 0)
         ]
+
+
+def fallback_config(server: RedisServer) -> Quota:
+    """`local` on three replicas: this one's share of every limit is a third (rounded up)."""
+    return Quota(
+        backend="redis",
+        redis_url=(Secret(server.url),),
+        on_backend_error="local",
+        timeout_ms=2000,  # generous: a dead Redis refuses at once, a busy machine is not one
+        timezone="Europe/Berlin",
+        expected_replicas=3,
+    )
+
+
+async def test_the_fallback_starts_every_key_where_redis_left_it_not_only_the_last_callers(
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    """Finding: the fallback was seeded once per tenant, from the plan of the tenant's last
+    request on Redis (its own key's buckets only): a key that had spent its own limit or its
+    budget on Redis found full buckets in the fallback, a fresh share on every replica. The
+    injected clock stands still: no bucket refills and the breaker, once open, stays open."""
+    clock, wall = FakeClock(1_000.0), FakeClock(berlin(2026, 11, 28, 10, 0))
+    per_minute = limits(rpm=3)
+    tenants = team(
+        tenant_limits=limits(rpd=1000),
+        keys=(
+            service("app"),
+            service("batch", limits=per_minute),
+            service("reports", Budget(requests=Amount(per_month=3))),
+            service("cron", limits=per_minute),
+        ),
+    )
+    async with open_quota(
+        fallback_config(own_redis),
+        Owners(tenants),
+        clock=clock,
+        wall_clock=wall,
+        lease_ttl=60,
+        breaker_threshold=1,
+    ) as quota:
+
+        async def reserve(key: str, request_id: str) -> tuple[str, bool, str | None]:
+            r = await quota.reserve("acme", request_id, tokens=0, stream=False, key=key)
+            return r.backend, r.allowed, r.rejected_by
+
+        # On Redis: batch spends its own limit per minute, reports its monthly budget, and app
+        # comes last, so the tenant's last plan on Redis holds neither's buckets.
+        for i in range(3):
+            assert await reserve("batch", f"b{i}") == ("redis", True, None)
+            assert await reserve("reports", f"r{i}") == ("redis", True, None)
+        refused = ("redis", False, "key batch: requests per minute")
+        assert await reserve("batch", "b3") == refused
+        assert await reserve("app", "a0") == ("redis", True, None)
+
+        own_redis.kill()
+        # The tenant's first request on the fallback (its tenant-level buckets seeded).
+        assert await reserve("app", "a1") == ("local", True, None)
+        # A third of nothing left on Redis is nothing here either: refused at the key level.
+        assert await reserve("batch", "b4") == ("local", False, "key batch: requests per minute")
+        assert await reserve("reports", "r3") == ("local", False, "key reports: requests per month")
+        # cron was never seen on Redis by this replica: its bucket starts empty, as every
+        # bucket Redis never reported (full buckets would admit a whole limit more, on each
+        # replica), however late in the outage it first comes.
+        assert await reserve("cron", "c0") == ("local", False, "key cron: requests per minute")
+        # Refill goes on in the fallback: a minute gives cron its share (1 of 3).
+        clock.advance(60)
+        assert await reserve("cron", "c1") == ("local", True, None)
+        assert await reserve("cron", "c2") == ("local", False, "key cron: requests per minute")
+
+
+async def test_the_fallback_starts_every_end_user_where_redis_left_them(
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    """The same finding one level down: an end user's buckets are in the plan of that end
+    user's requests only."""
+    clock, wall = FakeClock(1_000.0), FakeClock(berlin(2026, 11, 28, 10, 0))
+    end_users = EndUser(
+        header="X-End-User", limits=limits(rpm=30), budget=Budget(requests=Amount(per_day=6))
+    )
+    tenants = team(keys=(service("app"),), end_user=end_users)
+    async with open_quota(
+        fallback_config(own_redis),
+        Owners(tenants),
+        clock=clock,
+        wall_clock=wall,
+        lease_ttl=60,
+        breaker_threshold=1,
+    ) as quota:
+
+        async def reserve(who: str, request_id: str) -> tuple[str, bool, str | None]:
+            r = await quota.reserve(
+                "acme", request_id, tokens=0, stream=False, key="app", end_user=who
+            )
+            return r.backend, r.allowed, r.rejected_by
+
+        for i in range(6):
+            assert await reserve("alice", f"a{i}") == ("redis", True, None)
+        assert await reserve("bob", "b0") == ("redis", True, None)
+
+        own_redis.kill()
+        assert await reserve("bob", "b1") == ("local", True, None)  # 5 left: 1.67 here
+        spent = ("local", False, "end user: requests per calendar day")
+        assert await reserve("alice", "a6") == spent  # her day's budget went on Redis
+        assert await reserve("carol", "c0") == spent  # never seen here: empty
+
+
+async def test_the_fallback_counts_the_streams_this_replica_holds_for_every_key(
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    """The same finding for stream leases: the fallback took over the leases of the lease sets
+    in the tenant's first plan only, so a key's own set started empty whatever this replica
+    held in it."""
+    clock, wall = FakeClock(1_000.0), FakeClock(berlin(2026, 11, 28, 10, 0))
+    tenants = team(
+        tenant_limits=limits(streams=30),
+        keys=(service("app"), service("batch", limits=limits(streams=3))),
+    )
+    async with open_quota(
+        fallback_config(own_redis),
+        Owners(tenants),
+        clock=clock,
+        wall_clock=wall,
+        lease_ttl=60,
+        breaker_threshold=1,
+    ) as quota:
+        held = await quota.reserve("acme", "b0", tokens=0, stream=True, key="batch")
+        assert (held.backend, held.allowed) == ("redis", True)
+        assert (await quota.reserve("acme", "a0", tokens=0, stream=False, key="app")).allowed
+
+        own_redis.kill()
+        first = await quota.reserve("acme", "a1", tokens=0, stream=True, key="app")
+        assert (first.backend, first.allowed) == ("local", True)
+        # batch's share is one stream, and this replica holds one for it on Redis.
+        refused = await quota.reserve("acme", "b1", tokens=0, stream=True, key="batch")
+        assert (refused.backend, refused.allowed, refused.rejected_by) == (
+            "local",
+            False,
+            "key batch: concurrent streams",
+        )
+        await quota.release_stream(held)
+        again = await quota.reserve("acme", "b2", tokens=0, stream=True, key="batch")
+        assert (again.backend, again.allowed) == ("local", True)
+        for reservation in (first, again):
+            await quota.release_stream(reservation)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, timedelta
+from typing import NamedTuple
 
 from gateway.quota.calendar import Moment
 from gateway.quota.model import (
@@ -38,6 +39,15 @@ MAX_SETTLED = 10_000
 """Settled ids remembered at most (each also for `settled_ttl`). In one process every request's
 account settles once already; these only make a second settle of the same reservation a no-op,
 so seconds of them are enough, and 100,000 (a minute at ~1,500 req/s) cost ~30 MiB of RSS."""
+
+
+class Seed(NamedTuple):
+    """A bucket's level as the fallback takes it over, valid at `stamp` on the bucket's own
+    clock (seconds for a rate limit, the period's index for a budget)."""
+
+    spec: BucketSpec
+    level: float
+    stamp: float
 
 
 class _Bucket:
@@ -202,29 +212,25 @@ class MemoryStore:
             for lease in leases:
                 held[lease] = expiry
 
-    def seed(
-        self,
-        tenant: str,
-        plan: Plan,
-        levels: Sequence[float],
-        stamp: float,
-        leases: Mapping[str, Sequence[str]],
-        at: Moment,
-    ) -> None:
-        """Start `tenant` over from `levels` (a rate limit's valid at `stamp`, a budget's in
-        the period of `at`) and exactly `leases` (by lease set): the local fallback taking
-        over from Redis, which knew better than full buckets."""
+    def seed(self, tenant: str, buckets: Iterable[Seed], at: Moment) -> None:
+        """Start each of `tenant`'s `buckets` over from its level (valid at its stamp, on the
+        bucket's own clock: `BucketSpec.clock`): the local fallback taking over from Redis,
+        which knew better than full buckets. Its other buckets stay as they are."""
         now = self._clock()
-        for spec, level in zip(plan.buckets, levels, strict=True):
+        for spec, level, stamp in buckets:
             self._buckets.pop((tenant, spec.key), None)
-            clock = spec.clock(stamp, at)
-            self._put(tenant, spec, min(float(spec.capacity), level), clock, 0, now, at)
-        for cap in plan.streams:
-            held = leases.get(cap.key, ())
+            self._put(tenant, spec, min(float(spec.capacity), level), stamp, 0, now, at)
+
+    def seed_leases(self, tenant: str, leases: Mapping[str, Sequence[str]]) -> None:
+        """Exactly `leases` in each of `tenant`'s lease sets named (by set, none for an empty
+        one), renewed from now: the streams this replica holds, as the fallback takes over.
+        Its other lease sets stay as they are."""
+        expiry = self._clock() + self._lease_ttl
+        for name, held in leases.items():
             if held:
-                self._leases[(tenant, cap.key)] = {lease: now + self._lease_ttl for lease in held}
+                self._leases[(tenant, name)] = dict.fromkeys(held, expiry)
             else:
-                self._leases.pop((tenant, cap.key), None)
+                self._leases.pop((tenant, name), None)
 
     async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot:
         now = self._clock()

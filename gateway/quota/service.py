@@ -8,9 +8,10 @@ applies from the next reservation on, while one in flight settles under the plan
 Redis calls are bounded by what Redis takes (redis.py's `redis_time`), not by how long a caller
 waited behind a busy event loop. When Redis fails (or the breaker is open) `on_backend_error`
 decides: `local` answers from in-process buckets sized for this replica's share, `open` lets
-the request through, `closed` refuses with 503. The local buckets start where Redis last left
-each owner (empty for an owner never seen), never full, and count the stream leases this
-replica holds. A success through the breaker's probe puts Redis back in charge.
+the request through, `closed` refuses with 503. Each local bucket starts where Redis last left
+that bucket, whichever request reported it (empty for one never seen), never full, and each
+lease set with the stream leases this replica holds in it. A success through the breaker's
+probe puts Redis back in charge.
 
 What the service still owes Redis is not dropped on a failure: a settle, refund or release that
 failed waits in a small queue, retried with backoff until Redis answers again. Every stream
@@ -38,7 +39,7 @@ from redis.exceptions import RedisError
 from gateway.breaker import CircuitBreaker
 from gateway.outages import FailureLog
 from gateway.quota.calendar import Calendar, Moment, Period
-from gateway.quota.memory import MemoryStore
+from gateway.quota.memory import MemoryStore, Seed
 from gateway.quota.model import (
     BucketState,
     Charge,
@@ -50,7 +51,14 @@ from gateway.quota.model import (
     UsageRow,
 )
 from gateway.quota.owners import PlanLookup
-from gateway.quota.plan import CONCURRENT_STREAMS, BudgetSlot, Plan, reset_after, whole_seconds
+from gateway.quota.plan import (
+    CONCURRENT_STREAMS,
+    BucketSpec,
+    BudgetSlot,
+    Plan,
+    reset_after,
+    whole_seconds,
+)
 
 log = structlog.get_logger("gateway.quota")
 
@@ -66,8 +74,10 @@ RETRY_FIRST, RETRY_MAX = 0.05, 1.0
 finished stream goes within about a second."""
 MAX_OWED = 10_000
 """Owed calls kept at most (the oldest go first, logged): an outage must not grow memory."""
-MAX_REMEMBERED = 10_000
-"""Owners whose last Redis levels are kept for seeding the fallback (the least recent go)."""
+MAX_REMEMBERED = 50_000
+"""Buckets whose last Redis level is kept for seeding the fallback (the least recent go): a
+plan has a few (its tenant's, its key's, its end user's), so some 10,000 owners' worth, at
+about 250 bytes each (12 MiB when full)."""
 
 
 LEDGER_ONLY = Plan(())
@@ -83,13 +93,6 @@ class _Held:
     tenant: str
     local: bool  # taken from the fallback store, not the primary
     sets: tuple[str, ...]  # the lease sets it is in, one per level that caps streams
-
-
-@dataclass(frozen=True, slots=True)
-class _Reported:
-    plan: Plan
-    levels: tuple[float, ...]
-    at: float  # service clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +139,12 @@ class QuotaService:
         self._observed: dict[tuple[str, str | None, str], tuple[Period, int, int, float]] = {}
         self._owners = owners
         self._held: dict[str, _Held] = {}  # every stream lease this process holds
-        self._reported: OrderedDict[str, _Reported] = OrderedDict()
-        self._seeded: set[str] = set()  # owners the fallback took over since Redis last answered
+        # By bucket, as Redis stores it (owner, the bucket's key): the level it last reported
+        # and when, on the bucket's own clock (BucketSpec.clock).
+        self._reported: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+        # The buckets and lease sets (owner, key) the fallback took over since Redis last
+        # answered: each is seeded the first time the fallback uses it in an outage.
+        self._seeded: set[tuple[str, str]] = set()
         self._owed: deque[_Owed] = deque()
         self._renewer: asyncio.Task[None] | None = None
         self._repayer: asyncio.Task[None] | None = None
@@ -307,7 +314,7 @@ class QuotaService:
             snapshot = await fallback.usage(tenant, plan, at)
         else:
             if self._breaker is not None:
-                self._remember(tenant, plan, snapshot.levels)
+                self._remember(tenant, plan.buckets, snapshot.levels, at)
         states = _bucket_states(plan, snapshot.levels, at)
         budgets = []
         for spec, state in zip(plan.buckets, states, strict=True):
@@ -439,7 +446,7 @@ class QuotaService:
             store, lambda: store.reserve(tenant, plan, cost, lease, at)
         )
         if store is self._primary and self._breaker is not None and plan.buckets:
-            self._remember(tenant, plan, decision.levels)
+            self._remember(tenant, plan.buckets, decision.levels, at)
         if decision.allowed and plan.budget_slots:
             self._budgets_used(tenant, plan.budget_slots, decision.levels, at)
             self._warn(tenant, decision.crossed)
@@ -502,34 +509,62 @@ class QuotaService:
                 limit=crossing.bucket.capacity,
             )
 
-    def _remember(self, owner: str, plan: Plan, levels: tuple[float, ...]) -> None:
-        self._reported[owner] = _Reported(plan, levels, self._clock())
-        self._reported.move_to_end(owner)
-        if len(self._reported) > MAX_REMEMBERED:
-            self._reported.popitem(last=False)
+    def _remember(
+        self, owner: str, buckets: tuple[BucketSpec, ...], levels: tuple[float, ...], at: Moment
+    ) -> None:
+        reported, now = self._reported, self._clock()
+        for spec, level in zip(buckets, levels, strict=True):
+            bucket = (owner, spec.key)
+            reported[bucket] = (level, spec.clock(now, at))
+            reported.move_to_end(bucket)
+        while len(reported) > MAX_REMEMBERED:
+            reported.popitem(last=False)
 
     def _local(self, owner: str, plan: Plan, at: Moment) -> Plan:
-        """This replica's share of `plan`, its buckets seeded once per outage: at the levels
-        Redis last reported (this replica's share of them), or empty for an owner never seen,
-        since full buckets would admit a whole limit more; and with the leases held here."""
+        """This replica's share of `plan`. Each of its buckets is seeded the first time the
+        fallback uses it in an outage: at the level Redis last reported for that bucket (this
+        replica's share of it), whichever plan reported it, or empty for a bucket never seen,
+        since a full one would admit a whole limit more. Each lease set likewise, with the
+        leases this replica holds in it."""
         local = plan.scaled(self._replicas)
-        if owner in self._seeded or self._fallback is None:
+        fallback, seeded = self._fallback, self._seeded
+        if fallback is None:
             return local
-        self._seeded.add(owner)
-        reported = self._reported.get(owner)
-        known: dict[str, float] = {}
-        stamp = self._clock()
-        if reported is not None:
-            known = dict(zip((b.key for b in reported.plan.buckets), reported.levels, strict=True))
-            stamp = reported.at
-        levels = [known.get(b.key, 0.0) / self._replicas for b in local.buckets]
+        seeds: list[Seed] = []
+        known = 0
+        for spec in local.buckets:
+            bucket = (owner, spec.key)
+            if bucket in seeded:
+                continue
+            seeded.add(bucket)
+            reported = self._reported.get(bucket)
+            if reported is None:
+                seeds.append(Seed(spec, 0.0, spec.clock(self._clock(), at)))
+            else:
+                level, stamp = reported
+                seeds.append(Seed(spec, level / self._replicas, stamp))
+                known += 1
         leases: dict[str, list[str]] = {}
-        for lease, held in self._held.items():
-            if held.tenant == owner:
-                for name in held.sets:
-                    leases.setdefault(name, []).append(lease)
-        self._fallback.seed(owner, local, levels, stamp, leases, at)
-        log.info("quota fallback seeded", tenant=owner, from_redis=reported is not None)
+        for cap in local.streams:
+            if (owner, cap.key) not in seeded:
+                seeded.add((owner, cap.key))
+                leases[cap.key] = [
+                    lease
+                    for lease, held in self._held.items()
+                    if held.tenant == owner and cap.key in held.sets
+                ]
+        if seeds:
+            fallback.seed(owner, seeds, at)
+        if leases:
+            fallback.seed_leases(owner, leases)
+        if seeds or leases:
+            log.info(
+                "quota fallback seeded",
+                tenant=owner,
+                buckets=len(seeds),
+                from_redis=known,
+                lease_sets=len(leases),
+            )
         return local
 
     async def _owe_on_failure(
