@@ -664,3 +664,37 @@ async def test_the_fallback_counts_the_streams_this_replica_holds_for_every_key(
         assert (again.backend, again.allowed) == ("local", True)
         for reservation in (first, again):
             await quota.release_stream(reservation)
+
+
+async def test_the_fallback_starts_a_token_budget_from_what_redis_settled_not_reserved(
+    own_redis: RedisServer,  # noqa: F811
+) -> None:
+    """A settle moves token buckets past what the reservation left (the estimate was 1, the
+    answer took the whole budget): the fallback must start from the level after the settle."""
+    clock, wall = FakeClock(1_000.0), FakeClock(berlin(2026, 11, 28, 10, 0))
+    tenants = team(
+        keys=(service("app"), service("batch", Budget(tokens=Amount(per_month=30)))),
+        tenant_limits=limits(rpd=1000),
+    )
+    async with open_quota(
+        fallback_config(own_redis),
+        Owners(tenants),
+        clock=clock,
+        wall_clock=wall,
+        lease_ttl=60,
+        breaker_threshold=1,
+    ) as quota:
+        spent = await quota.reserve("acme", "b0", tokens=1, stream=False, key="batch")
+        assert (spent.backend, spent.allowed) == ("redis", True)
+        await quota.settle(spent, 30)
+        assert quota.owed == 0
+        assert (await quota.reserve("acme", "a0", tokens=0, stream=False, key="app")).allowed
+
+        own_redis.kill()
+        assert (await quota.reserve("acme", "a1", tokens=0, stream=False, key="app")).allowed
+        refused = await quota.reserve("acme", "b1", tokens=1, stream=False, key="batch")
+        assert (refused.backend, refused.allowed, refused.rejected_by) == (
+            "local",
+            False,
+            "key batch: tokens per month",
+        )

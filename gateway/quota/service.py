@@ -223,6 +223,9 @@ class QuotaService:
         async def settle() -> None:
             settled = await store.settle(tenant, plan, key, delta, actual_tokens, at, charge)
             if settled is not None:
+                if settled.levels and store is self._primary and self._breaker is not None:
+                    # Past what the reservation left: the fallback starts from here.
+                    self._remember(tenant, plan.token_buckets, settled.levels, at)
                 if settled.levels and plan.token_budget_slots:
                     self._budgets_used(tenant, plan.token_budget_slots, settled.levels, at)
                 self._warn(tenant, settled.crossed)
