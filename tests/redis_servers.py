@@ -29,7 +29,6 @@ import redis
 
 START_TIMEOUT = 10.0
 PORT_ATTEMPTS = 5
-PORT_TAKEN = "Address already in use"
 PR_SET_PDEATHSIG = 1
 
 
@@ -46,6 +45,12 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def port_taken(log: str) -> bool:
+    """Whether a process's log says it could not bind its port (redis-server and Python say
+    it in different cases)."""
+    return "address already in use" in log.lower()
 
 
 def free_port(*, bus: bool = False) -> int:
@@ -184,7 +189,7 @@ class RedisServer(_Started):
                 with log_file.open("rb") as log:
                     log.seek(logged)
                     text = log.read().decode(errors="replace")
-                if PORT_TAKEN in text:
+                if port_taken(text):
                     raise PortTaken(f"port {self.port} was taken")
                 raise RuntimeError(f"redis-server on port {self.port} exited:\n{text[-2000:]}")
             if self._answers():
