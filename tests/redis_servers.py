@@ -1,13 +1,14 @@
 """Real `redis-server` processes for the tests: never the machine's own Redis.
 
 Each server runs without persistence in its own temporary directory on a free loopback port,
-and can be killed (-9), frozen (SIGSTOP) and restarted on the same port. A free port is only
-free when `free_port` looks: another process (a concurrent test session) may bind it before the
-server does, so a first start that fails with "Address already in use" starts again on
-another one (`RedisServer.start`). `RedisClusterServers`
+and can be killed (-9), frozen (SIGSTOP) and restarted on the same port. `RedisClusterServers`
 starts three masters and joins them with `redis-cli --cluster create`; `RedisSentinelServers` a
 master, a replica and Sentinels watching them. Every process is tied to
 the test process (it dies with it on Linux) and stopped by the context managers even on failure.
+
+A free port is only free when `free_port` looks: another process (a concurrent test session)
+may bind it before the server does, so a first start that fails with "Address already in use"
+starts again on another one (`RedisServer.start`).
 """
 
 from __future__ import annotations
