@@ -1,4 +1,8 @@
-"""Real gateway and simulator processes, started as operators start them."""
+"""Real gateway and simulator processes, started as operators start them.
+
+Their ports come from `free_port`, which is only free when it looks: another process (a
+concurrent test session) may bind one before ours does. `serving` starts a process again on
+other free ports when its log says a port was taken."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
-from tests.redis_servers import free_port
+from tests.redis_servers import PORT_ATTEMPTS, PortTaken, free_port, port_taken
 
 
 async def start(
@@ -42,18 +46,50 @@ async def start(
 
 
 async def wait_healthy(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
-    async with aiohttp.ClientSession() as session:
+    # Each poll bounded: a process that took the port first may accept and never answer.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
         for _ in range(200):
             if process.returncode is not None:
-                pytest.fail(f"process exited early:\n{log.read_text()}")
+                text = log.read_text()
+                if port_taken(text):
+                    raise PortTaken(f"{url}: a port was taken:\n{text}")
+                pytest.fail(f"process exited early:\n{text}")
             try:
                 async with session.get(url) as response:
                     if response.status == 200:
                         return
-            except aiohttp.ClientConnectionError:
+            except (aiohttp.ClientConnectionError, TimeoutError):
                 pass
             await asyncio.sleep(0.05)  # polling a process that announces readiness nowhere else
     pytest.fail(f"{url} never became healthy:\n{log.read_text()}")
+
+
+Process = asyncio.subprocess.Process
+
+
+async def serving(
+    launch: Callable[[list[int]], Awaitable[Process]],
+    *,
+    ports: int,
+    ready: Callable[[list[int]], str],
+    log: Path,
+) -> tuple[Process, list[int]]:
+    """The process `launch` starts on `ports` free ports, once healthy at the URL `ready`
+    names for them; started again on other free ports while one turns out taken."""
+    for _ in range(PORT_ATTEMPTS):
+        chosen = [free_port() for _ in range(ports)]
+        process = await launch(chosen)
+        try:
+            await wait_healthy(ready(chosen), process, log)
+        except PortTaken:
+            continue
+        except BaseException:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            raise
+        return process, chosen
+    pytest.fail(f"no free ports in {PORT_ATTEMPTS} attempts:\n{log.read_text()}")
 
 
 async def stop(process: asyncio.subprocess.Process) -> int:
@@ -88,29 +124,40 @@ async def gateway_and_simulator(
     SIGTERM at the end (unless the test already stopped it, with 0). With `tls` (certificate
     chain and key files) the caller port serves HTTPS; `descriptors` lowers the gateway's
     descriptor limit."""
-    sim_port, gw_port, admin_port = free_port(), free_port(), free_port()
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
-    sim_args = ["simulate", "--port", str(sim_port)]
+    sim_args = ["--port"]
     if simulator_yaml is not None:
         (tmp_path / "simulator.yaml").write_text(simulator_yaml)
-        sim_args += ["--config", str(tmp_path / "simulator.yaml")]
-    simulator = await start(*sim_args, env=env, log=sim_log)
+        sim_args = ["--config", str(tmp_path / "simulator.yaml"), *sim_args]
+
+    async def simulate(ports: list[int]) -> Process:
+        return await start("simulate", *sim_args, str(ports[0]), env=env, log=sim_log)
+
+    simulator, (sim_port,) = await serving(
+        simulate, ports=1, ready=lambda ports: f"http://127.0.0.1:{ports[0]}/healthz", log=sim_log
+    )
     config = tmp_path / "gw.yaml"
     listen_tls = "" if tls is None else f", tls: {{cert_file: {tls[0]}, key_file: {tls[1]}}}"
-    config.write_text(
-        gateway_yaml(f"http://127.0.0.1:{sim_port}")
-        + f"listen: {{host: 127.0.0.1, port: {gw_port}{listen_tls}}}\n"
-        + f"admin: {{host: 127.0.0.1, port: {admin_port}}}\n"
-        + f"shutdown_grace: {grace}\n"
-        + extra
-    )
-    gateway = await start(
-        "serve", "--config", str(config), env=env, log=gw_log, descriptors=descriptors
-    )
+
+    async def serve(ports: list[int]) -> Process:
+        config.write_text(
+            gateway_yaml(f"http://127.0.0.1:{sim_port}")
+            + f"listen: {{host: 127.0.0.1, port: {ports[0]}{listen_tls}}}\n"
+            + f"admin: {{host: 127.0.0.1, port: {ports[1]}}}\n"
+            + f"shutdown_grace: {grace}\n"
+            + extra
+        )
+        return await start(
+            "serve", "--config", str(config), env=env, log=gw_log, descriptors=descriptors
+        )
+
+    processes = [simulator]
     try:
-        await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
-        await wait_healthy(f"http://127.0.0.1:{admin_port}/readyz", gateway, gw_log)
+        gateway, (gw_port, admin_port) = await serving(
+            serve, ports=2, ready=lambda ports: f"http://127.0.0.1:{ports[1]}/readyz", log=gw_log
+        )
+        processes.append(gateway)
         yield Running(
             gateway,
             f"{'http' if tls is None else 'https'}://127.0.0.1:{gw_port}",
@@ -121,7 +168,7 @@ async def gateway_and_simulator(
         )
         assert await stop(gateway) == 0, gw_log.read_text()
     finally:
-        for process in (gateway, simulator):
+        for process in processes:
             if process.returncode is None:
                 process.kill()
                 await process.wait()

@@ -5,6 +5,10 @@ and can be killed (-9), frozen (SIGSTOP) and restarted on the same port. `RedisC
 starts three masters and joins them with `redis-cli --cluster create`; `RedisSentinelServers` a
 master, a replica and Sentinels watching them. Every process is tied to
 the test process (it dies with it on Linux) and stopped by the context managers even on failure.
+
+A free port is only free when `free_port` looks: another process (a concurrent test session)
+may bind it before the server does, so a first start that fails with "Address already in use"
+starts again on another one (`RedisServer.start`).
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from typing import Any, Self
 import redis
 
 START_TIMEOUT = 10.0
+PORT_ATTEMPTS = 5
 PR_SET_PDEATHSIG = 1
-NOAUTH = b"-NOAUTH Authentication required.\r\n"
 
 
 def _die_with_parent() -> None:
@@ -42,6 +46,12 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def port_taken(log: str) -> bool:
+    """Whether a process's log says it could not bind its port (redis-server and Python say
+    it in different cases)."""
+    return "address already in use" in log.lower()
 
 
 def free_port(*, bus: bool = False) -> int:
@@ -97,9 +107,13 @@ class _Started:
         self.stop()
 
 
+class PortTaken(RuntimeError):
+    """Another process bound the chosen port between `free_port` and the server's bind."""
+
+
 class RedisServer(_Started):
     """`password`: requirepass and masterauth (a replica that may be promoted needs both);
-    `replica_of`: the port of the master it replicates; `options`: more `--name value`s."""
+    `replica_of`: the master it replicates; `options`: more `--name value`s."""
 
     log_name = "redis.log"
 
@@ -109,7 +123,7 @@ class RedisServer(_Started):
         *,
         cluster: bool = False,
         password: str | None = None,
-        replica_of: int | None = None,
+        replica_of: RedisServer | None = None,
         options: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
@@ -120,6 +134,7 @@ class RedisServer(_Started):
         self.port = free_port(bus=cluster)
         self._process: subprocess.Popen[bytes] | None = None
         self._frozen = False
+        self._started = False  # once started, the port is the server's: clients know it
 
     @property
     def url(self) -> str:
@@ -140,11 +155,28 @@ class RedisServer(_Started):
         if self.password is not None:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         if self.replica_of is not None:
-            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of.port)]
         return args + list(self.options)
 
     def start(self) -> None:
+        """A first start moves to another free port while the chosen one turns out taken; a
+        restart keeps its port."""
+        for _ in range(PORT_ATTEMPTS):
+            try:
+                self._launch()
+            except PortTaken:
+                if self._started:
+                    raise
+                self.port = free_port(bus=self.cluster)
+                continue
+            self._started = True
+            return
+        raise RuntimeError(f"redis-server found no free port in {PORT_ATTEMPTS} attempts")
+
+    def _launch(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        log_file = self.workdir / self.log_name
+        logged = log_file.stat().st_size if log_file.exists() else 0  # a restart appends
         self._process = subprocess.Popen(
             self.arguments(),
             stdout=subprocess.DEVNULL,
@@ -154,17 +186,31 @@ class RedisServer(_Started):
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                log = (self.workdir / self.log_name).read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"redis-server on port {self.port} exited:\n{log}")
-            try:
-                # With a password, NOAUTH is the answer of a server that is up.
-                if command(self.port, "PING", timeout=0.2) in (b"+PONG\r\n", NOAUTH):
-                    return
-            except OSError:
-                pass
+                self._process = None
+                with log_file.open("rb") as log:
+                    log.seek(logged)
+                    text = log.read().decode(errors="replace")
+                if port_taken(text):
+                    raise PortTaken(f"port {self.port} was taken")
+                raise RuntimeError(f"redis-server on port {self.port} exited:\n{text[-2000:]}")
+            if self._answers():
+                return
             time.sleep(0.01)
         self.stop()
-        raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+        raise RuntimeError(f"redis-server on port {self.port} did not answer")
+
+    def _answers(self) -> bool:
+        """Whether this process answers on the port: not another that took the port first (a
+        server of a concurrent session answers PING just as well)."""
+        assert self._process is not None
+        client = redis.Redis(
+            port=self.port, password=self.password, socket_timeout=0.2, socket_connect_timeout=0.2
+        )
+        try:
+            with client:
+                return client.info("server").get("process_id") == self._process.pid
+        except redis.RedisError:
+            return False
 
     def kill(self) -> None:
         """SIGKILL: no goodbye to clients, state gone (no persistence)."""
@@ -245,17 +291,17 @@ FAILOVER_TIMEOUT_MS = 5000
 
 
 class SentinelServer(RedisServer):
-    """`redis-server sentinel.conf --sentinel`, watching the master on `master_port`. The
+    """`redis-server sentinel.conf --sentinel`, watching `master`. The
     config file is Sentinel's own (it rewrites it); it holds the master's password, so it is
     named *.conf, not *.log."""
 
     log_name = "sentinel.log"
 
     def __init__(
-        self, workdir: Path, *, master_port: int, quorum: int, password: str | None = None
+        self, workdir: Path, *, master: RedisServer, quorum: int, password: str | None = None
     ) -> None:
         super().__init__(workdir)
-        self.master_port = master_port
+        self.master = master
         self.quorum = quorum
         self.master_password = password
 
@@ -266,7 +312,7 @@ class SentinelServer(RedisServer):
             "protected-mode no",
             f"dir {self.workdir}",
             f"logfile {self.workdir / self.log_name}",
-            f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {self.master_port} {self.quorum}",
+            f"sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {self.master.port} {self.quorum}",
             f"sentinel down-after-milliseconds {SENTINEL_MASTER} {DOWN_AFTER_MS}",
             f"sentinel failover-timeout {SENTINEL_MASTER} {FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {SENTINEL_MASTER} 1",
@@ -274,7 +320,7 @@ class SentinelServer(RedisServer):
         if self.master_password is not None:
             lines.append(f"sentinel auth-pass {SENTINEL_MASTER} {self.master_password}")
         config = self.workdir / "sentinel.conf"
-        if not config.exists():  # a restart keeps what Sentinel wrote there (a failover)
+        if not self._started:  # a restart keeps what Sentinel wrote there (a failover)
             config.write_text("\n".join(lines) + "\n")
         return ["redis-server", str(config), "--sentinel"]
 
@@ -307,12 +353,12 @@ class RedisSentinelServers(_Started):
         options = ("--repl-diskless-sync-delay", "0")
         self.master = RedisServer(workdir / "master", password=password, options=options)
         self.replica = RedisServer(
-            workdir / "replica", password=password, replica_of=self.master.port, options=options
+            workdir / "replica", password=password, replica_of=self.master, options=options
         )
         self.sentinels = [
             SentinelServer(
                 workdir / f"sentinel{i}",
-                master_port=self.master.port,
+                master=self.master,
                 quorum=sentinels // 2 + 1,
                 password=password,
             )

@@ -21,8 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import ACME, GLOBEX, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
-from tests.processes import start, stop, wait_healthy
-from tests.redis_servers import free_port
+from tests.processes import Process, serving, start, stop
 from tests.test_disconnects import rss_bytes
 
 CHAT = "/v1/agents/ag_support/chat"
@@ -80,20 +79,24 @@ async def gateway_before(
     upstream.router.add_post("/v1/agents/{agent}/chat", handler)  # type: ignore[arg-type]
     server = TestServer(upstream)
     await server.start_server()
-    port, admin = free_port(), free_port()
     config = tmp_path / "gw.yaml"
-    config.write_text(
-        gateway_yaml(str(server.make_url("")).rstrip("/"))
-        + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
-        + f"admin: {{host: 127.0.0.1, port: {admin}}}\n"
-        + "logging: {level: info}\n"
-        + extra
-    )
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     log = tmp_path / "gateway.log"
-    process = await start("serve", "--config", str(config), env=env, log=log)
+
+    async def serve(ports: list[int]) -> Process:
+        config.write_text(
+            gateway_yaml(str(server.make_url("")).rstrip("/"))
+            + f"listen: {{host: 127.0.0.1, port: {ports[0]}}}\n"
+            + f"admin: {{host: 127.0.0.1, port: {ports[1]}}}\n"
+            + "logging: {level: info}\n"
+            + extra
+        )
+        return await start("serve", "--config", str(config), env=env, log=log)
+
+    process, (port, admin) = await serving(
+        serve, ports=2, ready=lambda ports: f"http://127.0.0.1:{ports[1]}/readyz", log=log
+    )
     try:
-        await wait_healthy(f"http://127.0.0.1:{admin}/readyz", process, log)
         yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", process.pid
         assert await stop(process) == 0, log.read_text()
     finally:

@@ -15,8 +15,8 @@ import pytest
 
 from gateway.auth import hash_key
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
-from tests.processes import start, stop, wait_healthy
-from tests.redis_servers import RedisClusterServers, RedisServer, free_port
+from tests.processes import Process, serving, start, stop
+from tests.redis_servers import RedisClusterServers, RedisServer
 from tests.secret_watch import SecretWatch
 
 # Enough concurrent requests to slow the event loop well past a 50 ms budget (measured: 300
@@ -88,40 +88,50 @@ async def replicas(
     and the simulator's. `acme` and `globex` are lines added to those tenants, `quota` to the
     quota section."""
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
-    sim_port = free_port()
     sim_log = tmp_path / "simulator.log"
     sim_config = tmp_path / "sim.yaml"
     sim_config.write_text("rate_limit: {per_minute: 100000, per_day: 1000000}\n")
-    processes = [
-        await start(
-            "simulate", "--port", str(sim_port), "--config", str(sim_config), env=env, log=sim_log
-        )
-    ]
-    simulator = f"http://127.0.0.1:{sim_port}"
+
+    async def simulate(ports: list[int]) -> Process:
+        args = ["--port", str(ports[0]), "--config", str(sim_config)]
+        return await start("simulate", *args, env=env, log=sim_log)
+
+    processes: list[Process] = []
     try:
-        await wait_healthy(f"{simulator}/healthz", processes[0], sim_log)
+        process, (sim_port,) = await serving(
+            simulate,
+            ports=1,
+            ready=lambda ports: f"http://127.0.0.1:{ports[0]}/healthz",
+            log=sim_log,
+        )
+        processes.append(process)
+        simulator = f"http://127.0.0.1:{sim_port}"
         urls = []
         for replica in range(count):
-            port = free_port()
             config = tmp_path / f"gw{replica}.yaml"
-            text = (
-                gateway_yaml(simulator)
-                # `replace_keys`: acme's lines bring a `keys:` list of their own.
-                .replace(ACME_KEYS_LINE if replace_keys else "\0", "", 1)
-                .replace("    agents: [ag_support]\n", f"    agents: [ag_support]\n{acme}", 1)
-                .replace('    agents: ["*"]\n', f'    agents: ["*"]\n{globex}', 1)
-            )
-            config.write_text(
-                text
-                + f"listen: {{host: 127.0.0.1, port: {port}}}\n"
-                + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
-                + f"quota: {{backend: redis, redis_url: {json.dumps(redis_urls)}, {quota}}}\n"
-                + "logging: {level: warning}\n"
-            )
             log = tmp_path / f"gw{replica}.log"
-            process = await start("serve", "--config", str(config), env=env, log=log)
+
+            async def serve(ports: list[int], config: Path = config, log: Path = log) -> Process:
+                text = (
+                    gateway_yaml(simulator)
+                    # `replace_keys`: acme's lines bring a `keys:` list of their own.
+                    .replace(ACME_KEYS_LINE if replace_keys else "\0", "", 1)
+                    .replace("    agents: [ag_support]\n", f"    agents: [ag_support]\n{acme}", 1)
+                    .replace('    agents: ["*"]\n', f'    agents: ["*"]\n{globex}', 1)
+                )
+                config.write_text(
+                    text
+                    + f"listen: {{host: 127.0.0.1, port: {ports[0]}}}\n"
+                    + f"admin: {{host: 127.0.0.1, port: {ports[1]}}}\n"
+                    + f"quota: {{backend: redis, redis_url: {json.dumps(redis_urls)}, {quota}}}\n"
+                    + "logging: {level: warning}\n"
+                )
+                return await start("serve", "--config", str(config), env=env, log=log)
+
+            process, (port, _) = await serving(
+                serve, ports=2, ready=lambda ports: f"http://127.0.0.1:{ports[0]}/readyz", log=log
+            )
             processes.append(process)
-            await wait_healthy(f"http://127.0.0.1:{port}/readyz", process, log)
             urls.append(f"http://127.0.0.1:{port}")
         yield urls, simulator
     finally:

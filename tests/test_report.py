@@ -48,7 +48,7 @@ from tests.conftest import (
     GatewayFactory,
     gateway_yaml,
 )
-from tests.processes import start, stop, wait_healthy
+from tests.processes import Process, serving, start, stop, wait_healthy
 from tests.redis_servers import RedisServer, free_port
 from tests.secret_watch import SecretWatch
 
@@ -442,25 +442,31 @@ class Stack:
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     with RedisServer(tmp_path / "redis") as redis:
-        sim_port, port, admin = free_port(), free_port(), free_port()
         (tmp_path / "simulator.yaml").write_text(SIMULATOR_YAML)
         sim_log, log = tmp_path / "simulator.log", tmp_path / "gateway1.log"
-        simulator = await start(
-            "simulate",
-            "--port",
-            str(sim_port),
-            "--config",
-            str(tmp_path / "simulator.yaml"),
-            env=env,
+
+        async def simulate(ports: list[int]) -> Process:
+            args = ["--port", str(ports[0]), "--config", str(tmp_path / "simulator.yaml")]
+            return await start("simulate", *args, env=env, log=sim_log)
+
+        simulator, (sim_port,) = await serving(
+            simulate,
+            ports=1,
+            ready=lambda ports: f"http://127.0.0.1:{ports[0]}/healthz",
             log=sim_log,
         )
+        config = tmp_path / "gw.yaml"
+        sim_url = f"http://127.0.0.1:{sim_port}"
+
+        async def serve(ports: list[int]) -> Process:
+            config.write_text(gateway_config(sim_url, redis.url, *ports))
+            return await start("serve", "--config", str(config), env=env, log=log)
+
         running: Stack | None = None
         try:
-            await wait_healthy(f"http://127.0.0.1:{sim_port}/healthz", simulator, sim_log)
-            config = tmp_path / "gw.yaml"
-            sim_url = f"http://127.0.0.1:{sim_port}"
-            config.write_text(gateway_config(sim_url, redis.url, port, admin))
-            gateway = await start("serve", "--config", str(config), env=env, log=log)
+            gateway, (port, admin) = await serving(
+                serve, ports=2, ready=lambda ports: f"http://127.0.0.1:{ports[1]}/readyz", log=log
+            )
             running = Stack(
                 tmp_path,
                 env,
@@ -470,7 +476,6 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
                 sim_url,
                 gateway,
             )
-            await wait_healthy(f"{running.admin}/readyz", gateway, log)
             yield running
             assert await stop(running.gateway) == 0
         finally:

@@ -44,7 +44,7 @@ from tests.conftest import (
     gateway_yaml,
     sse_events,
 )
-from tests.processes import start, stop, wait_healthy
+from tests.processes import Process, serving, start, stop
 from tests.redis_servers import free_port
 
 Client = TestClient[web.Request, web.Application]
@@ -614,16 +614,21 @@ def without_opentelemetry(tmp_path: Path) -> Iterator[dict[str, str]]:
 async def test_tracing_off_runs_without_the_otel_extra_and_imports_none_of_it(
     tmp_path: Path, without_opentelemetry: dict[str, str], simulator: Sim
 ) -> None:
-    port, admin = free_port(), free_port()
     config = tmp_path / "gw.yaml"
-    config.write_text(
-        gateway_yaml(str(simulator.make_url("")).rstrip("/"))
-        + f"listen: {{host: 127.0.0.1, port: {port}}}\nadmin: {{host: 127.0.0.1, port: {admin}}}\n"
-    )
     log = tmp_path / "gateway.log"
-    process = await start("serve", "--config", str(config), env=without_opentelemetry, log=log)
+
+    async def serve(ports: list[int]) -> Process:
+        config.write_text(
+            gateway_yaml(str(simulator.make_url("")).rstrip("/"))
+            + f"listen: {{host: 127.0.0.1, port: {ports[0]}}}\n"
+            + f"admin: {{host: 127.0.0.1, port: {ports[1]}}}\n"
+        )
+        return await start("serve", "--config", str(config), env=without_opentelemetry, log=log)
+
+    process, (port, _) = await serving(
+        serve, ports=2, ready=lambda ports: f"http://127.0.0.1:{ports[1]}/readyz", log=log
+    )
     try:
-        await wait_healthy(f"http://127.0.0.1:{admin}/readyz", process, log)
         async with aiohttp.ClientSession() as session:
             headers = {**ACME, "traceparent": TRACEPARENT}
             async with session.post(
