@@ -942,7 +942,10 @@ async def test_a_hung_redis_costs_one_budget_per_call_until_the_breaker_opens(
         try:
             outcomes = [await timed_reserve(quota, f"r{i}") for i in range(10)]
             durations = [took for _, took in outcomes]
-            assert all(took < BUDGET_MS / 1000 + SLACK for took in durations)
+            # One budget each; a deadline check that ran late because this process was off the
+            # CPU (a loaded machine) earns the call one more by design (redis.py, LOOP_LAG), so
+            # two are allowed. Unbounded, each would wait for the thaw: seconds.
+            assert all(took < 2 * BUDGET_MS / 1000 + SLACK for took in durations)
             # The first three waited for the budget; the breaker spared the rest the wait.
             assert all(took >= BUDGET_MS / 1000 * 0.9 for took in durations[:3])
             assert all(took < BUDGET_MS / 1000 / 2 for took in durations[3:])
