@@ -9,8 +9,8 @@ calendar, so the clock a test moves is the one they obey on either backend.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, MutableMapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Mapping, MutableMapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -522,6 +522,21 @@ async def test_requests_the_local_fallback_admitted_reach_the_redis_ledger(
         ]
 
 
+def on_fallback(
+    server: RedisServer, tenants: Mapping[str, Tenant], clock: FakeClock, wall: FakeClock
+) -> AbstractAsyncContextManager[QuotaService]:
+    """A service on `server` with the `local` fallback (fallback_config), whose breaker opens
+    at the first failure, on the test's clocks."""
+    return open_quota(
+        fallback_config(server),
+        Owners(tenants),
+        clock=clock,
+        wall_clock=wall,
+        lease_ttl=60,
+        breaker_threshold=1,
+    )
+
+
 def fallback_config(server: RedisServer) -> Quota:
     """`local` on three replicas: this one's share of every limit is a third (rounded up)."""
     return Quota(
@@ -552,14 +567,7 @@ async def test_the_fallback_starts_every_key_where_redis_left_it_not_only_the_la
             service("cron", limits=per_minute),
         ),
     )
-    async with open_quota(
-        fallback_config(own_redis),
-        Owners(tenants),
-        clock=clock,
-        wall_clock=wall,
-        lease_ttl=60,
-        breaker_threshold=1,
-    ) as quota:
+    async with on_fallback(own_redis, tenants, clock, wall) as quota:
 
         async def reserve(key: str, request_id: str) -> tuple[str, bool, str | None]:
             r = await quota.reserve("acme", request_id, tokens=0, stream=False, key=key)
@@ -600,14 +608,7 @@ async def test_the_fallback_starts_every_end_user_where_redis_left_them(
         header="X-End-User", limits=limits(rpm=30), budget=Budget(requests=Amount(per_day=6))
     )
     tenants = team(keys=(service("app"),), end_user=end_users)
-    async with open_quota(
-        fallback_config(own_redis),
-        Owners(tenants),
-        clock=clock,
-        wall_clock=wall,
-        lease_ttl=60,
-        breaker_threshold=1,
-    ) as quota:
+    async with on_fallback(own_redis, tenants, clock, wall) as quota:
 
         async def reserve(who: str, request_id: str) -> tuple[str, bool, str | None]:
             r = await quota.reserve(
@@ -637,14 +638,7 @@ async def test_the_fallback_counts_the_streams_this_replica_holds_for_every_key(
         tenant_limits=limits(streams=30),
         keys=(service("app"), service("batch", limits=limits(streams=3))),
     )
-    async with open_quota(
-        fallback_config(own_redis),
-        Owners(tenants),
-        clock=clock,
-        wall_clock=wall,
-        lease_ttl=60,
-        breaker_threshold=1,
-    ) as quota:
+    async with on_fallback(own_redis, tenants, clock, wall) as quota:
         held = await quota.reserve("acme", "b0", tokens=0, stream=True, key="batch")
         assert (held.backend, held.allowed) == ("redis", True)
         assert (await quota.reserve("acme", "a0", tokens=0, stream=False, key="app")).allowed
@@ -676,14 +670,7 @@ async def test_the_fallback_starts_a_token_budget_from_what_redis_settled_not_re
         keys=(service("app"), service("batch", Budget(tokens=Amount(per_month=30)))),
         tenant_limits=limits(rpd=1000),
     )
-    async with open_quota(
-        fallback_config(own_redis),
-        Owners(tenants),
-        clock=clock,
-        wall_clock=wall,
-        lease_ttl=60,
-        breaker_threshold=1,
-    ) as quota:
+    async with on_fallback(own_redis, tenants, clock, wall) as quota:
         spent = await quota.reserve("acme", "b0", tokens=1, stream=False, key="batch")
         assert (spent.backend, spent.allowed) == ("redis", True)
         await quota.settle(spent, 30)
