@@ -362,7 +362,11 @@ def _schemas() -> dict[str, Any]:
                 "budgets": {"type": "array", "items": budget},
                 "timezone": {"type": "string", "examples": ["Europe/Berlin"]},
                 "streams": {"type": "array", "items": stream_cap},
-                "tokens_today": count,
+                "tokens_today": {
+                    **count,
+                    "description": "tokens charged to the tenant today, every key and agent: "
+                    "the usage ledger's day in `timezone`, which is when daily budgets reset",
+                },
                 "concurrent_streams": _object(
                     {
                         "limit": {"type": ["integer", "null"], "minimum": 0},

@@ -246,6 +246,27 @@ async def test_usage_shows_each_budget_used_limit_and_when_it_resets(harness: Ha
     ]
 
 
+async def test_tokens_today_is_the_ledgers_day_in_the_quota_timezone(harness: Harness) -> None:
+    """/v1/usage's tokens_today starts afresh when the daily budgets do, at midnight in
+    quota.timezone (not UTC's, nor Redis's clock's), and is that day's ledger total."""
+    harness.wall.now = berlin(2026, 11, 28, 23, 0)  # 22:00 UTC
+    tenants = team(Budget(tokens=Amount(per_day=10_000)), keys=(service("a"), service("b")))
+    quota = await harness.open_for(tenants)
+    for key, agent, tokens in (("a", "support", 300), ("b", "sales", 200)):
+        reservation = await quota.reserve("acme", key, tokens=10, stream=False, key=key)
+        await quota.settle(reservation, tokens, Charge(key, agent, 0, tokens, 0))
+    usage = await quota.usage("acme")
+    assert usage["tokens_today"] == 500 == budgets(usage)[0]["used"]
+
+    harness.wall.now = berlin(2026, 11, 29, 0, 30)  # 23:30 UTC: still the 28th there
+    reservation = await quota.reserve("acme", "late", tokens=10, stream=False, key="a")
+    await quota.settle(reservation, 40, Charge("a", "support", 0, 40, 0))
+    usage = await quota.usage("acme")
+    assert usage["tokens_today"] == 40 == budgets(usage)[0]["used"]
+    (today,) = await quota.ledger("2026-11-29", "2026-11-29")
+    assert today.tokens_total == usage["tokens_today"]
+
+
 async def test_each_warn_at_fraction_is_logged_once_per_period_across_replicas(
     harness: Harness,
 ) -> None:
@@ -342,7 +363,7 @@ async def test_each_end_user_has_buckets_of_their_own(harness: Harness) -> None:
 
 async def test_a_hundred_thousand_end_users_keep_the_memory_store_bounded() -> None:
     clock, wall = FakeClock(1000.0), FakeClock(berlin(2026, 11, 28, 10, 0))
-    store = MemoryStore(clock=clock, wall_clock=wall, lease_ttl=60, settled_ttl=60)
+    store = MemoryStore(clock=clock, lease_ttl=60, settled_ttl=60)
     owners = Owners(team(end_user=EndUser(header="X-End-User", limits=limits(rpm=10))))
     quota = QuotaService(
         store, owners=owners, clock=clock, lease_ttl=60, calendar=Calendar("Europe/Berlin", wall)

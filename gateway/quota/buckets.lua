@@ -15,7 +15,6 @@
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local today = math.floor(tonumber(clock[1]) / 86400)
 
 local function fmt(x)
   return string.format('%.17g', x)

@@ -38,8 +38,8 @@ async def open_quota(
     leases it holds every third of it, so only a crashed replica's lapse). `settled_ttl`: how
     long a settled request is remembered so that a duplicate settle changes nothing (default
     `lease_ttl`; on Redis one small key per request lives that long). `wall_clock` places
-    budgets and ledger days in their periods (in `config.timezone`) and dates the memory
-    store's "tokens today" (Redis dates that by its own)."""
+    budgets and ledger days in their periods (in `config.timezone`), and so "tokens today"
+    (the ledger's day)."""
     if lease_ttl <= 0:
         raise ValueError("lease_ttl must be positive")
     remember = lease_ttl if settled_ttl is None else settled_ttl
@@ -48,7 +48,6 @@ async def open_quota(
         return MemoryStore(
             name=name,
             clock=clock,
-            wall_clock=wall_clock,
             lease_ttl=lease_ttl,
             settled_ttl=remember,
             retention_days=config.usage_retention_days,

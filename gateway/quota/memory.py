@@ -26,7 +26,6 @@ from gateway.quota.model import (
     UsageRow,
 )
 from gateway.quota.plan import (
-    DAY,
     BucketSpec,
     Plan,
     level_at,
@@ -66,7 +65,6 @@ class MemoryStore:
         *,
         name: Backend = "memory",
         clock: Callable[[], float],
-        wall_clock: Callable[[], float],
         lease_ttl: float,
         settled_ttl: float,
         max_settled: int = MAX_SETTLED,
@@ -74,7 +72,6 @@ class MemoryStore:
     ) -> None:
         self._name: Backend = name
         self._clock = clock
-        self._wall_clock = wall_clock
         self._lease_ttl = lease_ttl
         self._settled_ttl = settled_ttl
         self._max_settled = max_settled
@@ -83,8 +80,7 @@ class MemoryStore:
         # (tenant, lease set) -> lease id -> expiry
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._settled: OrderedDict[tuple[str, str], float] = OrderedDict()  # -> expiry
-        self._day = -1
-        self._today: dict[str, int] = {}  # tokens per tenant, UTC day `_day` only
+        self._today: dict[str, int] = {}  # tokens per tenant on the ledger's day, `_ledger_day`
         self._ledger: dict[tuple[str, str, str, str], list[int]] = {}
         self._ledger_day = ""
 
@@ -162,10 +158,6 @@ class MemoryStore:
                 warned = _crossed(spec, level, warned, crossed)
                 self._put(tenant, spec, level, stamp, warned, now, at)
                 levels.append(level)
-        day = int(self._wall_clock() // DAY)
-        if day != self._day:
-            self._day, self._today = day, {}
-        self._today[tenant] = self._today.get(tenant, 0) + actual
         self._count(tenant, actual, at, charge or Charge("", ""))
         self._sweep(now, len(plan.buckets))
         return Settled(tuple(levels), tuple(crossed))
@@ -235,7 +227,7 @@ class MemoryStore:
     async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot:
         now = self._clock()
         levels = tuple(self._current(tenant, spec, now, at)[0] for spec in plan.buckets)
-        today = self._today.get(tenant, 0) if int(self._wall_clock() // DAY) == self._day else 0
+        today = self._today.get(tenant, 0) if at.date == self._ledger_day else 0
         live = tuple(self._live_leases(tenant, cap.key, now) for cap in plan.streams)
         return Snapshot(levels, live, today)
 
@@ -253,7 +245,7 @@ class MemoryStore:
 
     def _count(self, tenant: str, actual: int, at: Moment, charge: Charge) -> None:
         if at.date != self._ledger_day:
-            self._ledger_day = at.date
+            self._ledger_day, self._today = at.date, {}
             oldest = (date.fromisoformat(at.date) - self._retention).isoformat()
             for row in [row for row in self._ledger if row[0] <= oldest]:
                 del self._ledger[row]
@@ -266,6 +258,7 @@ class MemoryStore:
         counts[2] += charge.tokens_output
         counts[3] += actual
         counts[4] += charge.tokens_estimated
+        self._today[tenant] = self._today.get(tenant, 0) + actual
 
     def _live_leases(self, tenant: str, name: str, now: float) -> int:
         held = self._leases.get((tenant, name))

@@ -190,8 +190,7 @@ class RedisStore:
     ) -> Settled | None:
         buckets = plan.token_buckets
         keys = [bucket_key(tenant, b.key) for b in buckets]
-        keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, "today")]
-        keys.append(bucket_key(tenant, LEDGER + at.date))
+        keys += [bucket_key(tenant, f"settled:{settle_key}"), bucket_key(tenant, LEDGER + at.date)]
         charge = charge or Charge("", "")
         args: list[int | str] = [len(buckets), delta, actual, self._settled_ttl_ms]
         args += [charge.field(), charge.tokens_input, charge.tokens_output]
@@ -234,7 +233,7 @@ class RedisStore:
     async def usage(self, tenant: str, plan: Plan, at: Moment) -> Snapshot:
         n = len(plan.buckets)
         keys = [bucket_key(tenant, b.key) for b in plan.buckets]
-        keys.append(bucket_key(tenant, "today"))
+        keys.append(bucket_key(tenant, LEDGER + at.date))
         keys += [bucket_key(tenant, cap.key) for cap in plan.streams]
         args: list[int | str] = [n]
         for b in plan.buckets:

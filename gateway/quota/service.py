@@ -81,7 +81,7 @@ about 250 bytes each (12 MiB when full)."""
 
 
 LEDGER_ONLY = Plan(())
-"""A settle with no bucket: the settled marker, tokens today and the ledger row only."""
+"""A settle with no bucket: the settled marker and the ledger row (whence tokens today) only."""
 
 
 class _Down(Exception):

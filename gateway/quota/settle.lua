@@ -1,10 +1,10 @@
 -- Settle one request once: debit (or refund) the difference between its actual and reserved
--- tokens on each token bucket (rate limits and budgets), count its tokens for today (UTC, by
--- the server's clock), and add it to the usage ledger: one hash per tenant and day in
--- quota.timezone, fields '<key>|<agent>|<r i o t e>' (requests, input, output, total and
--- estimated tokens). In the same call, so the ledger is what was charged, to the token.
+-- tokens on each token bucket (rate limits and budgets), and add it to the usage ledger: one
+-- hash per tenant and day in quota.timezone, fields '<key>|<agent>|<r i o t e>' (requests,
+-- input, output, total and estimated tokens). In the same call, so the ledger is what was
+-- charged, to the token (and /v1/usage's tokens_today, read from it, too).
 -- KEYS[1..n] the token buckets   KEYS[n+1] this request's settled marker
--- KEYS[n+2] tokens today   KEYS[n+3] the ledger's day
+-- KEYS[n+2] the ledger's day
 -- ARGV[1] n   ARGV[2] delta   ARGV[3] actual tokens   ARGV[4] marker ttl (ms)
 -- ARGV[5] ledger field prefix ('<key>|<agent>|')   ARGV[6] input   ARGV[7] output
 -- ARGV[8] estimated   ARGV[9] ledger ttl (ms)   ARGV[10..] one group per bucket, amount unused
@@ -26,15 +26,7 @@ if delta ~= 0 then
   end
 end
 
-local counted = KEYS[n + 2]
-if tonumber(redis.call('HGET', counted, 'd')) == today then
-  redis.call('HINCRBY', counted, 'n', ARGV[3])
-else
-  redis.call('HSET', counted, 'd', today, 'n', ARGV[3])
-end
-redis.call('PEXPIRE', counted, 2 * 86400 * 1000)
-
-local ledger, field = KEYS[n + 3], ARGV[5]
+local ledger, field = KEYS[n + 2], ARGV[5]
 redis.call('HINCRBY', ledger, field .. 'r', 1)
 for name, amount in pairs({t = ARGV[3], i = ARGV[6], o = ARGV[7], e = ARGV[8]}) do
   if amount ~= '0' then

@@ -1,12 +1,15 @@
 -- A read-only view of one tenant on the server's clock.
--- KEYS[1..n] the buckets   KEYS[n+1] tokens today   KEYS[n+2..] lease sets
+-- KEYS[1..n] the buckets   KEYS[n+1] the ledger's day   KEYS[n+2..] lease sets
 -- ARGV[1] n   ARGV[2..] one group per bucket, amount unused
--- Returns {tokens today, levels..., active streams per lease set...}
+-- Returns {tokens today (the ledger's, every key and agent), levels..., active streams per
+-- lease set...}
 local n = tonumber(ARGV[1])
 local reply = {0}
-local counted = redis.call('HMGET', KEYS[n + 1], 'd', 'n')
-if tonumber(counted[1]) == today then
-  reply[1] = tonumber(counted[2])
+local ledger = redis.call('HGETALL', KEYS[n + 1])
+for i = 1, #ledger, 2 do
+  if string.sub(ledger[i], -2) == '|t' then
+    reply[1] = reply[1] + tonumber(ledger[i + 1])
+  end
 end
 local at, g = 2, nil
 for i = 1, n do
