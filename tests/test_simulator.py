@@ -173,7 +173,37 @@ async def test_a_missing_or_invalid_key_is_unauthorized(
     headers = {} if authorization is None else {"Authorization": authorization}
     response = await chat(sim, {"message": "Hi"}, key=None, headers=headers)
     assert (await error_of(response))[:2] == (401, "unauthorized")
-    assert "X-RateLimit-Limit" not in response.headers
+
+
+@pytest.mark.parametrize(
+    ("authorization", "agent"),
+    [
+        (None, "ag_support"),
+        ("Basic dXNlcjpwYXNz", "ag_support"),
+        ("Bearer ak_nope", "ag_support"),
+        (f"Bearer {SUPPORT_KEY}", "ag_sales"),
+    ],
+    ids=["missing", "not-bearer", "unknown-key", "agent-key-for-another-agent"],
+)
+async def test_a_401_carries_rate_limit_headers_and_counts_against_no_key(
+    sim: SimClient, authorization: str | None, agent: str
+) -> None:
+    # "Rate limit headers are included in every response" (deployment guide). Which window a
+    # request without a usable key is counted in is not documented: the simulator counts none
+    # and reports the presented key's window as it stands (a fresh one for a key it does not
+    # know).
+    await chat(sim, {"message": "Hi"}, key=SUPPORT_KEY)
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = await chat(sim, {"message": "Hi"}, agent=agent, key=None, headers=headers)
+    assert response.status == 401
+    reset = str(int(START) // 60 * 60 + 60)
+    assert response.headers["X-RateLimit-Limit"] == "60"
+    assert response.headers["X-RateLimit-Reset"] == reset
+    spent = 1 if agent == "ag_sales" else 0  # the agent key's own window, as it stands
+    assert response.headers["X-RateLimit-Remaining"] == str(60 - spent)
+    assert "Retry-After" not in response.headers
+    after = await chat(sim, {"message": "Hi"}, key=SUPPORT_KEY)
+    assert after.headers["X-RateLimit-Remaining"] == "58"
 
 
 async def test_the_bearer_scheme_is_case_insensitive(sim: SimClient) -> None:

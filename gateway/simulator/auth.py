@@ -24,9 +24,8 @@ class KeyIndex:
         """
         if not authorization:
             return None, "Missing API key. Send it as 'Authorization: Bearer <key>'."
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
+        key = bearer_token(authorization)
+        if key is None:
             return None, "Malformed Authorization header. Expected 'Bearer <key>'."
         if key in self._platform_keys:
             return key, None
@@ -36,3 +35,10 @@ class KeyIndex:
         if owner != agent_id:
             return None, "This agent API key is not valid for the requested agent."
         return key, None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key of a `Bearer <key>` header (scheme in any case), or None."""
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    return key if scheme.lower() == "bearer" and key else None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .auth import bearer_token
 from .config import UsageFormat
 from .faults import Fault
 from .replies import Reply, compose_reply, done_event, json_body, split_reply
@@ -66,9 +67,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
         request.method, request.path, request.query_string, request.headers, raw
     )
     agent_id = request.match_info["agent_id"]
-    key, reason = app[KEYS].check(request.headers.get("Authorization"), agent_id)
+    authorization = request.headers.get("Authorization")
+    key, reason = app[KEYS].check(authorization, agent_id)
     if key is None:
-        return error_response(401, reason, headers={"WWW-Authenticate": "Bearer"})
+        # "Rate limit headers are included in every response": a 401 counts against no key,
+        # so it reports the presented key's windows as they stand (fresh for an unknown key).
+        headers = app[RATE_LIMITER].peek(bearer_token(authorization)).headers()
+        return error_response(401, reason, headers={**headers, "WWW-Authenticate": "Bearer"})
     decision = app[RATE_LIMITER].hit(key)
     headers = decision.headers()
     if not decision.allowed:

@@ -68,6 +68,23 @@ class RateLimiter:
         if allowed:
             windows.minute_count += 1
             windows.day_count += 1
+        return self._decision(windows, now, allowed=allowed)
+
+    def peek(self, key: str | None) -> RateDecision:
+        """`key`'s windows as they stand, counting nothing: what a response that is not
+        counted (a 401) reports. A key never counted (or None) has fresh windows, and is not
+        remembered, so unknown keys cannot grow the table."""
+        now = self._clock()
+        minute, day = int(now // MINUTE), int(now // DAY)
+        seen = self._windows.get(key) if key is not None else None
+        windows = _Windows(minute, 0, day, 0)
+        if seen is not None:  # a window that has not turned over keeps its count
+            windows.minute_count = seen.minute_count if seen.minute == minute else 0
+            windows.day_count = seen.day_count if seen.day == day else 0
+        return self._decision(windows, now, allowed=True)
+
+    def _decision(self, windows: _Windows, now: float, *, allowed: bool) -> RateDecision:
+        minute, day = windows.minute, windows.day
         minute_left = self._per_minute - windows.minute_count
         day_left = self._per_day - windows.day_count
         # Report whichever window will refuse first, as that is what a client must respect.
