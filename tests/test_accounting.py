@@ -18,8 +18,19 @@ from gateway.auth import hash_key
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.sessions import new_session_id
+from gateway.simulator import AgentConfig, RateLimitConfig, SimulatorConfig, create_simulator_app
+from gateway.simulator.config import UsageFormat
 from gateway.state import DRAINS, METRICS
-from tests.conftest import ACME, ACME_KEY, SUPPORT_KEY, FakeClock, gateway_yaml, sse_events
+from tests.conftest import (
+    ACME,
+    ACME_KEY,
+    PLATFORM_KEY,
+    SUPPORT_KEY,
+    AiohttpClient,
+    FakeClock,
+    gateway_yaml,
+    sse_events,
+)
 
 Client = TestClient[web.Request, web.Application]
 Sim = TestClient[Any, Any]
@@ -143,6 +154,39 @@ async def test_usage_reports_buckets_and_tokens_today(
     assert buckets["requests per minute"]["remaining"] == 9
     assert buckets["tokens per day"]["remaining"] == 100000 - cost
     assert (await gateway.get("/v1/usage")).status == 401
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("usage_format", ["documented", "tokens_used", "usage"])
+async def test_tokens_are_charged_in_whichever_shape_upstream_reports_them(
+    make_gateway: Any, aiohttp_client: AiohttpClient, usage_format: UsageFormat, stream: bool
+) -> None:
+    # The two documents disagree: a JSON answer's `usage` object (API reference) or its bare
+    # `tokens_used` (deployment guide); a `done` event's `tokens_used` (the guide, the only
+    # one to document streams) or, undocumented, a `usage` object.
+    simulator = await aiohttp_client(
+        create_simulator_app(
+            SimulatorConfig(
+                agents={
+                    "ag_support": AgentConfig(
+                        name="Support", keys=(SUPPORT_KEY,), usage_format=usage_format
+                    ),
+                    "ag_sales": AgentConfig(name="Sales"),
+                },
+                platform_keys=(PLATFORM_KEY,),
+                rate_limit=RateLimitConfig(per_minute=1000, per_day=100_000),
+            )
+        )
+    )
+    url = str(simulator.make_url("")).rstrip("/")
+    gateway = await make_limited(make_gateway, "{tokens: {per_day: 1000000}}", url=url)
+    body = {"message": "What are your business hours?", "session_id": "s1", "stream": stream}
+    response = await gateway.post(CHAT, json=body, headers=ACME)
+    assert response.status == 200
+    answer = sse_events(await response.read())[-1] if stream else await response.json()
+    assert answer["session_id"] == "s1"  # translated back, whichever shape carries usage
+    [sent] = await (await simulator.get("/_sim/requests")).json()
+    assert (await usage_of(gateway))["tokens_today"] == sent["usage"]["total_tokens"] > 0
 
 
 async def test_a_caller_that_hangs_up_mid_stream_is_still_charged_exactly(
