@@ -318,6 +318,21 @@ async def test_upstream_429_passes_through_with_retry_after(
     assert (await response.json())["error"]["code"] == "rate_limited"
 
 
+async def test_upstream_429_without_retry_after_passes_back_untried(
+    gateway: Client, simulator: Sim
+) -> None:
+    # The documents name only X-RateLimit-* headers on upstream's 429 (and advise exponential
+    # backoff); a Retry-After is the simulator's addition. Without one, nothing says a retry
+    # could succeed in time, so the 429 goes back as it came, with this caller's own limits.
+    await add_fault(simulator, "error", status=429, times=1)
+    response = await gateway.post(CHAT, json={"message": "Hi"}, headers=ACME)
+    assert response.status == 429
+    assert (await response.json())["error"]["code"] == "rate_limited"
+    assert "Retry-After" not in response.headers
+    assert "X-RateLimit-Limit" not in response.headers  # upstream's, for the shared key
+    assert len(await (await simulator.get("/_sim/requests")).json()) == 1
+
+
 async def test_unreachable_upstream_is_502(make_gateway: Any) -> None:
     config = parse_config(gateway_yaml(f"http://127.0.0.1:{free_port()}"))
     gateway = await make_gateway(config=config)
