@@ -32,7 +32,8 @@ from gateway.validation import ChatRequest, folded
 NAMESPACE = "gw:"
 SEPARATOR = ":"  # never in a tenant or key name (config.NAME_PATTERN)
 KEY_SEPARATOR = "/"  # nor this
-UPSTREAM_MAX_SESSION_ID = 256  # upstream's documented limit, in characters
+# In characters. The upstream documents give no limit: this is the simulator's.
+UPSTREAM_MAX_SESSION_ID = 256
 
 _UNPARSED = object()
 _MAX_SPLICES = 4  # strings opening with our prefix tried, each checked by one more parse

@@ -19,8 +19,9 @@ class KeyIndex:
     def check(self, authorization: str | None, agent_id: str) -> tuple[str | None, str | None]:
         """Return `(key, None)` when allowed, else `(None, reason)` for a 401.
 
-        Whether the agent exists is not decided here: upstream answers 404 for an unknown
-        agent only once the key has proven valid for it.
+        Whether the agent exists is not decided here: the simulator answers 404 for an unknown
+        agent only once the key has proven valid for it (the documents do not say which of 401
+        and 404 an agent key for another or an unknown agent gets).
         """
         if not authorization:
             return None, "Missing API key. Send it as 'Authorization: Bearer <key>'."

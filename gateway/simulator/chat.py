@@ -1,7 +1,9 @@
 """`POST /v1/agents/{agent_id}/chat`, as api.thinnest.ai answers it (plus injected faults).
 
-Checks run in upstream's order: key (401), rate limit (429), agent (404), body (400). Faults
-apply only to requests that pass them all, so an injected fault never hides a caller error.
+Checks run in this order: key (401), rate limit (429), agent (404), body (400). The upstream
+documents give no order (nor the error body's shape, the session id limit or what counts as
+an empty message): these are the simulator's choices. Faults apply only to requests that pass
+them all, so an injected fault never hides a caller error.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ class ChatRequest:
 
 
 def parse_chat_body(raw: bytes) -> ChatRequest:
-    """The documented fields, strictly typed; unknown fields are ignored as upstream does."""
+    """The documented fields (`message`, `session_id`) and the undocumented `stream`, strictly
+    typed. The documents do not say what upstream does with unknown fields or nulls: here the
+    former are ignored and a null means absent."""
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):

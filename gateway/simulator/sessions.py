@@ -1,8 +1,8 @@
 """Conversation memory, keyed by session_id alone.
 
-Upstream does not scope a session to the key or the agent that created it: anyone who knows
-the id continues the conversation. The simulator keeps that property on purpose, so the
-gateway's per-tenant session namespacing can be shown to be necessary.
+The documents do not say whether upstream scopes a session to the key, agent or account that
+created it. The simulator takes the worst case on purpose: anyone who knows the id continues
+the conversation, so the gateway's per-tenant session namespacing can be shown to be necessary.
 """
 
 from __future__ import annotations
