@@ -10,6 +10,7 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from types import ModuleType
 
 import structlog
 from aiohttp import hdrs, web
@@ -17,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from gateway import errors, report
 from gateway.auth import end_user_of
-from gateway.config import Config
+from gateway.config import EVENT_LOOP, Config, EventLoop, event_loop
 from gateway.drains import Drains
 from gateway.edge import EdgeRunner, default_max_connections, log_accept_errors
 from gateway.headers import add_caller_headers, buckets_of, name_server
@@ -359,14 +360,30 @@ async def usage(request: web.Request) -> web.Response:
 
 def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM (in-flight requests get `shutdown_grace` seconds to finish);
-    SIGHUP reloads tenants and agents from the same file (see reload.py)."""
-    try:
-        # The `speed` extra: a faster event loop, same behaviour.
-        uvloop = importlib.import_module("uvloop")
-    except ImportError:
+    SIGHUP reloads tenants and agents from the same file (see reload.py). The event loop is
+    THINNEST_GATEWAY_EVENT_LOOP's choice: by default uvloop when the `speed` extra installed
+    it, else asyncio's own."""
+    uvloop = _uvloop(event_loop())
+    if uvloop is None:
         asyncio.run(_serve(config, loop_name="asyncio"))
     else:
         uvloop.run(_serve(config, loop_name="uvloop"))
+
+
+def _uvloop(choice: EventLoop) -> ModuleType | None:
+    """uvloop (the `speed` extra: a faster event loop, same behaviour) when `choice` takes it
+    and it is installed; a ConfigError naming the extra when `choice` insists on it."""
+    if choice == "asyncio":
+        return None
+    try:
+        return importlib.import_module("uvloop")
+    except ImportError as exc:
+        if choice == "uvloop":
+            raise errors.ConfigError(
+                f"{EVENT_LOOP}=uvloop, but uvloop cannot be imported ({exc}): "
+                "pip install 'thinnest-gateway[speed]'"
+            ) from None
+        return None
 
 
 async def _serve(config: Config, *, loop_name: str) -> None:

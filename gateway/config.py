@@ -814,6 +814,21 @@ def config_path(given: str | None) -> str | None:
     return given or os.environ.get("GATEWAY_CONFIG") or None
 
 
+EVENT_LOOP = "THINNEST_GATEWAY_EVENT_LOOP"
+EventLoop = Literal["auto", "asyncio", "uvloop"]
+_EVENT_LOOPS: tuple[EventLoop, ...] = ("auto", "asyncio", "uvloop")
+
+
+def event_loop() -> EventLoop:
+    """The THINNEST_GATEWAY_EVENT_LOOP environment variable: `auto` (unset or empty: uvloop
+    when the `speed` extra is installed, else asyncio's own), `asyncio` or `uvloop`."""
+    value = os.environ.get(EVENT_LOOP) or "auto"
+    for known in _EVENT_LOOPS:
+        if value == known:
+            return known
+    raise ConfigError(f"{EVENT_LOOP}={value!r}: expected one of auto, asyncio, uvloop")
+
+
 def _isolation(s: Section) -> SessionIsolation:
     """`tenant | key | off`; the booleans of earlier versions still mean tenant and off."""
     value = s.get("session_isolation")
