@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import Clock, create_app
 from gateway.auth import hash_key
-from gateway.config import Config, Logging, parse_config
+from gateway.config import Config, EventLoop, Logging, parse_config
 from gateway.logs import configure_logging
 from gateway.simulator.app import create_simulator_app
 from gateway.simulator.config import RateLimitConfig, SimulatorConfig
@@ -135,6 +135,15 @@ async def simulator(aiohttp_client: AiohttpClient) -> TestClient[Any, Any]:
 @pytest.fixture
 def simulator_url(simulator: TestClient[Any, Any]) -> str:
     return str(simulator.make_url("")).rstrip("/")
+
+
+@pytest.fixture
+def serve_loop() -> EventLoop | None:
+    """The event loop of the `serve` processes a test starts, for the helpers that start them:
+    None, their default (asyncio's own loop, which the production image runs, unless
+    THINNEST_GATEWAY_EVENT_LOOP is set). tests/processes.py's `both_loops` runs a test on
+    asyncio's loop and again on uvloop."""
+    return None
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -19,14 +20,22 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.config import EVENT_LOOP, EventLoop
 from tests.conftest import PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
 from tests.redis_servers import PORT_ATTEMPTS, PortTaken, free_port, port_taken
 
 
 async def start(
-    *args: str, env: dict[str, str], log: Path, descriptors: int | None = None
+    *args: str,
+    env: dict[str, str],
+    log: Path,
+    descriptors: int | None = None,
+    event_loop: EventLoop | None = None,
 ) -> asyncio.subprocess.Process:
-    """`descriptors`: the child's RLIMIT_NOFILE (soft and hard), as `ulimit -n` would set it."""
+    """`descriptors`: the child's RLIMIT_NOFILE (soft and hard), as `ulimit -n` would set it.
+    A `serve` runs on `event_loop`, else on the one `env` names, else on asyncio's own: the
+    production image's, whether or not the test extras installed uvloop."""
+    env = {EVENT_LOOP: "asyncio", **env, **({EVENT_LOOP: event_loop} if event_loop else {})}
 
     def limit() -> None:
         if descriptors is not None:
@@ -43,6 +52,16 @@ async def start(
             stderr=out,
             preexec_fn=limit if descriptors is not None else None,
         )
+
+
+def assert_runs_on(event_loop: EventLoop, log: Path) -> None:
+    """The `serve` process writing `log` says, in its `started` line, that it runs on
+    `event_loop` (`auto`: on either)."""
+    text = log.read_text()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    started = [line["event_loop"] for line in lines if line.get("event") == "started"]
+    assert started, f"no started line (logging below info?):\n{text}"
+    assert event_loop in ("auto", started[-1]), f"{event_loop} asked for:\n{text}"
 
 
 async def wait_healthy(url: str, process: asyncio.subprocess.Process, log: Path) -> None:
@@ -119,11 +138,12 @@ async def gateway_and_simulator(
     simulator_yaml: str | None = None,
     tls: tuple[Path, Path] | None = None,
     descriptors: int | None = None,
+    event_loop: EventLoop | None = None,
 ) -> AsyncIterator[Running]:
     """`simulate` and `serve` started as operators start them; the gateway must exit 0 on
     SIGTERM at the end (unless the test already stopped it, with 0). With `tls` (certificate
     chain and key files) the caller port serves HTTPS; `descriptors` lowers the gateway's
-    descriptor limit."""
+    descriptor limit; an `event_loop` (see `start`) is checked against the `started` line."""
     env = {**os.environ, "TEST_PLATFORM_KEY": PLATFORM_KEY, "TEST_SUPPORT_KEY": SUPPORT_KEY}
     sim_log, gw_log = tmp_path / "simulator.log", tmp_path / "gateway.log"
     sim_args = ["--port"]
@@ -149,7 +169,13 @@ async def gateway_and_simulator(
             + extra
         )
         return await start(
-            "serve", "--config", str(config), env=env, log=gw_log, descriptors=descriptors
+            "serve",
+            "--config",
+            str(config),
+            env=env,
+            log=gw_log,
+            descriptors=descriptors,
+            event_loop=event_loop,
         )
 
     processes = [simulator]
@@ -158,6 +184,8 @@ async def gateway_and_simulator(
             serve, ports=2, ready=lambda ports: f"http://127.0.0.1:{ports[1]}/readyz", log=gw_log
         )
         processes.append(gateway)
+        if event_loop is not None:
+            assert_runs_on(event_loop, gw_log)
         yield Running(
             gateway,
             f"{'http' if tls is None else 'https'}://127.0.0.1:{gw_port}",

@@ -16,9 +16,10 @@ import yaml
 
 from gateway.__main__ import main
 from gateway.auth import hash_key, new_key
-from gateway.config import parse_config
+from gateway.config import EVENT_LOOP, parse_config
 from tests.conftest import ACME_KEY, GLOBEX_KEY, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
-from tests.processes import gateway_and_simulator, start
+from tests.processes import assert_runs_on, gateway_and_simulator, start
+from tests.redis_servers import free_port
 from tests.secret_watch import SecretWatch
 
 
@@ -177,6 +178,54 @@ async def test_serve_with_a_bad_config_exits_1_naming_the_problem(tmp_path: Path
     process = await start("serve", "--config", str(config), env=dict(os.environ), log=log)
     assert await asyncio.wait_for(process.wait(), timeout=15) == 1
     assert "upstream.api_key: environment variable UNSET_VAR_X is not set" in log.read_text()
+
+
+async def test_serve_by_default_runs_on_uvloop_when_the_speed_extra_installed_it(
+    tmp_path: Path,
+) -> None:
+    """`auto` (THINNEST_GATEWAY_EVENT_LOOP unset) is what an operator without the variable
+    gets; the test extras install uvloop."""
+    async with gateway_and_simulator(tmp_path, event_loop="auto") as running:
+        assert_runs_on("uvloop", running.log)
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("trio", f"{EVENT_LOOP}='trio': expected one of auto, asyncio, uvloop"),
+        (
+            "uvloop",
+            f"{EVENT_LOOP}=uvloop, but uvloop cannot be imported (No module named 'uvloop'): "
+            "pip install 'thinnest-gateway[speed]'",
+        ),
+    ],
+    ids=["unknown", "uvloop without the speed extra"],
+)
+async def test_serve_on_an_event_loop_it_cannot_run_exits_1_naming_it(
+    tmp_path: Path, value: str, said: str
+) -> None:
+    hook = tmp_path / "no_uvloop"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoUvloop:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'uvloop' or name.startswith('uvloop.'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoUvloop())\n"
+    )
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        gateway_yaml("http://127.0.0.1:9")
+        + f"listen: {{host: 127.0.0.1, port: {free_port()}}}\n"
+        + f"admin: {{host: 127.0.0.1, port: {free_port()}}}\n"
+    )
+    log = tmp_path / "gateway.log"
+    env = {**os.environ, "PYTHONPATH": path, EVENT_LOOP: value}
+    process = await start("serve", "--config", str(config), env=env, log=log)
+    assert await asyncio.wait_for(process.wait(), timeout=15) == 1
+    assert f"thinnest-gateway: {said}\n" in log.read_text()
 
 
 def test_keys_new_refuses_names_that_would_break_the_yaml(
