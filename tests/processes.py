@@ -117,6 +117,12 @@ async def stop(process: asyncio.subprocess.Process) -> int:
     return await asyncio.wait_for(process.wait(), timeout=15)
 
 
+# A test that takes `serve_loop` (itself or through a fixture) runs its `serve` processes on
+# asyncio's loop, then on uvloop (the `speed` extra), for what the loop decides: signals, timers
+# and the clock pacing reads, transports' flow control, accepting connections.
+both_loops = pytest.mark.parametrize("serve_loop", ["asyncio", "uvloop"])
+
+
 @dataclass(frozen=True)
 class Running:
     """A `serve` process in front of a `simulate` process, on free loopback ports."""

@@ -14,12 +14,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.config import parse_config
+from gateway.config import EventLoop, parse_config
 from gateway.simulator.app import create_simulator_app
 from gateway.simulator.config import RateLimitConfig, SimulatorConfig
 from gateway.state import DRAINS
 from tests.conftest import ACME, AiohttpClient, gateway_yaml
-from tests.processes import Running, gateway_and_simulator
+from tests.processes import Running, both_loops, gateway_and_simulator
 from tests.secret_watch import SecretWatch
 
 CHAT = "/v1/agents/ag_support/chat"
@@ -40,11 +40,12 @@ async def hang_up_somewhere(
 
 
 @pytest.fixture
-async def served(tmp_path: Path) -> AsyncIterator[Running]:
-    """Real processes; the simulator paces events 5 ms apart."""
+async def served(tmp_path: Path, serve_loop: EventLoop | None) -> AsyncIterator[Running]:
+    """Real processes; the simulator paces events 5 ms apart. Logging at info (500 access
+    lines), for the `started` line that names the event loop."""
     async with gateway_and_simulator(
         tmp_path,
-        extra="logging: {level: warning}\n",
+        event_loop=serve_loop,
         simulator_yaml=(
             "rate_limit: {per_minute: 100000, per_day: 1000000}\nchunk_interval: 0.005\n"
         ),
@@ -91,6 +92,7 @@ def ours() -> list[asyncio.Task[Any]]:
 
 
 @pytest.mark.timeout(120)
+@both_loops
 async def test_500_streams_aborted_at_random_points_leave_no_connections_or_memory_behind(
     served: Running, secret_watch: SecretWatch
 ) -> None:

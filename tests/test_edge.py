@@ -14,9 +14,10 @@ import aiohttp
 from structlog.testing import capture_logs
 from yarl import URL
 
+from gateway.config import EventLoop
 from gateway.edge import ACCEPT_OUT_OF_RESOURCES, log_accept_errors
 from tests.conftest import ACME_KEY
-from tests.processes import Running, gateway_and_simulator
+from tests.processes import Running, both_loops, gateway_and_simulator
 
 # The issue's example: a header line without a colon, after the caller's key.
 MALFORMED = f"GET / HTTP/1.1\r\nAuthorization: Bearer {ACME_KEY}\r\nBad Header\r\n\r\n".encode()
@@ -41,10 +42,11 @@ async def raw(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
+@both_loops
 async def test_a_malformed_request_head_gets_our_error_and_never_its_bytes(
-    tmp_path: Path,
+    tmp_path: Path, serve_loop: EventLoop
 ) -> None:
-    async with gateway_and_simulator(tmp_path) as running:
+    async with gateway_and_simulator(tmp_path, event_loop=serve_loop) as running:
         for port in (running.url, running.admin):
             status, headers, body = await raw(port, MALFORMED)
             assert status == 400
@@ -85,13 +87,14 @@ async def admin_metric(running: Running, name: str) -> float:
     return float(line.split()[-1])
 
 
+@both_loops
 async def test_idle_connections_past_the_cap_are_refused_and_the_admin_port_answers(
-    tmp_path: Path,
+    tmp_path: Path, serve_loop: EventLoop
 ) -> None:
     """The finding: with a 1,024 descriptor limit, 1,100 idle connections made /healthz and
     chat time out, and the log filled with `accept() out of system resource` lines."""
     raise_own_descriptor_limit(IDLE + 200)
-    async with gateway_and_simulator(tmp_path, descriptors=LIMIT) as running:
+    async with gateway_and_simulator(tmp_path, descriptors=LIMIT, event_loop=serve_loop) as running:
         where = URL(running.url)
         held: list[asyncio.StreamWriter] = []
         try:

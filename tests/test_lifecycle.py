@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from gateway.auth import hash_key
+from gateway.config import EventLoop
 from tests.conftest import (
     ACME_KEY,
     GLOBEX_KEY,
@@ -18,7 +19,7 @@ from tests.conftest import (
     ROTATED_PLATFORM_KEY,
     sse_events,
 )
-from tests.processes import Running, gateway_and_simulator, stop
+from tests.processes import Running, both_loops, gateway_and_simulator, stop
 from tests.secret_watch import SecretWatch
 
 CHAT = "/v1/agents/ag_support/chat"
@@ -26,9 +27,12 @@ ACME = {"Authorization": f"Bearer {ACME_KEY}"}
 
 
 @pytest.fixture
-async def running(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Running]:
+async def running(
+    tmp_path: Path, request: pytest.FixtureRequest, serve_loop: EventLoop | None
+) -> AsyncIterator[Running]:
     """Simulator and gateway as real processes; `shutdown_grace` 5 s unless parametrized."""
-    async with gateway_and_simulator(tmp_path, grace=getattr(request, "param", 5)) as running:
+    grace = getattr(request, "param", 5)
+    async with gateway_and_simulator(tmp_path, grace=grace, event_loop=serve_loop) as running:
         yield running
 
 
@@ -42,6 +46,7 @@ async def until_status(session: aiohttp.ClientSession, url: str, status: int) ->
     pytest.fail(f"{url} never answered {status}")
 
 
+@both_loops
 async def test_sigterm_stops_taking_work_and_lets_a_stream_in_flight_finish(
     running: Running, secret_watch: SecretWatch
 ) -> None:
@@ -72,11 +77,13 @@ async def test_sigterm_stops_taking_work_and_lets_a_stream_in_flight_finish(
     assert '"status": 200' in lines and '"stream": true' in lines
 
 
+@both_loops
 async def test_a_stream_in_flight_after_sigterm_keeps_its_heartbeats_through_the_grace(
-    tmp_path: Path, secret_watch: SecretWatch
+    tmp_path: Path, secret_watch: SecretWatch, serve_loop: EventLoop
 ) -> None:
+    heartbeat = "streams: {heartbeat: 1}\n"
     async with (
-        gateway_and_simulator(tmp_path, extra="streams: {heartbeat: 1}\n") as running,
+        gateway_and_simulator(tmp_path, extra=heartbeat, event_loop=serve_loop) as running,
         aiohttp.ClientSession(response_class=secret_watch.response_class()) as session,
     ):
         await session.post(f"{running.simulator}/_sim/faults", json={"kind": "hold_stream"})
@@ -97,6 +104,7 @@ async def test_a_stream_in_flight_after_sigterm_keeps_its_heartbeats_through_the
 
 
 @pytest.mark.parametrize("running", [1], indirect=True, ids=["grace=1s"])
+@both_loops
 async def test_a_stream_longer_than_the_grace_is_cut_and_the_process_still_exits_0(
     running: Running, secret_watch: SecretWatch
 ) -> None:
@@ -158,6 +166,7 @@ async def chat_status(
         return response.status
 
 
+@both_loops
 async def test_sighup_swaps_keys_and_tenants_while_a_stream_goes_on(
     running: Running, secret_watch: SecretWatch
 ) -> None:
@@ -282,6 +291,7 @@ async def test_sighup_rotates_the_upstream_platform_key_read_from_a_file(
         assert "restart_needed_for" not in running.log.read_text()
 
 
+@both_loops
 async def test_sighup_under_traffic_lowers_a_keys_limit_and_removes_another(
     running: Running, secret_watch: SecretWatch
 ) -> None:

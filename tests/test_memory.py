@@ -20,8 +20,9 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from gateway.config import EventLoop
 from tests.conftest import ACME, GLOBEX, PLATFORM_KEY, SUPPORT_KEY, gateway_yaml
-from tests.processes import Process, serving, start, stop
+from tests.processes import Process, assert_runs_on, both_loops, serving, start, stop
 from tests.test_disconnects import rss_bytes
 
 CHAT = "/v1/agents/ag_support/chat"
@@ -72,9 +73,14 @@ async def endless(
 
 @contextlib.asynccontextmanager
 async def gateway_before(
-    tmp_path: Path, handler: Callable[[web.Request], object], extra: str = ""
+    tmp_path: Path,
+    handler: Callable[[web.Request], object],
+    extra: str = "",
+    *,
+    event_loop: EventLoop,
 ) -> AsyncIterator[tuple[str, str, int]]:
-    """(caller URL, admin URL, pid) of a `serve` in front of `handler` as its upstream."""
+    """(caller URL, admin URL, pid) of a `serve` on `event_loop` in front of `handler` as its
+    upstream."""
     upstream = web.Application()
     upstream.router.add_post("/v1/agents/{agent}/chat", handler)  # type: ignore[arg-type]
     server = TestServer(upstream)
@@ -91,12 +97,15 @@ async def gateway_before(
             + "logging: {level: info}\n"
             + extra
         )
-        return await start("serve", "--config", str(config), env=env, log=log)
+        return await start(
+            "serve", "--config", str(config), env=env, log=log, event_loop=event_loop
+        )
 
     process, (port, admin) = await serving(
         serve, ports=2, ready=lambda ports: f"http://127.0.0.1:{ports[1]}/readyz", log=log
     )
     try:
+        assert_runs_on(event_loop, log)
         yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin}", process.pid
         assert await stop(process) == 0, log.read_text()
     finally:
@@ -106,7 +115,10 @@ async def gateway_before(
         await server.close()
 
 
-async def test_a_300_mb_json_answer_is_502_with_the_connection_closed(tmp_path: Path) -> None:
+@both_loops
+async def test_a_300_mb_json_answer_is_502_with_the_connection_closed(
+    tmp_path: Path, serve_loop: EventLoop
+) -> None:
     hostile = Hostile()
 
     async def huge(request: web.Request) -> web.StreamResponse:
@@ -114,7 +126,7 @@ async def test_a_300_mb_json_answer_is_502_with_the_connection_closed(tmp_path: 
         return await endless(request, hostile, b'{"reply": "', b"x" * PIECE, "application/json")
 
     async with (
-        gateway_before(tmp_path, huge) as (url, _, pid),
+        gateway_before(tmp_path, huge, event_loop=serve_loop) as (url, _, pid),
         aiohttp.ClientSession() as session,
     ):
         before = rss_bytes(pid)
@@ -131,19 +143,19 @@ async def test_a_300_mb_json_answer_is_502_with_the_connection_closed(tmp_path: 
         assert growth < RSS_GROWTH, f"RSS grew {growth / MiB:.0f} MiB"
 
 
-async def test_an_endless_data_line_ends_the_stream_with_the_error_event(tmp_path: Path) -> None:
+@both_loops
+async def test_an_endless_data_line_ends_the_stream_with_the_error_event(
+    tmp_path: Path, serve_loop: EventLoop
+) -> None:
     hostile = Hostile()
     cap = 2 * MiB
 
     async def no_terminator(request: web.Request) -> web.StreamResponse:
         return await endless(request, hostile, b"data: ", b"x" * PIECE, "text/event-stream")
 
+    extra = f"limits: {{max_event_bytes: {cap}}}\n"
     async with (
-        gateway_before(tmp_path, no_terminator, f"limits: {{max_event_bytes: {cap}}}\n") as (
-            url,
-            _,
-            pid,
-        ),
+        gateway_before(tmp_path, no_terminator, extra, event_loop=serve_loop) as (url, _, pid),
         aiohttp.ClientSession() as session,
     ):
         before = rss_bytes(pid)
@@ -188,7 +200,10 @@ async def abandon_stream(session: aiohttp.ClientSession, url: str, headers: dict
 EVENTS = b'data: {"type": "delta", "content": "hello"}\n\n'
 
 
-async def test_a_drain_stops_reading_an_endless_stream_at_its_byte_bound(tmp_path: Path) -> None:
+@both_loops
+async def test_a_drain_stops_reading_an_endless_stream_at_its_byte_bound(
+    tmp_path: Path, serve_loop: EventLoop
+) -> None:
     hostile = Hostile()
     bound = 4 * MiB
 
@@ -197,7 +212,7 @@ async def test_a_drain_stops_reading_an_endless_stream_at_its_byte_bound(tmp_pat
 
     extra = f"quota: {{drain_max_bytes: {bound}, drain_timeout: 600}}\n"
     async with (
-        gateway_before(tmp_path, endless_events, extra) as (url, admin, pid),
+        gateway_before(tmp_path, endless_events, extra, event_loop=serve_loop) as (url, admin, pid),
         aiohttp.ClientSession() as session,
     ):
         before = rss_bytes(pid)
@@ -214,8 +229,9 @@ async def test_a_drain_stops_reading_an_endless_stream_at_its_byte_bound(tmp_pat
     assert drained["tokens_charged"] > 0  # charged as an abandoned exchange (the rule table)
 
 
+@both_loops
 async def test_healthz_answers_promptly_while_200_drains_read_endless_streams(
-    tmp_path: Path,
+    tmp_path: Path, serve_loop: EventLoop
 ) -> None:
     hostile = Hostile(hold=True)
 
@@ -225,7 +241,7 @@ async def test_healthz_answers_promptly_while_200_drains_read_endless_streams(
     # 200 drains, 100 per tenant: each tenant may hold an eighth of max_drains.
     extra = "quota: {max_drains: 800, drain_timeout: 600}\n"
     async with (
-        gateway_before(tmp_path, endless_events, extra) as (url, admin, pid),
+        gateway_before(tmp_path, endless_events, extra, event_loop=serve_loop) as (url, admin, pid),
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
     ):
         before = rss_bytes(pid)
@@ -277,8 +293,9 @@ async def slowest_healthz(session: aiohttp.ClientSession, *urls: str) -> float:
     return slowest
 
 
+@both_loops
 async def test_healthz_answers_promptly_while_16_callers_read_fast_streams(
-    tmp_path: Path,
+    tmp_path: Path, serve_loop: EventLoop
 ) -> None:
     """Live streams, not drains: upstream writes many tiny events at a time, as fast as it
     can, and each caller reads as fast as the gateway sends. Upstream's bytes pile up into
@@ -290,7 +307,7 @@ async def test_healthz_answers_promptly_while_16_callers_read_fast_streams(
         return await endless(request, hostile, EVENTS, EVENTS * 1000, "text/event-stream")
 
     async with (
-        gateway_before(tmp_path, endless_events) as (url, admin, _),
+        gateway_before(tmp_path, endless_events, event_loop=serve_loop) as (url, admin, _),
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
     ):
         stream = {"message": "hi", "stream": True}
