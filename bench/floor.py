@@ -16,6 +16,8 @@ from collections.abc import AsyncIterator, Sequence
 import aiohttp
 from aiohttp import web
 
+from gateway.config import event_loop
+
 uvloop = importlib.import_module("uvloop") if importlib.util.find_spec("uvloop") else None
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
@@ -72,8 +74,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--upstream", required=True, help="base URL, e.g. http://127.0.0.1:9000")
     parser.add_argument("--key", required=True, help="upstream API key sent on every request")
     args = parser.parse_args(argv)
-    # The gateway's rule (gateway/app.py): uvloop when installed, so both run on the same loop.
-    loop = uvloop.new_event_loop() if uvloop is not None else None
+    # The gateway's rule (gateway/app.py: THINNEST_GATEWAY_EVENT_LOOP, by default uvloop when
+    # installed), so both run on the same loop.
+    loop = uvloop.new_event_loop() if uvloop is not None and event_loop() != "asyncio" else None
     web.run_app(
         create_app(args.upstream, args.key),
         host=args.host,

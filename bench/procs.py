@@ -16,6 +16,8 @@ from types import TracebackType
 
 import aiohttp
 
+from gateway.config import EVENT_LOOP
+
 _PR_SET_PDEATHSIG = 1
 STOP_GRACE = 5.0
 
@@ -136,7 +138,9 @@ class ProcessSet:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                # asyncio's own loop, as the production image runs (`make venv` installs
+                # uvloop, for the tests), unless THINNEST_GATEWAY_EVENT_LOOP says otherwise.
+                env={EVENT_LOOP: "asyncio", **os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                 cwd=cwd,
                 # Own session: a terminal Ctrl-C reaches only the harness, which then stops
                 # the children in order rather than all of them dying at once mid-request.
