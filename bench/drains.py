@@ -26,6 +26,7 @@ import aiohttp
 from bench.load import Call
 from bench.procs import Proc, run_capped
 from bench.soak import metric_sums, rss_kib
+from bench.stack import event_loop_of
 from bench.stats import percentile
 
 DRAINS_GAUGE = "gateway_stream_drains"
@@ -96,6 +97,8 @@ class DrainsResult:
     rss_idle_kib: int = 0
     rss_busy_kib: int = 0
     stopped: str = ""
+    event_loop: str = "unknown"
+    """The loop the gateway said it ran on (its `started` line)."""
     """How the gateway's SIGTERM went, with every drain reading."""
     stop_seconds: float = 0.0
     opened_seconds: float = 0.0
@@ -234,6 +237,7 @@ async def run_drains(
     # With every drain still reading: a graceful stop settles them and exits in time.
     stopping = time.monotonic()
     result.stopped = await gateway.stop()
+    result.event_loop = event_loop_of(gateway.log)
     result.stop_seconds = time.monotonic() - stopping
     result.seconds = time.monotonic() - clock
     return result
@@ -269,7 +273,8 @@ def section(r: DrainsResult) -> list[str]:
         "",
         f"Measured in {r.seconds:.0f} s. The simulator's `endless_stream` fault ({s.burst} "
         "content events per write, never `done`) answered every stream; one client opened "
-        f"{s.drains} streams through one gateway (memory quotas, all features on), read each "
+        f"{s.drains} streams through one gateway (memory quotas, all features on, "
+        f"{r.event_loop}'s event loop), read each "
         "one's first bytes and left, so each became a drain reading on as fast as the "
         "simulator writes (the phase sets `quota.drain_timeout` and `quota.drain_max_bytes` "
         "out of reach, and `quota.max_drains` to hold them all). /healthz was then probed "
