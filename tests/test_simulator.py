@@ -436,6 +436,38 @@ async def test_usage_format_decides_where_token_counts_go(
     assert done.get("tokens_used", done.get("usage", {}).get("total_tokens")) == total
 
 
+# --- Per-agent stream framing ------------------------------------------------------------
+
+
+async def test_stream_framing_lines_sends_the_guides_line_per_event_stream(
+    make_sim: MakeSim,
+) -> None:
+    lines_agent = AgentConfig(name="Lines", stream_framing="lines")
+    sim = await make_sim(replace(CONFIG, agents={**CONFIG.agents, "ag_lines": lines_agent}))
+    body = {"message": "Tell me about your products", "session_id": "s", "stream": True}
+    await add_fault(sim, {"kind": "hold_stream", "after_events": 1, "agent_id": "ag_lines"})
+    response = await chat(sim, body, agent="ag_lines")
+    # One line per event, as the deployment guide prints it: no blank line anywhere, and each
+    # event reaches the socket on its own (the first while the rest is held).
+    first = await asyncio.wait_for(response.content.readline(), timeout=5)
+    assert first.startswith(b'data: {"type": "content"') and first.endswith(b"}\n")
+    assert (await (await sim.get("/_sim/held")).json())["held"] == 1
+    await sim.post("/_sim/release")
+    lines = first + await response.read()
+    assert b"\n\n" not in lines and lines.endswith(b"}\n")
+    # Each line one event, as the guide's Node client reads them: the same events as ever.
+    events = parse_sse(lines.replace(b"\n", b"\n\n"))
+    kinds = [event["type"] for event in events]
+    assert kinds == ["content"] * (len(kinds) - 1) + ["done"] and len(kinds) >= 4
+    assert 'You said: "Tell me about your products"' in "".join(e["content"] for e in events[:-1])
+    [sent] = await (await sim.get("/_sim/requests")).json()
+    assert events[-1] == {
+        "type": "done",
+        "session_id": "s",
+        "tokens_used": sent["usage"]["total_tokens"],
+    }
+
+
 # --- Upstream's own rate limit ------------------------------------------------------------
 
 
@@ -816,6 +848,7 @@ def test_a_yaml_file_is_loaded(tmp_path: Path) -> None:
         "  ag_support: {name: Support, keys: [ak_demo_support_0001], usage_format: usage}\n"
         "  ag_sales: {name: Sales}\n"
         "  ag_bare:\n"
+        "  ag_lines: {stream_framing: lines}\n"
         "platform_keys: [thns_sk_demo_0001]\n"
         "rate_limit: {per_minute: 600}\n"
         "chunk_interval: 0\n"
@@ -823,6 +856,8 @@ def test_a_yaml_file_is_loaded(tmp_path: Path) -> None:
     config = load_simulator_config(str(path))
     assert config.agents["ag_support"].usage_format == "usage"
     assert config.agents["ag_bare"] == AgentConfig(name="ag_bare")
+    assert config.agents["ag_bare"].stream_framing == "blank_lines"
+    assert config.agents["ag_lines"].stream_framing == "lines"
     assert config.rate_limit == RateLimitConfig(per_minute=600, per_day=10_000)
     assert config.chunk_interval == 0.0
 
@@ -839,6 +874,7 @@ def test_an_empty_yaml_document_means_defaults() -> None:
         ("agents: {ag_a: {nmae: A}}", "agents.ag_a.nmae: unknown key"),
         ("agents: {ag_a: {name: 5}}", "agents.ag_a.name: expected a string"),
         ("agents: {ag_a: {usage_format: both}}", "agents.ag_a.usage_format: expected one of"),
+        ("agents: {ag_a: {stream_framing: crlf}}", "agents.ag_a.stream_framing: expected one of"),
         ("agents: {ag_a: {keys: [thns_sk_1]}}", "agents.ag_a.keys[0]: expected a key starting"),
         (
             "agents: {ag_a: {keys: [ak_1]}, ag_b: {keys: [ak_1]}}",

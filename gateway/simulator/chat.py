@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from .auth import bearer_token
-from .config import UsageFormat
+from .config import AgentConfig
 from .faults import Fault
 from .replies import Reply, compose_reply, done_event, json_body, split_reply
 from .responses import error_response, json_response, sse_event
@@ -112,7 +112,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         return web.Response(status=499)  # nobody is there to read it
     if not streaming:
         return json_response(json_body(reply, agent.usage_format), headers=headers)
-    return await _stream(request, reply, agent.usage_format, headers, fault)
+    return await _stream(request, reply, agent, headers, fault)
 
 
 async def _before_reply(
@@ -144,13 +144,17 @@ async def _before_reply(
 async def _stream(
     request: web.Request,
     reply: Reply,
-    usage_format: UsageFormat,
+    agent: AgentConfig,
     headers: Mapping[str, str],
     fault: Fault | None,
 ) -> web.StreamResponse:
-    events = [sse_event({"type": "content", "content": piece}) for piece in split_reply(reply.text)]
+    framing = agent.stream_framing
+    events = [
+        sse_event({"type": "content", "content": piece}, framing)
+        for piece in split_reply(reply.text)
+    ]
     content_events = len(events)
-    events.append(sse_event(done_event(reply, usage_format)))
+    events.append(sse_event(done_event(reply, agent.usage_format), framing))
 
     interval = request.app[CONFIG].chunk_interval
     drop_at = hold_at = pause_at = -1

@@ -17,6 +17,11 @@ import yaml
 
 UsageFormat = Literal["documented", "usage", "tokens_used"]
 USAGE_FORMATS: tuple[UsageFormat, ...] = ("documented", "usage", "tokens_used")
+# How stream events are separated: a blank line after each (`data: {...}\n\n`, SSE as WHATWG
+# defines it), or none (`data: {...}\n`, one line per event, as the deployment guide prints
+# its stream and its Node client reads it).
+StreamFraming = Literal["blank_lines", "lines"]
+STREAM_FRAMINGS: tuple[StreamFraming, ...] = ("blank_lines", "lines")
 
 AGENT_KEY_PREFIX = "ak_"
 PLATFORM_KEY_PREFIX = "thns_sk_"
@@ -29,6 +34,7 @@ class AgentConfig:
     name: str
     keys: tuple[str, ...] = ()
     usage_format: UsageFormat = "documented"
+    stream_framing: StreamFraming = "blank_lines"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +82,7 @@ _TOP_LEVEL_KEYS = frozenset(
         "max_recorded_requests",
     }
 )
-_AGENT_KEYS = frozenset({"name", "keys", "usage_format"})
+_AGENT_KEYS = frozenset({"name", "keys", "usage_format", "stream_framing"})
 _RATE_LIMIT_KEYS = frozenset({"per_minute", "per_day"})
 
 
@@ -157,10 +163,16 @@ def _agents(value: object) -> dict[str, AgentConfig]:
         usage_format = body.get("usage_format", "documented")
         if usage_format not in USAGE_FORMATS:
             raise ValueError(f"{where}.usage_format: expected one of {', '.join(USAGE_FORMATS)}")
+        stream_framing = body.get("stream_framing", "blank_lines")
+        if stream_framing not in STREAM_FRAMINGS:
+            raise ValueError(
+                f"{where}.stream_framing: expected one of {', '.join(STREAM_FRAMINGS)}"
+            )
         agents[agent_id] = AgentConfig(
             name=_non_empty_string(body.get("name", agent_id), f"{where}.name"),
             keys=keys,
             usage_format=usage_format,
+            stream_framing=stream_framing,
         )
     return agents
 

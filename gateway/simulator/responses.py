@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
+from .config import StreamFraming
+
 # The documented table, plus names for statuses upstream may plausibly answer with but
 # does not document, so an injected error always carries a code.
 ERROR_CODES: Mapping[int, str] = {
@@ -70,6 +72,9 @@ def json_response(
     )
 
 
-def sse_event(payload: Mapping[str, object]) -> bytes:
+def sse_event(payload: Mapping[str, object], framing: StreamFraming = "blank_lines") -> bytes:
+    """One event: a `data:` line, then a blank line (`blank_lines`) or nothing (`lines`, the
+    deployment guide's stream, one line per event)."""
     # json.dumps' default separators match the documented `{"type": "content", ...}` lines.
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    end = b"\n\n" if framing == "blank_lines" else b"\n"
+    return b"data: " + json.dumps(payload).encode() + end
