@@ -6,8 +6,10 @@ only reports what happens, and leaving the `async with` block settles by the adm
 table, or hands the exchange to a drain when the caller has gone.
 
 JSON answers pass back with upstream's status and body unchanged. Event streams pass back
-chunk by chunk as they arrive; an SSE scanner reads the same bytes alongside to learn the
-`done` event's usage, and a stream that breaks off ends with one SSE error event. With session
+event by event as they arrive, as upstream sent them (a one-line-per-event stream, as
+upstream's guide prints it, given the blank lines SSE needs: gateway/sse.py); the SSE framer
+reads the same bytes alongside to learn the `done` event's usage, and a stream that breaks off
+ends with one SSE error event. With session
 isolation (gateway/sessions.py) the session id is namespaced on the way up and translated back
 on the way down: in the body, and in the stream's `done` event (each event is passed on as soon
 as it is complete). While a stream's upstream is silent, a keep-alive comment goes to the

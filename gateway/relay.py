@@ -2,8 +2,9 @@
 
 The framer (gateway/sse.py) cuts the bytes into whole events; each event's JSON is parsed
 once, for the usage tally (gateway/usage.py) and for the session scope, which translates the
-`done` event's session id back (gateway/sessions.py). Every other byte passes unchanged, a
-complete event as soon as its blank line arrives: an SSE client acts on nothing before it.
+`done` event's session id back (gateway/sessions.py). Every other byte passes as upstream
+sent it, a complete event as soon as it ends (at its blank line, or its one-JSON-object data
+line, given the blank line it lacks: sse.py): an SSE client acts on nothing before that.
 While upstream is silent the gateway may put a keep-alive comment between those events
 (`keep_alive`); it is the gateway's, so it is neither framed nor tallied.
 

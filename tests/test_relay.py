@@ -67,9 +67,10 @@ def test_finish_closes_a_half_sent_event_only_when_asked() -> None:
 
 def test_a_done_event_closed_by_the_gateway_is_translated_but_not_counted() -> None:
     relay = EventRelay(SessionScope("gw:acme:"))
-    assert relay.feed(b'data: {"type": "done", "session_id": "gw:acme:s1"}\n') == b""
+    # Its data in two lines, neither a JSON object alone: the event waits for a blank line.
+    assert relay.feed(b'data: {"type": "done",\ndata: "session_id": "gw:acme:s1"}\n') == b""
     # A blank line after the line end: one LF more than needed, a blank line that is nothing.
-    assert relay.finish(close=True) == b'data: {"type": "done", "session_id": "s1"}\n\n\n'
+    assert relay.finish(close=True) == (b'data: {"type": "done",\ndata: "session_id": "s1"}\n\n\n')
     assert not relay.tally.done  # upstream never finished it
 
 
@@ -104,6 +105,30 @@ def test_heartbeats_between_any_chunks_change_neither_the_events_nor_the_tally(
     tally = relay.tally
     assert tally.done and tally.usage == Usage(3, 4, 7)
     assert tally.content_chars == len("Our business hours")
+
+
+# The deployment guide's stream: one `data:` line per event, no blank line between them.
+LINES = (
+    b'data: {"type": "content", "content": "Our business"}\r\n'
+    b'data: {"type": "content", "content": " hours"}\r\n'
+    b'data: {"type": "done", "session_id": "gw:acme:s1", "tokens_used": 145}\r\n'
+)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=len(LINES)), max_size=8))
+def test_a_line_per_event_stream_passes_each_event_with_its_blank_line(cuts: list[int]) -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    expected = LINES.replace(b"}\r\n", b"}\r\n\r\n").replace(b'"gw:acme:s1"', b'"s1"')
+    assert relayed(relay, cuts, LINES) == expected
+    tally = relay.tally
+    assert tally.done and tally.usage == Usage(None, None, 145)
+    assert tally.content_chars == len("Our business hours")
+
+
+def test_a_drain_of_a_line_per_event_stream_reads_its_done_event() -> None:
+    relay = EventRelay(SessionScope("gw:acme:"))
+    relay.drain(LINES)
+    assert relay.tally.done and relay.tally.usage == Usage(None, None, 145)
 
 
 # Hundreds of tiny events and the done event in one chunk, as a fast upstream's bytes pile up.

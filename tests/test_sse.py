@@ -1,5 +1,7 @@
 """The SSE framer: every byte out once and unchanged, cut into whole events, which it reads
-exactly as a browser would, however the bytes are cut."""
+exactly as a browser would, however the bytes are cut; but for one rule: a `data:` line that is
+its event's first and one JSON object ends its event, which goes out with a blank line after it
+if upstream sent none (the deployment guide's one-line-per-event stream)."""
 
 from __future__ import annotations
 
@@ -68,12 +70,14 @@ def crlf_rejoined(frames: list[Frame]) -> list[Frame]:
     return out
 
 
-def reference_events(stream: bytes) -> list[Event]:
-    """WHATWG's event stream interpretation, over a whole stream at once."""
+def reference_events(stream: bytes, json_lines: bool = False) -> list[Event]:
+    """WHATWG's event stream interpretation, over a whole stream at once; with `json_lines`,
+    the framer's rule too: an event's first data line, when it is `{…}`, dispatches it (but
+    for one ended by a CR that is the stream's last byte: an LF might have followed)."""
     events, data, kind, last_id = [], list[str](), "", None
     text = stream.removeprefix(b"\xef\xbb\xbf")
     *lines, _incomplete = re.split(rb"\r\n|\r|\n", text)
-    for raw in lines:
+    for index, raw in enumerate(lines):
         if not raw:
             if data:
                 events.append(Event("\n".join(data), kind or "message", last_id))
@@ -85,6 +89,10 @@ def reference_events(stream: bytes) -> list[Event]:
             continue
         if name == "data":
             data.append(value)
+            waits = index == len(lines) - 1 and text.endswith(b"\r")
+            if json_lines and data == [value] and value[:1] + value[-1:] == "{}" and not waits:
+                events.append(Event(value, kind or "message", last_id))
+                data, kind = [], ""
         elif name == "event":
             kind = value
         elif name == "id" and "\0" not in value:
@@ -120,6 +128,10 @@ def test_every_line_ending_with_cr_split_from_lf(newline: bytes, at: int) -> Non
 
 _PIECES = [
     b"data: x",
+    b"data: {}",
+    b'data:{"a": 1}',
+    b"data: {",
+    b"data: }",
     b"data:y",
     b"data",
     b"data: \xe2\x98\x83",
@@ -137,25 +149,98 @@ _PIECES = [
 ]
 
 
+def without_line_ends(stream: bytes) -> bytes:
+    return stream.replace(b"\r", b"").replace(b"\n", b"")
+
+
 @given(
     st.lists(st.sampled_from(_PIECES), max_size=30).map(b"".join),
     st.lists(st.integers(min_value=0, max_value=200), max_size=8),
 )
-def test_any_stream_any_split_same_bytes_same_frames_browser_events(
+def test_any_stream_any_split_adds_only_blank_lines_and_reads_the_same_events(
     stream: bytes, cuts: list[int]
 ) -> None:
     framer = SSEFramer()
     whole = framer.feed(stream)
-    whole_rest = framer.finish()
+    whole_out = b"".join(f.raw for f in whole) + framer.finish()
     pieces = cut(stream, [c for c in cuts if c <= len(stream)])
     framer = SSEFramer()
     split = [f for piece in pieces for f in framer.feed(piece)]
-    split_rest = framer.finish()
+    split_out = b"".join(f.raw for f in split) + framer.finish()
 
-    assert b"".join(f.raw for f in whole) + whole_rest == stream
-    assert b"".join(f.raw for f in split) + split_rest == stream
+    events = reference_events(stream, json_lines=True)
+    for frames, out in ((whole, whole_out), (split, split_out)):
+        # Nothing but line ends added or taken (a blank line after a JSON data line upstream
+        # left without one, upstream's own taken as that one when it follows split off),
+        assert without_line_ends(out) == without_line_ends(stream)
+        # and the framer and a browser reading what it passes on see the same events.
+        assert [f.event for f in frames if f.event is not None] == events
+        assert reference_events(out) == events
+    if b"{" not in stream:  # no JSON data line: every byte once, unchanged, in order
+        assert whole_out == split_out == stream
+        assert crlf_rejoined(split) == crlf_rejoined(whole)
+
+
+_LINES = [b"event: e", b"id: 3", b": comment", b"data: x", b"retry: 10", b"data"]
+_JSON_LINES = [b"data: {}", b'data:{"a": 1}', b'data: {"type": "done"}']
+
+
+@st.composite
+def well_formed_streams(draw: st.DrawFn) -> bytes:
+    """Events in one line-end style, a JSON data line only where a blank line follows it."""
+    newline = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
+    events = draw(
+        st.lists(
+            st.tuples(
+                st.lists(st.sampled_from(_LINES), max_size=3),
+                st.lists(st.sampled_from(_JSON_LINES), max_size=1),
+            ),
+            max_size=8,
+        )
+    )
+    return b"".join(newline.join([*fields, *json, b""]) + newline for fields, json in events)
+
+
+@given(well_formed_streams(), st.lists(st.integers(min_value=0, max_value=300), max_size=8))
+def test_a_well_formed_stream_goes_out_byte_for_byte_however_cut(
+    stream: bytes, cuts: list[int]
+) -> None:
+    framer = SSEFramer()
+    whole = framer.feed(stream)
+    assert framer.finish() == b""
+    framer = SSEFramer()
+    split = [
+        f
+        for piece in cut(stream, [c for c in cuts if c <= len(stream)])
+        for f in framer.feed(piece)
+    ]
+    assert framer.finish() == b""
+    assert b"".join(f.raw for f in whole) == b"".join(f.raw for f in split) == stream
     assert crlf_rejoined(split) == crlf_rejoined(whole)
     assert [f.event for f in whole if f.event is not None] == reference_events(stream)
+
+
+@given(
+    st.sampled_from([b"\n", b"\r\n"]),
+    st.lists(st.sampled_from(_JSON_LINES), min_size=1, max_size=6),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=8),
+)
+def test_a_line_per_event_stream_gets_a_blank_line_after_each_event_however_cut(
+    newline: bytes, lines: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(line + newline for line in lines)
+    framer = SSEFramer()
+    frames = [
+        f
+        for piece in cut(stream, [c for c in cuts if c <= len(stream)])
+        for f in framer.feed(piece)
+    ]
+    assert framer.finish() == b""
+    # One frame per line, each as soon as its line end is in (an LF split from its CR aside).
+    assert crlf_rejoined(frames) == [
+        Frame(line + newline * 2, Event(line.removeprefix(b"data:").strip().decode()))
+        for line in lines
+    ]
 
 
 def test_a_frame_is_the_chunk_itself_when_the_chunk_is_one_event() -> None:
@@ -166,10 +251,11 @@ def test_a_frame_is_the_chunk_itself_when_the_chunk_is_one_event() -> None:
 
 def test_an_incomplete_event_is_held_until_its_blank_line() -> None:
     framer = SSEFramer()
-    event = b'data: {"type": "content", "content": "Hi"}\n\n'
-    assert framer.feed(event + event[:10]) == [Frame(event, Event(event[6:-2].decode()))]
+    event = b'data: {"type": "content",\ndata:  "content": "Hi"}\n\n'
+    read = Event('{"type": "content",\n "content": "Hi"}')
+    assert framer.feed(event + event[:10]) == [Frame(event, read)]
     assert framer.feed(event[10:-1]) == []
-    assert framer.feed(event[-1:]) == [Frame(event, Event(event[6:-2].decode()))]
+    assert framer.feed(event[-1:]) == [Frame(event, read)]
     assert framer.feed(b"data: {") == []
     assert framer.finish() == b"data: {"
 
@@ -211,7 +297,11 @@ def test_boundary_tracks_half_sent_events() -> None:
     assert framer.at_boundary
     framer.feed(b'data: {"type": "con')
     assert not framer.at_boundary
-    framer.feed(b'tent"}\n')
+    framer.feed(b'tent"}\n')  # a JSON data line: its event is out, with a blank line
+    assert framer.at_boundary
+    framer.feed(b"\n")  # upstream's own
+    assert framer.at_boundary
+    framer.feed(b"data: x\n")
     assert not framer.at_boundary
     framer.feed(b"\n")
     assert framer.at_boundary
@@ -225,6 +315,99 @@ def test_boundary_tracks_half_sent_events() -> None:
 
 def test_invalid_utf8_does_not_raise() -> None:
     assert scan(b"data: \xff\xfe\n\n") == [Event(data="\ufffd\ufffd")]
+
+
+# --- upstream's one-line-per-event stream (the deployment guide's) ---------------------
+
+GUIDE = (
+    b'data: {"type": "content", "content": "Our business"}\n'
+    b'data: {"type": "content", "content": " hours are Monday"}\n'
+    b'data: {"type": "done", "session_id": "sess_789", "tokens_used": 145}\n'
+)
+GUIDE_FRAMES = [Frame(line + b"\n\n", Event(line[6:].decode())) for line in GUIDE.splitlines()]
+
+
+def test_a_json_data_line_ends_its_event_and_gets_the_blank_line_it_lacks() -> None:
+    assert frame(GUIDE) == GUIDE_FRAMES
+    assert frame(*(GUIDE[i : i + 1] for i in range(len(GUIDE)))) == GUIDE_FRAMES
+    framer = SSEFramer()
+    # Out as soon as its line end is in, before anything of the next line.
+    assert framer.feed(GUIDE[: GUIDE.index(b"\n") + 1]) == GUIDE_FRAMES[:1]
+    assert framer.at_boundary
+
+
+def test_upstreams_own_blank_line_after_it_goes_out_once() -> None:
+    event = b'data: {"type": "content", "content": "Hi"}\r\n\r\n'
+    read = Event('{"type": "content", "content": "Hi"}')
+    for at in range(len(event) - 4, len(event) + 1):
+        framer = SSEFramer()
+        out = framer.feed(event[:at]) + framer.feed(event[at:])
+        # However cut: upstream's bytes, once (an LF cut from its CR follows it alone).
+        assert crlf_rejoined(out) == [Frame(event, read)], at
+    # Only a blank line the same as the one it got is taken for it; another is passed on.
+    framer = SSEFramer()
+    assert framer.feed(b"data: {}\n") == [Frame(b"data: {}\n\n", Event("{}"))]
+    assert framer.feed(b"\r\n") == [Frame(b"\r\n", None)]
+
+
+def test_a_cr_at_a_chunks_end_waits_for_the_byte_after_it() -> None:
+    framer = SSEFramer()
+    assert framer.feed(b"data: {}\r") == []  # CR or CRLF: the next byte tells
+    assert not framer.at_boundary
+    assert framer.feed(b"\n") == [Frame(b"data: {}\r\n\r\n", Event("{}"))]
+    assert framer.feed(b"\r\n") == []  # upstream's blank line: the one already sent
+    # Bare CRs: the blank line it lacks is a CR.
+    framer = SSEFramer()
+    assert framer.feed(b"data: {}\r") == []
+    assert framer.feed(b"data: {}\r") == [Frame(b"data: {}\r\r", Event("{}"))]
+    assert framer.feed(b"\r") == [Frame(b"data: {}\r\r", Event("{}"))]  # upstream's own
+    # A stream that ends there has not finished that event: passed on unread.
+    assert framer.feed(b"data: {}\r") == []
+    assert framer.finish() == b"data: {}\r"
+
+
+def test_other_data_lines_keep_the_blank_line_rule() -> None:
+    # Not the event's first data line, or not one JSON object: read as WHATWG says.
+    for held in (b"data: x\ndata: {}\n", b"data: {\ndata: }\n", b'data: {"a": 1}x\n'):
+        framer = SSEFramer()
+        assert framer.feed(held) == [], held
+        assert framer.feed(b"\n") == [Frame(held + b"\n", scan(held + b"\n")[0])]
+
+
+def test_lines_after_a_json_data_line_begin_the_next_event() -> None:
+    assert frame(b"event: first\ndata: {}\nevent: second\nid: 2\ndata: {}\n\n") == [
+        Frame(b"event: first\ndata: {}\n\n", Event("{}", "first")),
+        Frame(b"event: second\nid: 2\ndata: {}\n\n", Event("{}", "second", "2")),
+    ]
+
+
+def test_a_bom_and_comments_around_json_data_lines() -> None:
+    assert frame(_BOM + b": hi\ndata: {}\n: there\ndata: {}\n") == [
+        Frame(_BOM, None),
+        Frame(b": hi\ndata: {}\n\n", Event("{}")),
+        Frame(b": there\ndata: {}\n\n", Event("{}")),
+    ]
+    framer = SSEFramer()
+    assert framer.feed(b"data: {}\n") == [Frame(b"data: {}\n\n", Event("{}"))]
+    # Between its event and upstream's blank line: the caller is between events.
+    assert framer.comment(b"keep-alive") == b": keep-alive\n\n"
+    assert framer.feed(b"\ndata: {}\n\n") == [Frame(b"data: {}\n\n", Event("{}"))]
+
+
+def test_a_last_json_data_line_without_its_line_end_is_not_an_event() -> None:
+    # As WHATWG says of an unfinished line at the end of a stream: it may be cut short.
+    framer = SSEFramer()
+    assert framer.feed(b'data: {"type": "done"}') == []
+    assert framer.finish() == b'data: {"type": "done"}'
+
+
+def test_each_line_per_event_event_counts_alone_against_max_event() -> None:
+    line = b'data: {"type": "content", "content": "' + b"x" * 40 + b'"}\n'
+    framer = SSEFramer(max_event=len(line) + 1)
+    frames = framer.feed(line * 100)
+    assert len(frames) == 100 and not framer.overflowed
+    assert len(framer.feed(b"data: {" + b"y" * len(line) + b"}\n")) == 0
+    assert framer.overflowed
 
 
 # --- an event too long to hold ----------------------------------------------------------
@@ -320,9 +503,13 @@ def test_comments_wherever_allowed_leave_what_a_browser_reads_unchanged(
             # Before upstream's first byte (or within its BOM): that BOM would not lead.
             bom_dropped = bom_dropped or (len(fed) < len(_BOM) and _BOM.startswith(fed))
     caller = b"".join(sent) + framer.finish()
-    assert reference_events(caller) == reference_events(stream)
-    upstreams = caller.replace(b": keep-alive\n\n", b"")
-    assert upstreams == (stream.removeprefix(_BOM) if bom_dropped else stream)
+    assert reference_events(caller) == reference_events(stream, json_lines=True)
+    # Without the comments: what the same cuts give without any (a BOM after one dropped).
+    quiet = SSEFramer()
+    if bom_dropped:
+        quiet.comment(b"keep-alive")
+    alone = b"".join(f.raw for piece in pieces for f in quiet.feed(piece)) + quiet.finish()
+    assert caller.replace(b": keep-alive\n\n", b"") == alone
 
 
 # --- a done event rebuilt --------------------------------------------------------------
