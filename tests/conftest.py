@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -129,6 +130,23 @@ def upstream_keys_in_env(monkeypatch: pytest.MonkeyPatch) -> None:
 async def simulator(aiohttp_client: AiohttpClient) -> TestClient[Any, Any]:
     """The upstream; its control API is at /_sim/ on the same client."""
     config = SimulatorConfig(rate_limit=RateLimitConfig(per_minute=100_000, per_day=1_000_000))
+    return await aiohttp_client(create_simulator_app(config))
+
+
+@pytest.fixture
+async def lines_simulator(aiohttp_client: AiohttpClient) -> TestClient[Any, Any]:
+    """An upstream that streams as the deployment guide prints it: one `data:` line per
+    event, no blank line between events (every agent's `stream_framing: lines`)."""
+    defaults = SimulatorConfig()
+    agents = {
+        agent_id: replace(agent, stream_framing="lines")
+        for agent_id, agent in defaults.agents.items()
+    }
+    config = replace(
+        defaults,
+        agents=agents,
+        rate_limit=RateLimitConfig(per_minute=100_000, per_day=1_000_000),
+    )
     return await aiohttp_client(create_simulator_app(config))
 
 

@@ -206,6 +206,45 @@ async def test_a_caller_that_hangs_up_mid_stream_is_still_charged_exactly(
     assert (await usage_of(gateway))["tokens_today"] == cost
 
 
+async def test_a_line_per_event_stream_is_charged_exactly_what_upstream_reported(
+    make_gateway: Any, lines_simulator: Sim
+) -> None:
+    # Upstream streaming as the deployment guide prints it: no blank line between events.
+    url = str(lines_simulator.make_url("")).rstrip("/")
+    gateway = await make_limited(make_gateway, "{tokens: {per_day: 1000000}}", url=url)
+    body = {"message": "Tell me everything about your products", "session_id": "s1"}
+    response = await gateway.post(CHAT, json={**body, "stream": True}, headers=ACME)
+    events = sse_events(await response.read())
+    [sent] = await (await lines_simulator.get("/_sim/requests")).json()
+    done = [event for event in events if event["type"] == "done"]
+    # The stream ends with upstream's done event (no error event of ours), its session id
+    # translated back, and exactly its tokens charged.
+    assert (
+        events[-1]["type"],
+        [event["session_id"] for event in done],
+        (await usage_of(gateway))["tokens_today"],
+    ) == ("done", ["s1"], sent["usage"]["total_tokens"])
+
+
+async def test_a_line_per_event_stream_whose_caller_left_is_drained_and_charged_exactly(
+    make_gateway: Any, lines_simulator: Sim
+) -> None:
+    url = str(lines_simulator.make_url("")).rstrip("/")
+    gateway = await make_limited(make_gateway, "{tokens: {per_day: 1000000}}", url=url)
+    await lines_simulator.post("/_sim/faults", json={"kind": "hold_stream", "after_events": 1})
+    body = {"message": "Tell me everything about your products", "stream": True}
+    response = await gateway.post(CHAT, json=body, headers=ACME)
+    async with asyncio.timeout(5):  # the first event comes while upstream holds the rest
+        first = await response.content.readuntil(b"\n\n")
+    assert sse_events(first)[0]["type"] == "content"
+    response.close()  # the caller leaves before the done event: a drain reads to it
+    await lines_simulator.post("/_sim/release")
+    async with asyncio.timeout(5):
+        await gateway.app[DRAINS].wait_finished(1)
+    [sent] = await (await lines_simulator.get("/_sim/requests")).json()
+    assert (await usage_of(gateway))["tokens_today"] == sent["usage"]["total_tokens"] > 0
+
+
 async def test_stream_leases_are_released_however_a_stream_ends(
     make_gateway: Any, simulator_url: str, simulator: Sim
 ) -> None:

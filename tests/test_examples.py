@@ -8,7 +8,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestClient
 from aiohttp_sse_client import client as sse_client
 
-from tests.conftest import ACME_KEY, SUPPORT_KEY, GatewayFactory
+from gateway.config import parse_config
+from tests.conftest import ACME_KEY, SUPPORT_KEY, GatewayFactory, gateway_yaml
 from tests.secret_watch import SecretWatch
 
 Client = TestClient[web.Request, web.Application]
@@ -86,8 +87,13 @@ async def test_node_streaming_example_prints_the_whole_reply(
     assert "Tell me about your products" in through
 
 
-async def sse_client_events(gateway: Client, secret_watch: SecretWatch) -> list[dict[str, Any]]:
-    """A stream's events as aiohttp-sse-client reads them, to the done event."""
+async def sse_client_events(
+    gateway: Client,
+    secret_watch: SecretWatch,
+    on_event: Callable[[list[dict[str, Any]]], Awaitable[None]] | None = None,
+) -> list[dict[str, Any]]:
+    """A stream's events as aiohttp-sse-client reads them, to the done event; `on_event`
+    is awaited with those so far after each."""
     received: list[dict[str, Any]] = []
     async with (
         ClientSession(response_class=secret_watch.response_class()) as session,
@@ -101,6 +107,8 @@ async def sse_client_events(gateway: Client, secret_watch: SecretWatch) -> list[
     ):
         async for event in source:
             received.append(json.loads(event.data))
+            if on_event is not None:
+                await on_event(received)
             if received[-1]["type"] == "done":
                 break
     return received
@@ -114,6 +122,40 @@ async def test_independent_sse_client_reads_the_stream(
     assert received[-1]["tokens_used"] > 0
     text = "".join(e["content"] for e in received if e["type"] == "content")
     assert "Stream please" in text
+
+
+async def test_independent_sse_client_reads_a_line_per_event_stream_event_by_event(
+    make_gateway: GatewayFactory,
+    lines_simulator: TestClient[Any, Any],
+    gateway: Client,
+    secret_watch: SecretWatch,
+) -> None:
+    # Upstream streaming as the deployment guide prints it (no blank line between events):
+    # the client gets each event as its own, the first while upstream holds the rest, and
+    # the same events as from an upstream that sends the blank lines itself.
+    through_lines = await make_gateway(
+        config=parse_config(gateway_yaml(url_of(lines_simulator)), "test.yaml")
+    )
+    fault = {"kind": "hold_stream", "after_events": 1, "times": 1}
+    assert (await lines_simulator.post("/_sim/faults", json=fault)).status == 201
+
+    async def release_once_the_first_event_is_read(received: list[dict[str, Any]]) -> None:
+        if len(received) == 1:
+            held = await (await lines_simulator.get("/_sim/held")).json()
+            assert held["held"] == 1, "upstream must still hold the rest of the stream"
+            await lines_simulator.post("/_sim/release")
+
+    async with asyncio.timeout(10):
+        from_lines = await sse_client_events(
+            through_lines, secret_watch, on_event=release_once_the_first_event_is_read
+        )
+    from_blank_lines = await sse_client_events(gateway, secret_watch)
+    assert [event["type"] for event in from_lines].count("content") >= 3
+    same = r"sess_\w+"
+    assert re.sub(same, "sess_X", json.dumps(from_lines)) == re.sub(
+        same, "sess_X", json.dumps(from_blank_lines)
+    )
+    assert not from_lines[-1]["session_id"].startswith("gw:")
 
 
 # --- heartbeats: comment lines every SSE client skips -------------------------------------

@@ -499,6 +499,35 @@ async def test_a_caller_gone_in_a_silence_gets_no_more_and_its_stream_is_drained
     assert drained["complete"] is True
 
 
+# --- upstream's line-per-event streams (the deployment guide's framing) ----------------
+
+
+async def test_a_line_per_event_stream_reaches_the_caller_event_by_event_as_sse(
+    make_gateway: Any, lines_simulator: Sim
+) -> None:
+    # The deployment guide prints a stream as one `data:` line per event, no blank line
+    # between them, and its own client reads each line as an event.
+    url = str(lines_simulator.make_url("")).rstrip("/")
+    gateway = await make_gateway(config=parse_config(gateway_yaml(url)))
+    upstream = await as_passed_on(lines_simulator, "s_1")
+    assert b"\n\n" not in upstream
+    await add_fault(lines_simulator, "hold_stream", after_events=1)
+    response = await gateway.post(CHAT, json={**STORY, "session_id": "s_1"}, headers=ACME)
+    async with asyncio.timeout(5):  # the first event, while upstream holds the rest
+        first = await response.content.readuntil(b"\n\n")
+    assert blocks_of(first) == ["content"]
+    held = await (await lines_simulator.get("/_sim/held")).json()
+    assert held["held"] == 1, "the simulator must still be holding the rest of the stream"
+    await lines_simulator.post("/_sim/release")
+    received = first + await response.read()
+    # Each event as upstream sent it, with the blank line SSE needs after it; the done event's
+    # session id translated back.
+    assert received == upstream.replace(b"}\n", b"}\n\n")
+    kinds = blocks_of(received)
+    assert kinds[-1] == "done" and kinds.count("content") >= 3
+    assert sse_events(received)[-1]["session_id"] == "s_1"
+
+
 # --- health ----------------------------------------------------------------------------
 
 
