@@ -132,6 +132,10 @@ _PIECES = [
     b'data:{"a": 1}',
     b"data: {",
     b"data: }",
+    # A JSON data line with its line end, as the deployment guide's stream is made of.
+    b"\ndata: {}\n",
+    b'\r\ndata: {"a": 1}\r\n',
+    b"\rdata:{}\r",
     b"data:y",
     b"data",
     b"data: \xe2\x98\x83",
