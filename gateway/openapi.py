@@ -142,8 +142,11 @@ def _chat() -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": (
-                    "Upstream's answer, unchanged: JSON, or (with stream: true or "
-                    "Accept: text/event-stream) events passed on chunk by chunk; while "
+                    "Upstream's answer: JSON, unchanged but for the session id, or (with "
+                    "stream: true or Accept: text/event-stream) its events, each passed on "
+                    "as soon as it is complete, as upstream sent it, with the blank line SSE "
+                    "needs after it (upstream's guide prints one data line per event without "
+                    "one); while "
                     "upstream is silent, a comment line `: keep-alive` between events every "
                     "streams.heartbeat seconds (SSE clients skip comments)."
                 ),
