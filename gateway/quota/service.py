@@ -223,9 +223,8 @@ class QuotaService:
         async def settle() -> None:
             settled = await store.settle(tenant, plan, key, delta, actual_tokens, at, charge)
             if settled is not None:
-                if settled.levels and store is self._primary and self._breaker is not None:
-                    # Past what the reservation left: the fallback starts from here.
-                    self._remember(tenant, plan.token_buckets, settled.levels, at)
+                # Past what the reservation left: the fallback starts from here.
+                self._remember(store, tenant, plan.token_buckets, settled.levels, at)
                 if settled.levels and plan.token_budget_slots:
                     self._budgets_used(tenant, plan.token_budget_slots, settled.levels, at)
                 self._warn(tenant, settled.crossed)
@@ -316,8 +315,7 @@ class QuotaService:
             plan, fallback = self._local(tenant, plan, at), self._fallback
             snapshot = await fallback.usage(tenant, plan, at)
         else:
-            if self._breaker is not None:
-                self._remember(tenant, plan.buckets, snapshot.levels, at)
+            self._remember(store, tenant, plan.buckets, snapshot.levels, at)
         states = _bucket_states(plan, snapshot.levels, at)
         budgets = []
         for spec, state in zip(plan.buckets, states, strict=True):
@@ -448,8 +446,7 @@ class QuotaService:
         decision: Decision = await self._call(
             store, lambda: store.reserve(tenant, plan, cost, lease, at)
         )
-        if store is self._primary and self._breaker is not None and plan.buckets:
-            self._remember(tenant, plan.buckets, decision.levels, at)
+        self._remember(store, tenant, plan.buckets, decision.levels, at)
         if decision.allowed and plan.budget_slots:
             self._budgets_used(tenant, plan.budget_slots, decision.levels, at)
             self._warn(tenant, decision.crossed)
@@ -513,8 +510,17 @@ class QuotaService:
             )
 
     def _remember(
-        self, owner: str, buckets: tuple[BucketSpec, ...], levels: tuple[float, ...], at: Moment
+        self,
+        store: Store,
+        owner: str,
+        buckets: tuple[BucketSpec, ...],
+        levels: tuple[float, ...],
+        at: Moment,
     ) -> None:
+        """The levels Redis just reported, for a fallback to start from (only where one can
+        take over: a breaker guards Redis); no levels, nothing moved."""
+        if store is not self._primary or self._breaker is None or not levels:
+            return
         reported, now = self._reported, self._clock()
         for spec, level in zip(buckets, levels, strict=True):
             bucket = (owner, spec.key)
