@@ -10,17 +10,10 @@ import asyncio
 from collections import Counter
 
 from gateway.pacing import Pacer
+from tests.conftest import FakeClock
 
 BUDGET = 5.0
 SLICE = 1.0  # time one slice takes to frame: a few fit in one turn's budget
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Rounds:
@@ -40,17 +33,17 @@ class Rounds:
 
 
 async def user(
-    pacer: Pacer, clock: Clock, slices: int, cost: float, rounds: Rounds, seen: list[int]
+    pacer: Pacer, clock: FakeClock, slices: int, cost: float, rounds: Rounds, seen: list[int]
 ) -> None:
     """Frames `slices` slices of `cost` each, recording the turn of the loop of each."""
     for _ in range(slices):
         await pacer.turn()
         seen.append(rounds.count)
-        clock.now += cost
+        clock.advance(cost)
 
 
 async def test_users_together_frame_only_a_budget_per_round_and_all_finish() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     pacer, rounds = Pacer(BUDGET, clock), Rounds()
     seen: list[int] = []
     async with asyncio.timeout(30):
@@ -62,7 +55,7 @@ async def test_users_together_frame_only_a_budget_per_round_and_all_finish() -> 
 
 
 async def test_many_users_with_little_each_are_served_many_per_round() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     pacer, rounds = Pacer(BUDGET, clock), Rounds()
     clock.now = 100.0  # the pacer was last used long ago: every user starts by queueing
     seen: list[int] = []
@@ -77,7 +70,7 @@ async def test_many_users_with_little_each_are_served_many_per_round() -> None:
 
 
 async def test_a_lone_user_within_its_budget_never_waits() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     pacer, rounds = Pacer(BUDGET, clock), Rounds()
     seen: list[int] = []
     await user(pacer, clock, 20, BUDGET / 40, rounds, seen)
