@@ -25,7 +25,7 @@ import aiohttp
 
 from bench.load import Call
 from bench.procs import Proc, run_capped
-from bench.soak import metric_sums, rss_kib
+from bench.soak import rss_kib, settle_gauges
 from bench.stack import event_loop_of
 from bench.stats import percentile
 
@@ -133,9 +133,7 @@ async def acked_bytes(port: int) -> float:
 
 
 async def _gauge(session: aiohttp.ClientSession, admin_url: str) -> float:
-    async with session.get(f"{admin_url}/metrics") as response:
-        response.raise_for_status()
-        return metric_sums(await response.text(), [DRAINS_GAUGE])[DRAINS_GAUGE]
+    return (await settle_gauges(session, f"{admin_url}/metrics"))[DRAINS_GAUGE]
 
 
 async def _until_gauge(

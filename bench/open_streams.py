@@ -23,7 +23,7 @@ import aiohttp
 
 from bench.load import Call
 from bench.procs import Proc
-from bench.soak import SETTLE_GAUGES, metric_sums, open_fds, rss_kib
+from bench.soak import open_fds, rss_kib, settle_gauges
 
 KIB = 1024
 
@@ -130,12 +130,6 @@ def raise_fd_limit(wanted: int) -> int:
         wanted = hard
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     return wanted
-
-
-async def _scrape(admin: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    async with admin.get(url) as response:
-        response.raise_for_status()
-        return metric_sums(await response.text(), [*SETTLE_GAUGES])
 
 
 async def run_open_streams(
@@ -256,7 +250,7 @@ async def run_open_streams(
                     if rss > result.rss_peak_kib:
                         result.rss_peak_kib = rss
                         result.open_at_peak = open_now
-                        result.active_gauge_at_peak = (await _scrape(admin, metrics_url))[
+                        result.active_gauge_at_peak = (await settle_gauges(admin, metrics_url))[
                             "gateway_active_streams"
                         ]
                     result.fds_peak = max(result.fds_peak, open_fds(gateway.pid))
@@ -299,7 +293,7 @@ async def _wait_settled(admin: aiohttp.ClientSession, url: str, within: float) -
     started = time.monotonic()
     zeros = 0
     while time.monotonic() - started < within:
-        busy = sum((await _scrape(admin, url)).values())
+        busy = sum((await settle_gauges(admin, url)).values())
         zeros = zeros + 1 if busy == 0 else 0
         if zeros >= 2:
             return True

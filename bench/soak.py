@@ -248,6 +248,13 @@ def metric_sums(text: str, names: Sequence[str]) -> dict[str, float]:
     return sums
 
 
+async def settle_gauges(session: aiohttp.ClientSession, metrics_url: str) -> dict[str, float]:
+    """SETTLE_GAUGES from a gateway's /metrics, each summed over its labels."""
+    async with session.get(metrics_url) as response:
+        response.raise_for_status()
+        return metric_sums(await response.text(), SETTLE_GAUGES)
+
+
 def codes_by_label(text: str, metric: str) -> Counter[str]:
     """`metric`'s samples summed by their `code` label."""
     codes: Counter[str] = Counter()
